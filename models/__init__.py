@@ -1,0 +1,1 @@
+"""Native MindSpore ports of video-language models, their checkpoint loaders and generation."""

@@ -1,0 +1,91 @@
+"""Basic layers whose parameter names match Hugging Face checkpoint keys.
+
+MindSpore's own nn.Dense / nn.LayerNorm name their parameters differently
+(``gamma``/``beta``); keeping the transformers names (``weight``/``bias``) lets a
+checkpoint load by plain name matching. Only ``mindspore.ops`` is used, so every
+layer has CPU and Ascend kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+
+def _zeros(shape: tuple, dtype=ms.float32) -> Parameter:
+    return Parameter(Tensor(np.zeros(shape, dtype=np.float32), dtype))
+
+
+def _normal(shape: tuple, std: float = 0.02) -> Parameter:
+    return Parameter(Tensor(np.random.normal(0.0, std, shape).astype(np.float32)))
+
+
+class Linear(nn.Cell):
+    """y = x @ W.T + b with W of shape (out, in), as in torch.nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = _normal((out_features, in_features), std=1.0 / math.sqrt(in_features))
+        self.has_bias = bias
+        self.bias = _zeros((out_features,)) if bias else None
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]), self.weight)
+        if self.has_bias:
+            y = y + self.bias
+        return y.reshape(shape[:-1] + (self.out_features,))
+
+
+class LayerNorm(nn.Cell):
+    """Layer normalisation over the last axis, computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ones((hidden_size,), np.float32)))
+        self.has_bias = bias
+        self.bias = _zeros((hidden_size,)) if bias else None
+        self.eps = eps
+
+    def construct(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.astype(ms.float32)
+        mean = x.mean(axis=-1, keep_dims=True)
+        var = ops.square(x - mean).mean(axis=-1, keep_dims=True)
+        y = (x - mean) * ops.rsqrt(var + self.eps) * self.weight.astype(ms.float32)
+        if self.has_bias:
+            y = y + self.bias.astype(ms.float32)
+        return y.astype(dtype)
+
+
+class RMSNorm(nn.Cell):
+    """Root-mean-square normalisation (T5 / Llama / Qwen2 style), no mean, no bias."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ones((hidden_size,), np.float32)))
+        self.eps = eps
+
+    def construct(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x32 = x.astype(ms.float32)
+        var = ops.square(x32).mean(axis=-1, keep_dims=True)
+        y = x32 * ops.rsqrt(var + self.eps)
+        return self.weight.astype(dtype) * y.astype(dtype)
+
+
+class Embedding(nn.Cell):
+    """Lookup table with a ``weight`` of shape (num_embeddings, dim)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.weight = _normal((num_embeddings, embedding_dim))
+        self.gather = ops.Gather()
+
+    def construct(self, ids: Tensor) -> Tensor:
+        return self.gather(self.weight, ids.astype(ms.int32), 0)

@@ -1,0 +1,1 @@
+"""Video captioning pipeline: datasets, the captioning runner, training and evaluation."""

@@ -1,0 +1,1 @@
+"""The captioning runner and one entry script per model family."""

@@ -1,0 +1,1 @@
+"""CSV metadata layer and video reading."""

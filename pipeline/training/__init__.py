@@ -1,0 +1,1 @@
+"""Training and evaluation of the BLIP-2 video captioner."""
