@@ -1,0 +1,272 @@
+"""The one captioning engine every entry script uses.
+
+Flow per rank: read the CSV, find the rows still to do (row-level resume), take a
+deterministic shard of them, decode frames ahead of the model in worker threads,
+caption ``bs`` videos at a time, append each finished batch to
+``<output stem>_part{rank}.csv`` and flush it to disk. At the end the ranks meet
+and rank 0 merges the parts into the final output. A kill loses at most the batch
+in flight; a video that cannot be read, or a batch the model fails on, becomes
+rows with ``status=error`` and the run goes on.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline import distributed
+from pipeline.datasets.metadata import (
+    RESULT_COLUMNS,
+    Progress,
+    finalize_output,
+    find_part_files,
+    part_path,
+    read_metadata,
+    read_progress,
+    resolve_video_path,
+)
+from pipeline.datasets.video import sample_frames
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """How a captioner wants its frames sampled from each video."""
+
+    num_frames: int = 8
+    sampling: str = "uniform"
+    fps: float | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+class Captioner(Protocol):
+    """What a model family provides; the runner does everything else."""
+
+    frame_spec: FrameSpec
+
+    def prepare(self, frames: np.ndarray) -> Any:
+        """Turn (T,H,W,3) uint8 RGB frames into this model's per-video inputs (runs in a worker thread)."""
+
+    def generate(self, batch: Sequence[Any]) -> list[str]:
+        """Caption a batch of prepared inputs, one string per video."""
+
+
+@dataclass
+class RunOptions:
+    input: str
+    output: str | None = None
+    video_root: str | None = None
+    bs: int = 4
+    num_workers: int = 2
+    overwrite: bool = False
+    retry_errors: bool = False
+    seed: int = 0
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    total_rows: int = 0
+    skipped: int = 0
+    done: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_wait_seconds: float = 0.0
+    model_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def videos_per_second(self) -> float:
+        return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+
+def default_output(input_csv: str | Path) -> Path:
+    path = Path(input_csv)
+    return path.with_name(f"{path.stem}_caption.csv")
+
+
+def rows_to_do(data: pd.DataFrame, progress: Progress, retry_errors: bool) -> pd.DataFrame:
+    """Rows of ``data`` without a recorded result (error rows count as recorded unless retried)."""
+    finished = progress.done if retry_errors else progress.done | progress.failed
+    return data[~data["path"].isin(finished)]
+
+
+def shard(rows: pd.DataFrame, rank: int, world_size: int) -> pd.DataFrame:
+    """Round-robin shard: disjoint, covers every row, no padding duplicates."""
+    return rows.iloc[rank::world_size]
+
+
+class PartWriter:
+    """Appends finished rows to this rank's part file and forces them to disk."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path = path
+        self.columns = columns
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "w", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=columns, extrasaction="ignore")
+        self._writer.writeheader()
+        self._sync()
+
+    def write(self, rows: list[dict]) -> None:
+        self._writer.writerows(rows)
+        self._sync()
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _error_message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+
+
+class _Loader:
+    """Decodes and prepares videos in worker threads, a bounded window ahead of the model."""
+
+    def __init__(self, captioner: Captioner, paths: list[str], num_workers: int, window: int):
+        self.captioner = captioner
+        self.paths = paths
+        self.pool = ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="decode")
+        self.window = max(1, window)
+        self.decode_seconds = 0.0
+
+    def _load(self, path: str) -> tuple[Any, BaseException | None, float]:
+        start = time.perf_counter()
+        try:
+            spec = self.captioner.frame_spec
+            frames, _ = sample_frames(path, num_frames=spec.num_frames, sampling=spec.sampling,
+                                      fps=spec.fps, height=spec.height, width=spec.width)
+            return self.captioner.prepare(frames), None, time.perf_counter() - start
+        except Exception as exc:  # noqa: BLE001 - any failure becomes an error row
+            return None, exc, time.perf_counter() - start
+
+    def __iter__(self) -> Iterator[tuple[Any, BaseException | None]]:
+        pending: deque[Future] = deque()
+        todo = iter(self.paths)
+        try:
+            for path in todo:
+                pending.append(self.pool.submit(self._load, path))
+                if len(pending) >= self.window:
+                    break
+            while pending:
+                inputs, exc, seconds = pending.popleft().result()
+                self.decode_seconds += seconds
+                next_path = next(todo, None)
+                if next_path is not None:
+                    pending.append(self.pool.submit(self._load, next_path))
+                yield inputs, exc
+        finally:
+            for fut in pending:
+                fut.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _caption_batch(captioner: Captioner, inputs: list[Any]) -> list[tuple[str, BaseException | None]]:
+    """Caption a batch; if the batch fails, retry each video alone so one bad input costs one row."""
+    try:
+        captions = captioner.generate(inputs)
+        if len(captions) != len(inputs):
+            raise RuntimeError(f"captioner returned {len(captions)} captions for {len(inputs)} videos")
+        return [(c, None) for c in captions]
+    except Exception as exc:  # noqa: BLE001
+        if len(inputs) == 1:
+            return [("", exc)]
+        logger.warning("batch of %d failed (%s); retrying one video at a time", len(inputs), _error_message(exc))
+        return [_caption_batch(captioner, [x])[0] for x in inputs]
+
+
+def run(captioner: Captioner, opts: RunOptions) -> RunSummary:
+    """Caption every row of ``opts.input`` not yet captioned in ``opts.output``."""
+    info = distributed.setup()
+    started = time.perf_counter()
+    output = Path(opts.output) if opts.output else default_output(opts.input)
+    data = read_metadata(opts.input)
+    data = data.drop(columns=[c for c in RESULT_COLUMNS if c in data.columns]).drop_duplicates("path")
+    columns = [*data.columns, *RESULT_COLUMNS]
+
+    # Rank 0 folds parts left by an earlier (crashed) run into the final file, so every
+    # rank sees one table and can start a fresh part file; nobody writes before all have read.
+    if info.is_main and find_part_files(output):
+        finalize_output(output, order=data["path"])
+    distributed.barrier()
+    if opts.overwrite:
+        todo = data
+    else:
+        todo = rows_to_do(data, read_progress(output), opts.retry_errors)
+    distributed.barrier()
+
+    mine = shard(todo, info.rank, info.world_size)
+    summary = RunSummary(output=output, total_rows=len(data), skipped=len(data) - len(todo))
+    csv_dir = Path(opts.input).resolve().parent
+    paths = [resolve_video_path(p, csv_dir, opts.video_root) for p in mine["path"]]
+    records = mine.to_dict("records")
+    writer = PartWriter(part_path(output, info.rank), columns)
+    loader = _Loader(captioner, paths, opts.num_workers, window=2 * opts.bs + opts.num_workers)
+    bar = tqdm(total=len(records), desc=f"caption rank {info.rank}", unit="video",
+               disable=None if info.is_main else True)
+    try:
+        batch_rows: list[dict] = []
+        batch_inputs: list[Any] = []
+        loaded = iter(loader)
+        for i, record in enumerate(records):
+            wait_start = time.perf_counter()
+            inputs, exc = next(loaded)
+            summary.decode_wait_seconds += time.perf_counter() - wait_start
+            if exc is not None:
+                writer.write([{**record, "text": "", "status": "error", "error": _error_message(exc)}])
+                summary.failed += 1
+                bar.update(1)
+            else:
+                batch_rows.append(record)
+                batch_inputs.append(inputs)
+            if batch_rows and (len(batch_rows) == opts.bs or i == len(records) - 1):
+                model_start = time.perf_counter()
+                results = _caption_batch(captioner, batch_inputs)
+                summary.model_seconds += time.perf_counter() - model_start
+                rows = []
+                for row, (caption, err) in zip(batch_rows, results):
+                    ok = err is None
+                    rows.append({**row, "text": caption, "status": "ok" if ok else "error",
+                                 "error": "" if ok else _error_message(err)})
+                    summary.done += ok
+                    summary.failed += not ok
+                writer.write(rows)
+                bar.update(len(rows))
+                batch_rows, batch_inputs = [], []
+    finally:
+        bar.close()
+        writer.close()
+        summary.decode_seconds = loader.decode_seconds
+
+    distributed.barrier()
+    if info.is_main:
+        merged = finalize_output(output, order=data["path"])
+        logger.info("merged %d rows into %s", len(merged), output)
+    summary.seconds = time.perf_counter() - started
+    _log_summary(summary, info)
+    return summary
+
+
+def _log_summary(s: RunSummary, info: distributed.DistInfo) -> None:
+    logger.info(
+        "rank %d: %d rows in the CSV, %d skipped (already done), %d captioned, %d failed; "
+        "%.2f videos/s; decode %.1fs in workers (model waited %.1fs), model %.1fs; output %s",
+        info.rank, s.total_rows, s.skipped, s.done, s.failed, s.videos_per_second,
+        s.decode_seconds, s.decode_wait_seconds, s.model_seconds, s.output)

@@ -1,0 +1,42 @@
+"""YAML configs whose values become argparse defaults, so command-line flags override them."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    return data
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config FILE`` replace the parser defaults first.
+
+    Config keys are the flags' names without dashes (``max_new_tokens: 64``); an
+    unknown key is an error naming the file, so a typo never passes silently.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        values = load_yaml(known.config)
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - dests)
+        if unknown:
+            raise ConfigError(f"{known.config}: unknown option(s) {unknown}; known: {sorted(dests - {'help'})}")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)

@@ -1,0 +1,184 @@
+"""``datautil``: merge, difference, intersection and caption filtering of metadata CSVs.
+
+Flags follow Open-Sora's ``tools/datasets/datautil.py`` so existing habits carry over,
+but every column is kept as text, duplicate paths keep their last successful row and
+the output is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.datasets.metadata import (
+    MetadataError,
+    difference,
+    intersection,
+    merge_tables,
+    read_metadata,
+    remove_empty_caption,
+    write_csv_atomic,
+)
+
+EPILOG = """\
+examples:
+  merge part files of a captioning run (duplicate paths keep their last 'ok' row):
+    datautil out.csv 'out_part*.csv' --output out.csv
+  rows still to caption:
+    datautil meta.csv --difference out.csv --output remaining.csv
+  keep rows present in both, adding the other file's extra columns:
+    datautil meta.csv --intersection scores.csv --output meta_scores.csv
+  drop rows without a caption:
+    datautil out.csv --remove-empty-caption --output captions.csv
+
+Without --output the result goes next to the first input as
+<first input stem>_<steps>.csv, e.g. meta_merged.csv, meta_difference.csv,
+out_noempty.csv (steps: merged when there are several inputs or no other step,
+then difference, intersection, noempty). Exit status is 1 on bad input.
+"""
+
+
+def _natural_key(path: str) -> list:
+    """Sort out_part2.csv before out_part10.csv."""
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", path)]
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """Expand glob patterns the shell left quoted; an existing file name is taken literally."""
+    files: list[str] = []
+    for pattern in patterns:
+        if os.path.exists(pattern) or not glob.has_magic(pattern):
+            files.append(pattern)
+            continue
+        matches = sorted(glob.glob(pattern), key=_natural_key)
+        if not matches:
+            raise MetadataError(f"{pattern}: no file matches this pattern; check the path")
+        files.extend(matches)
+    return files
+
+
+def default_output(inputs: Sequence[str], args: argparse.Namespace) -> str:
+    """Name the output after the first input and the steps applied, in the first input's folder."""
+    steps = []
+    if len(inputs) > 1:
+        steps.append("merged")
+    if args.difference:
+        steps.append("difference")
+    if args.intersection:
+        steps.append("intersection")
+    if args.remove_empty_caption:
+        steps.append("noempty")
+    first = Path(inputs[0])
+    return str(first.with_name(f"{first.stem}_{'_'.join(steps or ['merged'])}.csv"))
+
+
+def _read_side_table(pattern: str) -> pd.DataFrame:
+    """Read the file given to --difference/--intersection (a quoted glob merges its matches)."""
+    tables = []
+    for path in expand_inputs([pattern]):
+        tables.append(read_metadata(path, warn_duplicates=False))
+        print(f"read {len(tables[-1])} rows from {path}")
+    return merge_tables(tables)
+
+
+def run(args: argparse.Namespace) -> pd.DataFrame:
+    """Apply the requested steps in a fixed order: merge, difference, intersection, noempty."""
+    inputs = expand_inputs(args.input)
+    tables = []
+    for path in inputs:
+        tables.append(read_metadata(path, warn_duplicates=False))
+        print(f"read {len(tables[-1])} rows from {path}")
+    total = sum(len(table) for table in tables)
+    data = merge_tables(tables)
+    print(f"dropped {total - len(data)} duplicate path rows ({len(data)} unique paths)")
+
+    if args.difference:
+        before = len(data)
+        data = difference(data, _read_side_table(args.difference))
+        print(f"difference: removed {before - len(data)} rows found in {args.difference}")
+    if args.intersection:
+        before = len(data)
+        data = intersection(data, _read_side_table(args.intersection))
+        print(f"intersection: removed {before - len(data)} rows not found in {args.intersection}")
+    if args.remove_empty_caption:
+        before = len(data)
+        try:
+            data = remove_empty_caption(data, args.caption_column)
+        except MetadataError as exc:
+            raise MetadataError(f"--remove-empty-caption: {exc}") from None
+        print(f"remove-empty-caption: removed {before - len(data)} rows with an empty '{args.caption_column}'")
+
+    output = args.output or default_output(inputs, args)
+    write_csv_atomic(data, output)
+    print(f"wrote {len(data)} rows to {output}")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="datautil",
+        description="Merge and filter video metadata CSVs (column 'path' required, all other\n"
+        "columns kept as text). Steps run in this order: merge inputs, --difference,\n"
+        "--intersection, --remove-empty-caption. Prints row counts of every step.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "input",
+        nargs="+",
+        help="input CSV files or quoted glob patterns, e.g. meta.csv 'out_part*.csv'. Several "
+        "inputs are concatenated; a path seen more than once keeps its last row with "
+        "status 'ok', or its last row if none is ok; paths keep first-seen order",
+    )
+    parser.add_argument(
+        "--output",
+        help="CSV to write (atomically; folders are created), e.g. --output out.csv. "
+        "Default: <first input stem>_<steps>.csv next to the first input",
+    )
+    parser.add_argument(
+        "--difference",
+        metavar="DONE_CSV",
+        help="drop rows whose path appears in DONE_CSV (any status), e.g. "
+        "--difference out.csv to list what is left to caption",
+    )
+    parser.add_argument(
+        "--intersection",
+        metavar="OTHER_CSV",
+        help="keep only rows whose path appears in OTHER_CSV and add OTHER_CSV's columns that "
+        "the input lacks, e.g. --intersection scores.csv",
+    )
+    parser.add_argument(
+        "--remove-empty-caption",
+        action="store_true",
+        help="drop rows whose caption is empty or only whitespace, e.g. before training",
+    )
+    parser.add_argument(
+        "--caption-column",
+        default="text",
+        help="caption column used by --remove-empty-caption (default: text)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; bad input ends with a one-line error and exit status 1."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (MetadataError, OSError) as exc:
+        print(f"datautil: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The one video reader: open a video (or a still image), sample frame indices, decode them.
+
+Backends. decord is the default because it seeks: only the requested frames are decoded.
+It returns wrong frames on AVI files whose video stream has no timestamps, which is what
+ffmpeg's AVI demuxer reports for MPEG-4 part 2 with B-frames, packed (XviD/DivX, as in
+MSVD) or not: on such files decord's random access lands up to tens of frames away from
+the requested one (seen on test videos whose frames carry their own index). decord's own
+``get_frame_timestamp`` exposes the case (missing, i.e. negative, or non-increasing
+timestamps), so "auto" checks them and decodes such files sequentially with PyAV instead.
+PyAV is also the fallback whenever decord cannot open or decode a file.
+
+Frame index ``i`` always means the ``i``-th frame a sequential decode produces. Every
+failure (missing, empty, truncated beyond use, corrupt, undecodable) surfaces as
+``VideoReadError`` naming the file; a truncated file whose beginning is still readable
+(e.g. an AVI cut short) yields the frames of that beginning, as players do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+SAMPLINGS = ("uniform", "headtail")
+BACKENDS = ("auto", "decord", "pyav")
+
+# (frames the backend can deliver, the video's frame rate) -> indices to read
+Selector = Callable[[int, float], np.ndarray]
+
+
+class VideoReadError(Exception):
+    """A video or image could not be read; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"cannot read video {self.path}: {problem}")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def uniform_indices(num_available: int, count: int) -> np.ndarray:
+    """Centres of ``count`` equal segments of ``range(num_available)`` (deterministic).
+
+    Unlike LAVIS' ``np.arange(0, n, n / T)`` (segment starts) this never favours the
+    beginning of the video. With ``count > num_available`` indices repeat, still sorted.
+    """
+    centres = (2 * np.arange(count, dtype=np.int64) + 1) * num_available // (2 * count)
+    return centres.astype(np.int64)
+
+
+def _pick_sorted(low: int, high: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` random indices in ``[low, high)``, distinct while the range allows it."""
+    span = high - low
+    if count <= span:
+        picked = rng.choice(span, size=count, replace=False)
+    else:
+        picked = np.concatenate([np.arange(span), rng.choice(span, size=count - span)])
+    return np.sort(picked).astype(np.int64) + low
+
+
+def headtail_indices(num_available: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """The BLIP-2 video captioner's random training sampling ("headtail", from LAVIS).
+
+    LAVIS draws ``T // 2`` distinct random frames from the first half ``[0, n // 2)`` and
+    ``T // 2`` from the second half ``[n // 2, n)``, each half sorted (it loses one frame
+    for odd ``T`` and never returns more frames than the video has). Here the head gets
+    ``T // 2`` and the tail the rest, so exactly ``count`` indices come back; a half
+    shorter than its share contributes all its frames plus random repeats. A one-frame
+    video gives ``count`` zeros.
+    """
+    half = num_available // 2
+    if half == 0:
+        return np.zeros(count, dtype=np.int64)
+    head = _pick_sorted(0, half, count // 2, rng)
+    tail = _pick_sorted(half, num_available, count - count // 2, rng)
+    return np.concatenate([head, tail])
+
+
+def _frame_count_for_fps(num_available: int, video_fps: float, fps: float,
+                         num_frames: int | None) -> int:
+    """How many frames sampling at ``fps`` over the whole video gives (at least one)."""
+    count = max(1, int(round(num_available / video_fps * fps)))
+    return count if num_frames is None else min(count, num_frames)
+
+
+def check_sampling_args(num_frames: int | None, sampling: str, fps: float | None) -> None:
+    """Reject bad arguments up front, so they are never mistaken for a bad file."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; choose from {SAMPLINGS}")
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+
+
+def select_indices(num_available: int, num_frames: int | None, sampling: str,
+                   fps: float | None, video_fps: float,
+                   rng: np.random.Generator | int | None) -> np.ndarray:
+    """Frame indices (sorted int64) for one video of ``num_available`` frames.
+
+    ``video_fps`` is only used with ``fps`` and must then be positive.
+    """
+    check_sampling_args(num_frames, sampling, fps)
+    if num_available < 1:
+        raise ValueError("a video needs at least one frame")
+    if fps is not None:
+        if video_fps <= 0:
+            raise ValueError("the video reports no frame rate, so fps sampling is impossible")
+        count = _frame_count_for_fps(num_available, video_fps, fps, num_frames)
+    elif num_frames is None:
+        count = num_available
+    else:
+        count = num_frames
+    if sampling == "uniform":
+        return uniform_indices(num_available, count)
+    return headtail_indices(num_available, count, np.random.default_rng(rng))
+
+
+# ----------------------------------------------------------------------------- resizing
+
+def _target_size(src_h: int, src_w: int, height: int | None,
+                 width: int | None) -> tuple[int, int] | None:
+    if height is None and width is None:
+        return None
+    if height is None:
+        height = max(1, round(src_h * width / src_w))
+    elif width is None:
+        width = max(1, round(src_w * height / src_h))
+    return height, width
+
+
+def resize_frames(frames: np.ndarray, height: int | None, width: int | None) -> np.ndarray:
+    """Resize (T, H, W, 3) frames; one of height/width alone keeps the aspect ratio."""
+    size = _target_size(frames.shape[1], frames.shape[2], height, width)
+    if size is None or size == frames.shape[1:3]:
+        return frames
+    new_h, new_w = size
+    shrinking = new_h * new_w < frames.shape[1] * frames.shape[2]
+    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    out = np.empty((frames.shape[0], new_h, new_w, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        out[i] = cv2.resize(frame, (new_w, new_h), interpolation=interp)
+    return out
+
+
+# ----------------------------------------------------------------------------- decord
+
+def _open_decord(path: Path) -> Any:
+    import decord
+
+    return decord.VideoReader(str(path), num_threads=1)
+
+
+def decord_timestamps_reliable(reader: Any) -> bool:
+    """Say whether decord's per-frame start times exist and strictly increase.
+
+    decord seeks by these timestamps; where the container gives none (AVI + MPEG-4 part 2
+    with B-frames, e.g. XviD) they come back hugely negative and seeking goes wrong.
+    """
+    count = len(reader)
+    if count == 0:
+        return False
+    starts = reader.get_frame_timestamp(np.arange(count))[:, 0]
+    return bool(np.all(starts >= 0) and np.all(np.diff(starts) > 0))
+
+
+def _read_decord(path: Path, select: Selector, check_timestamps: bool
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Frames via decord, or None when decord's random access cannot be trusted here."""
+    reader = _open_decord(path)
+    if check_timestamps and not decord_timestamps_reliable(reader):
+        logger.debug("%s: decord timestamps missing or unordered, using PyAV", path)
+        return None
+    indices = select(len(reader), reader.get_avg_fps())
+    unique, inverse = np.unique(indices, return_inverse=True)
+    frames = reader.get_batch(unique.tolist()).asnumpy()
+    return frames[inverse], indices
+
+
+# ----------------------------------------------------------------------------- PyAV
+
+def _pyav_frames(path: Path) -> Iterator[Any]:
+    """Yield the first video stream's decoded frames in order (sequential, no seeks)."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise VideoReadError(path, "no video stream")
+        for frame in container.decode(video=0):
+            yield frame
+
+
+def _pyav_probe(path: Path) -> tuple[int, float]:
+    """Count decodable frames by decoding (headers lie, e.g. XviD) and read the frame rate."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise VideoReadError(path, "no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or 0
+        count = sum(1 for _ in container.decode(stream))
+    return count, float(rate)
+
+
+def _read_pyav(path: Path, select: Selector) -> tuple[np.ndarray, np.ndarray]:
+    count, rate = _pyav_probe(path)
+    if count == 0:
+        raise VideoReadError(path, "no decodable frames")
+    indices = select(count, rate)
+    wanted = {int(i) for i in indices}
+    last = max(wanted)
+    picked: dict[int, np.ndarray] = {}
+    for position, frame in enumerate(_pyav_frames(path)):
+        if position in wanted:
+            picked[position] = frame.to_ndarray(format="rgb24")
+        if position >= last:
+            break
+    missing = wanted - picked.keys()
+    if missing:
+        raise VideoReadError(path, f"frames {sorted(missing)} not decodable on second pass")
+    return np.stack([picked[int(i)] for i in indices]), indices
+
+
+# ----------------------------------------------------------------------------- images
+
+def _read_image(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise VideoReadError(path, "not a readable image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VideoReadError(path, "file does not exist")
+    if not path.is_file():
+        raise VideoReadError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise VideoReadError(path, "file is empty (0 bytes)")
+
+
+def _decode(path: Path, select: Selector, backend: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Run the chosen backend(s); return frames, indices and the backend that served them."""
+    decord_error: Exception | None = None
+    if backend in ("auto", "decord"):
+        try:
+            result = _read_decord(path, select, check_timestamps=backend == "auto")
+            if result is not None:
+                return result[0], result[1], "decord"
+        except VideoReadError:
+            raise
+        except Exception as exc:  # decord raises bare RuntimeError/DECORDError subclasses
+            if backend == "decord":
+                raise VideoReadError(path, f"decord failed: {exc}") from exc
+            decord_error = exc
+            logger.debug("%s: decord failed (%s), trying PyAV", path, exc)
+    try:
+        frames, indices = _read_pyav(path, select)
+    except VideoReadError:
+        raise
+    except Exception as exc:  # av.error.FFmpegError and friends
+        detail = f"PyAV failed: {exc}"
+        if decord_error is not None:
+            detail = f"decord failed: {decord_error}; {detail}"
+        raise VideoReadError(path, detail) from exc
+    return frames, indices, "pyav"
+
+
+def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
+                  sampling: str = "uniform", fps: float | None = None,
+                  height: int | None = None, width: int | None = None,
+                  rng: np.random.Generator | int | None = None,
+                  backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Read sampled frames of a video as uint8 RGB (T, H, W, 3) plus their int64 indices.
+
+    sampling: "uniform" takes the centre frame of ``num_frames`` equal segments
+    (deterministic; captioning and evaluation); "headtail" is the random training
+    sampling of the BLIP-2 video captioner (half from each half of the video, see
+    ``headtail_indices``; ``rng`` is a Generator or seed, None for fresh randomness).
+    fps: when given, sample at that rate over the whole duration (Qwen2-VL style):
+    ``round(duration * fps)`` frames, at least 1, at most ``num_frames`` unless that is
+    None, placed by ``sampling``. The count can be odd; a model that needs an even count
+    (Qwen2-VL's temporal patch of 2) rounds it itself. ``num_frames=None`` without fps
+    reads every frame. A video shorter than requested repeats indices (still sorted), so
+    T is always the requested count. height/width resize (one alone keeps the aspect).
+    A still image (.jpg .jpeg .png .bmp .webp) is a one-frame video: T copies of it,
+    indices all 0, so callers always get a fixed shape.
+    backend: "auto" (decord, PyAV where decord is unreliable or fails), "decord", "pyav".
+    Raises VideoReadError for any unreadable file, ValueError for bad arguments.
+    """
+    check_sampling_args(num_frames, sampling, fps)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    path = Path(path)
+    _check_file(path)
+
+    def select(num_available: int, video_fps: float) -> np.ndarray:
+        if fps is not None and video_fps <= 0:
+            raise VideoReadError(path, "no frame rate, so fps sampling is impossible")
+        return select_indices(num_available, num_frames, sampling, fps, video_fps, rng)
+
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        image = _read_image(path)
+        count = 1 if num_frames is None else num_frames
+        frames = np.repeat(image[None], count, axis=0)
+        indices = np.zeros(count, dtype=np.int64)
+    else:
+        frames, indices, used = _decode(path, select, backend)
+        logger.debug("%s: %d frames via %s", path, len(indices), used)
+    return np.ascontiguousarray(resize_frames(frames, height, width)), indices
+
+
+def video_info(path: str | os.PathLike, backend: str = "auto") -> dict[str, Any]:
+    """Frame count, frame rate, size and the backend that ``sample_frames`` would use.
+
+    ``num_frames`` is what that backend can actually deliver (PyAV counts by decoding).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    path = Path(path)
+    _check_file(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        image = _read_image(path)
+        return {"num_frames": 1, "fps": 0.0, "height": image.shape[0],
+                "width": image.shape[1], "backend": "image"}
+    seen: dict[str, Any] = {}
+
+    def select(num_available: int, video_fps: float) -> np.ndarray:
+        seen.update(num_frames=num_available, fps=float(video_fps))
+        return np.zeros(1, dtype=np.int64)
+
+    frames, _, used = _decode(path, select, backend)
+    return {**seen, "height": frames.shape[1], "width": frames.shape[2], "backend": used}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install the project into it; sourced by the two README commands.
+# Usage: source scripts/setup_env.sh [requirements file]
+set -euo pipefail
+if ! command -v ffmpeg >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ffmpeg (apt) for video encoding/decoding tools"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null
+  else
+    echo "note: ffmpeg not found; tests that generate videos with it are skipped (apt-get install ffmpeg)"
+  fi
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q -r "${1:-requirements.txt}" -e .

@@ -1,0 +1,41 @@
+"""The baseline colour captioner with hooks for runner tests; runs as a script (also under msrun).
+
+CAPTION_CALL_LOG appends one line per captioned video to a file (to count calls across
+a killed process); CAPTION_SLEEP sleeps per batch; --fail_on makes generate raise.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+from pipeline.captioning.caption_colour import ColourCaptioner, build_parser, colour_caption
+from pipeline.captioning.cli import main_with
+
+__all__ = ["colour_caption", "main"]
+
+
+class InstrumentedCaptioner(ColourCaptioner):
+    def __init__(self, num_frames: int, fail_on: str | None):
+        super().__init__(num_frames)
+        self.fail_on = fail_on
+
+    def generate(self, batch: Sequence[str]) -> list[str]:
+        log = os.environ.get("CAPTION_CALL_LOG")
+        if log:
+            with open(log, "a") as f:
+                f.writelines(f"{caption}\n" for caption in batch)
+        time.sleep(float(os.environ.get("CAPTION_SLEEP", "0")))
+        if self.fail_on and any(self.fail_on in caption for caption in batch):
+            raise RuntimeError(f"model failure on {self.fail_on}")
+        return super().generate(batch)
+
+
+def main(argv: Sequence[str] | None = None):
+    parser = build_parser()
+    parser.add_argument("--fail_on", help="raise in generate when a caption contains this text")
+    return main_with(parser, lambda args, dtype: InstrumentedCaptioner(args.num_frames or 4, args.fail_on), argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install what the tests need (.venv with requirements-test.txt, ffmpeg from apt) and run the suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup_env.sh requirements-test.txt
+python -m pytest "$@"

@@ -1,0 +1,334 @@
+"""Behaviour of the CSV metadata layer and the datautil command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.datasets import metadata
+from pipeline.datasets.metadata import (
+    MetadataError,
+    difference,
+    find_part_files,
+    finalize_output,
+    intersection,
+    merge_csvs,
+    merge_tables,
+    part_path,
+    read_metadata,
+    read_progress,
+    remove_empty_caption,
+    resolve_video_path,
+    trim_incomplete_record,
+    write_csv_atomic,
+)
+
+HEADER = "path,id,text,status,error\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def rows(df: pd.DataFrame) -> list[dict]:
+    return df.to_dict("records")
+
+
+# ---------------------------------------------------------------- read_metadata
+
+
+def test_missing_path_column_names_file_and_columns(tmp_path):
+    csv = write(tmp_path / "meta.csv", "video,caption\na.mp4,x\n")
+    with pytest.raises(MetadataError) as err:
+        read_metadata(csv)
+    message = str(err.value)
+    assert str(csv) in message
+    assert "'path'" in message and "'video'" in message and "'caption'" in message
+
+
+def test_zero_byte_file_is_an_error(tmp_path):
+    csv = write(tmp_path / "empty.csv", "")
+    with pytest.raises(MetadataError, match="empty.csv.*0 bytes"):
+        read_metadata(csv)
+
+
+def test_header_only_file_is_an_empty_table(tmp_path):
+    df = read_metadata(write(tmp_path / "h.csv", "path,id\n"))
+    assert len(df) == 0 and list(df.columns) == ["path", "id"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(MetadataError, match="nope.csv: file not found"):
+        read_metadata(tmp_path / "nope.csv")
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('path,a\n"x.mp4,1\n', "not a valid CSV"),
+        ("path,a\nx.mp4,1,2\n", "not a valid CSV"),
+        ("path,a\ny.mp4,1\nx.mp4,1,2\n", "not a valid CSV"),
+        ("path,a\n,1\n", "empty 'path'"),
+        ("\n\n", "no header"),
+    ],
+)
+def test_unusable_csv_is_reported(tmp_path, text, problem):
+    csv = write(tmp_path / "bad.csv", text)
+    with pytest.raises(MetadataError, match=problem) as err:
+        read_metadata(csv)
+    assert str(csv) in str(err.value)
+
+
+def test_duplicate_paths_warn_but_do_not_fail(tmp_path, caplog):
+    csv = write(tmp_path / "dup.csv", "path\na.mp4\nb.mp4\na.mp4\na.mp4\n")
+    with caplog.at_level(logging.WARNING, logger="pipeline.datasets.metadata"):
+        df = read_metadata(csv)
+    assert len(df) == 4
+    (record,) = caplog.records
+    assert str(csv) in record.message and "2 duplicate" in record.message and "a.mp4" in record.message
+
+
+def test_other_columns_keep_exact_strings_through_merge_and_write(tmp_path):
+    csv = write(tmp_path / "m.csv", 'path,id,score,note,flag\na.mp4,007,1.50,,NA\nb.mp4,010,2,"x, y",True\n')
+    df = read_metadata(csv)
+    expected = [
+        {"path": "a.mp4", "id": "007", "score": "1.50", "note": "", "flag": "NA"},
+        {"path": "b.mp4", "id": "010", "score": "2", "note": "x, y", "flag": "True"},
+    ]
+    assert rows(df) == expected
+    out = tmp_path / "out.csv"
+    merge_csvs([csv], out)
+    assert rows(read_metadata(out)) == expected
+
+
+def test_bom_and_short_rows(tmp_path):
+    csv = tmp_path / "bom.csv"
+    csv.write_bytes("\ufeffpath,id\na.mp4\n".encode("utf-8"))
+    assert rows(read_metadata(csv)) == [{"path": "a.mp4", "id": ""}]
+
+
+# ---------------------------------------------------------------- paths
+
+
+def test_resolve_video_path(tmp_path):
+    csv_dir = tmp_path / "lists"
+    assert resolve_video_path("/data/v.mp4", csv_dir) == "/data/v.mp4"
+    assert resolve_video_path("/data/v.mp4", csv_dir, "/root") == "/data/v.mp4"
+    assert resolve_video_path("sub/v.mp4", csv_dir) == str(csv_dir / "sub" / "v.mp4")
+    assert resolve_video_path("sub/v.mp4", csv_dir, tmp_path / "videos") == str(tmp_path / "videos" / "sub" / "v.mp4")
+
+
+def test_part_files_naming_and_discovery(tmp_path):
+    out = tmp_path / "run" / "out.csv"
+    assert part_path(out, 3) == tmp_path / "run" / "out_part3.csv"
+    with pytest.raises(ValueError):
+        part_path(out, -1)
+    assert find_part_files(out) == []
+    out.parent.mkdir()
+    names = ["out_part10.csv", "out_part2.csv", "out_part0.csv", "out_partx.csv", "out_part1.tsv"]
+    names += ["other_part1.csv", "out_part0_part1.csv", "out.csv"]
+    for name in names:
+        write(out.parent / name, "path\n")
+    assert [p.name for p in find_part_files(out)] == ["out_part0.csv", "out_part2.csv", "out_part10.csv"]
+
+
+# ---------------------------------------------------------------- atomic write
+
+
+def test_atomic_write_creates_dirs_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "a" / "b" / "out.csv"
+    write_csv_atomic(pd.DataFrame({"path": ["x.mp4"], "id": ["007"]}), out)
+    assert out.read_text() == "path,id\nx.mp4,007\n"
+    assert os.listdir(out.parent) == ["out.csv"]
+
+
+def test_failed_write_keeps_old_output_and_no_temp(tmp_path, monkeypatch):
+    out = write(tmp_path / "out.csv", "path\nold.mp4\n")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(metadata.os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        write_csv_atomic(pd.DataFrame({"path": ["new.mp4"]}), out)
+    assert out.read_text() == "path\nold.mp4\n"
+    assert os.listdir(tmp_path) == ["out.csv"]
+
+
+# ---------------------------------------------------------------- merge
+
+
+def result_tables():
+    part0 = pd.DataFrame(
+        [["b.mp4", "2", "", "error", "oom"], ["a.mp4", "1", "a first", "ok", ""], ["b.mp4", "2", "b ok", "ok", ""]],
+        columns=["path", "id", "text", "status", "error"],
+    )
+    part1 = pd.DataFrame(
+        [
+            ["c.mp4", "3", "", "error", "bad file"],
+            ["a.mp4", "1", "a second", "ok", ""],
+            ["b.mp4", "2", "", "error", "late"],
+        ],
+        columns=["path", "id", "text", "status", "error"],
+    )
+    return part0, part1
+
+
+def test_merge_keeps_last_ok_row_in_first_seen_order():
+    merged = merge_tables(list(result_tables()))
+    assert rows(merged) == [
+        {"path": "b.mp4", "id": "2", "text": "b ok", "status": "ok", "error": ""},
+        {"path": "a.mp4", "id": "1", "text": "a second", "status": "ok", "error": ""},
+        {"path": "c.mp4", "id": "3", "text": "", "status": "error", "error": "bad file"},
+    ]
+
+
+def test_merge_without_status_keeps_last_row_and_unions_columns():
+    left = pd.DataFrame({"path": ["a", "b"], "x": ["1", "2"]})
+    right = pd.DataFrame({"path": ["a"], "y": ["9"]})
+    assert rows(merge_tables([left, right])) == [
+        {"path": "a", "x": "", "y": "9"},
+        {"path": "b", "x": "2", "y": ""},
+    ]
+    empty = merge_tables([pd.DataFrame(columns=["path", "q"])])
+    assert len(empty) == 0 and list(empty.columns) == ["path", "q"]
+
+
+def test_merge_is_idempotent():
+    part0, part1 = result_tables()
+    once = merge_tables([part0, part1])
+    assert merge_tables([once, part0, part1]).equals(once)
+    assert merge_tables([once]).equals(once)
+
+
+def test_merge_csvs_removes_inputs_only_after_writing(tmp_path):
+    part0, part1 = result_tables()
+    out = tmp_path / "out.csv"
+    write_csv_atomic(part0, part_path(out, 0))
+    write_csv_atomic(part1, part_path(out, 1))
+    merged = merge_csvs(find_part_files(out), out, remove_inputs=True)
+    assert sorted(os.listdir(tmp_path)) == ["out.csv"]
+    assert read_metadata(out).equals(merged)
+    assert len(merged) == 3
+
+
+# ---------------------------------------------------------------- resume support
+
+
+def test_read_progress_and_finalize(tmp_path):
+    out = tmp_path / "out.csv"
+    columns = ["path", "id", "text", "status", "error"]
+    write_csv_atomic(pd.DataFrame([["d.mp4", "4", "d", "ok", ""]], columns=columns), out)
+    part0, part1 = result_tables()
+    write_csv_atomic(part0, part_path(out, 0))
+    # rank 1 crashed in the middle of a multi-line caption
+    text = part1.to_csv(index=False) + 'e.mp4,5,"first line\nsecond'
+    write(part_path(out, 1), text)
+    write(part_path(out, 2), "")  # rank 2 died before writing its header
+
+    progress = read_progress(out)
+    assert progress.done == {"a.mp4", "b.mp4", "d.mp4"}
+    assert progress.failed == {"c.mp4"}
+
+    final = finalize_output(out, order=["a.mp4", "b.mp4", "c.mp4", "d.mp4", "e.mp4"])
+    assert list(final["path"]) == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]
+    assert find_part_files(out) == []
+    assert read_metadata(out).equals(final)
+    assert finalize_output(out).equals(final)
+
+
+def test_trim_incomplete_record(tmp_path):
+    part = write(tmp_path / "p.csv", HEADER + 'a.mp4,1,"two\nlines",ok,\n' + 'b.mp4,2,"cut\nhere')
+    assert trim_incomplete_record(part) == len('b.mp4,2,"cut\nhere')
+    assert part.read_text() == HEADER + 'a.mp4,1,"two\nlines",ok,\n'
+    assert trim_incomplete_record(part) == 0
+    assert trim_incomplete_record(tmp_path / "absent.csv") == 0
+
+
+# ---------------------------------------------------------------- set operations
+
+
+def test_difference_intersection_remove_empty_caption():
+    data = pd.DataFrame({"path": ["a", "b", "c"], "id": ["1", "2", "3"]})
+    assert list(difference(data, pd.DataFrame({"path": ["b", "z"]}))["path"]) == ["a", "c"]
+    assert list(difference(data, {"a", "c"})["path"]) == ["b"]
+
+    other = pd.DataFrame({"path": ["c", "a", "a", "z"], "id": ["x", "x", "y", "x"], "aes": ["5.0", "4", "4.5", "1"]})
+    assert rows(intersection(data, other)) == [
+        {"path": "a", "id": "1", "aes": "4.5"},
+        {"path": "c", "id": "3", "aes": "5.0"},
+    ]
+
+    captions = pd.DataFrame({"path": ["a", "b", "c", "d"], "text": ["cat", "", "  \n", float("nan")]})
+    assert list(remove_empty_caption(captions)["path"]) == ["a"]
+    with pytest.raises(MetadataError, match="no caption column 'caption'"):
+        remove_empty_caption(captions, "caption")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def datautil(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.datasets.datautil", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_merge_difference_and_filter(tmp_path):
+    part0, part1 = result_tables()
+    write_csv_atomic(part0, tmp_path / "out_part0.csv")
+    write_csv_atomic(part1, tmp_path / "out_part1.csv")
+    write(tmp_path / "meta.csv", "path,id\na.mp4,1\nb.mp4,2\nc.mp4,3\nd.mp4,4\n")
+
+    merge = datautil("out_part*.csv", "--output", "merged/out.csv", cwd=tmp_path)
+    assert merge.returncode == 0, merge.stderr
+    assert "read 3 rows from out_part0.csv" in merge.stdout
+    assert "read 3 rows from out_part1.csv" in merge.stdout
+    assert "dropped 3 duplicate path rows" in merge.stdout
+    assert "wrote 3 rows to merged/out.csv" in merge.stdout
+    assert read_metadata(tmp_path / "merged" / "out.csv").equals(merge_tables([part0, part1]))
+
+    remaining = datautil("meta.csv", "--difference", "merged/out.csv", cwd=tmp_path)
+    assert remaining.returncode == 0, remaining.stderr
+    assert "difference: removed 3 rows" in remaining.stdout
+    assert rows(read_metadata(tmp_path / "meta_difference.csv")) == [{"path": "d.mp4", "id": "4"}]
+
+    joined = datautil(
+        "meta.csv", "--intersection", "merged/out.csv", "--remove-empty-caption", "--output", "j.csv", cwd=tmp_path
+    )
+    assert joined.returncode == 0, joined.stderr
+    assert "intersection: removed 1 rows" in joined.stdout
+    assert "remove-empty-caption: removed 1 rows" in joined.stdout
+    assert "wrote 2 rows to j.csv" in joined.stdout
+    assert rows(read_metadata(tmp_path / "j.csv")) == [
+        {"path": "a.mp4", "id": "1", "text": "a second", "status": "ok", "error": ""},
+        {"path": "b.mp4", "id": "2", "text": "b ok", "status": "ok", "error": ""},
+    ]
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_cli_error_for_csv_without_path(tmp_path):
+    write(tmp_path / "bad.csv", "video\na.mp4\n")
+    result = datautil("bad.csv", "--output", "out.csv", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.csv" in lines[0] and "'video'" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+    missing = datautil("nothing_*.csv", cwd=tmp_path)
+    assert missing.returncode == 1 and "no file matches" in missing.stderr
+
+
+def test_cli_help_explains_flags(tmp_path):
+    result = datautil("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for flag in ("--output", "--difference", "--intersection", "--remove-empty-caption", "examples:"):
+        assert flag in result.stdout

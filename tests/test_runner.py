@@ -1,0 +1,231 @@
+"""The captioning runner: outputs, resume, errors, crash safety and msrun sharding."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.captioning.runner import rows_to_do, shard
+from pipeline.datasets.metadata import Progress
+from pipeline.datasets.video import sample_frames
+from tests.colour_captioner import colour_caption, main as colour_main
+from tests.video_factory import write_corrupt, write_empty, write_index_video
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "colour_captioner.py"
+
+
+def make_dataset(folder: Path, n: int, bad: dict[int, str] | None = None) -> Path:
+    """n videos (relative paths) with extra columns that must survive untouched."""
+    bad = bad or {}
+    rows = []
+    for i in range(n):
+        name = f"videos/v{i:02d}.mp4"
+        if bad.get(i) == "missing":
+            pass
+        elif bad.get(i) == "empty":
+            write_empty(folder / name)
+        elif bad.get(i) == "corrupt":
+            write_corrupt(folder / name, seed=i)
+        else:
+            write_index_video(folder / name, num_frames=6 + i, codec="h264")
+        rows.append({"path": name, "id": f"{i:03d}", "note": f"clip, number {i}", "score": "1.50"})
+    csv_path = folder / "meta.csv"
+    pd.DataFrame(rows).to_csv(csv_path, index=False)
+    return csv_path
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def expected_caption(folder: Path, rel: str) -> str:
+    frames, _ = sample_frames(str(folder / rel), num_frames=4)
+    return colour_caption(frames)
+
+
+def count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_shard_is_disjoint_and_complete():
+    rows = pd.DataFrame({"path": [f"p{i}" for i in range(11)]})
+    shards = [shard(rows, r, 3) for r in range(3)]
+    got = sorted(p for s in shards for p in s["path"])
+    assert got == sorted(rows["path"])
+    assert sum(len(s) for s in shards) == 11
+    assert [len(s) for s in shards] == [4, 4, 3]
+
+
+def test_rows_to_do_respects_status():
+    data = pd.DataFrame({"path": ["a", "b", "c", "d"]})
+    progress = Progress(table=pd.DataFrame(), done=frozenset({"a"}), failed=frozenset({"b"}))
+    assert list(rows_to_do(data, progress, retry_errors=False)["path"]) == ["c", "d"]
+    assert list(rows_to_do(data, progress, retry_errors=True)["path"]) == ["b", "c", "d"]
+
+
+def test_captions_every_row_and_keeps_columns(tmp_path):
+    csv_path = make_dataset(tmp_path, 5)
+    summary = colour_main([str(csv_path), "--bs", "2", "--device", "CPU"])
+    out = tmp_path / "meta_caption.csv"
+    assert summary.output == out
+    rows = read_rows(out)
+    assert [r["path"] for r in rows] == [f"videos/v{i:02d}.mp4" for i in range(5)]
+    assert list(rows[0]) == ["path", "id", "note", "score", "text", "status", "error"]
+    for i, row in enumerate(rows):
+        assert row["id"] == f"{i:03d}" and row["note"] == f"clip, number {i}" and row["score"] == "1.50"
+        assert row["status"] == "ok" and row["error"] == ""
+        assert row["text"] == expected_caption(tmp_path, row["path"])
+    assert not list(tmp_path.glob("meta_caption_part*.csv")), "part files are merged away"
+
+
+def test_bad_videos_become_error_rows(tmp_path):
+    csv_path = make_dataset(tmp_path, 6, bad={1: "missing", 2: "empty", 4: "corrupt"})
+    out = tmp_path / "out.csv"
+    summary = colour_main([str(csv_path), "--output", str(out), "--bs", "4", "--device", "CPU"])
+    rows = {r["path"]: r for r in read_rows(out)}
+    assert len(rows) == 6 and summary.failed == 3 and summary.done == 3
+    for i in (1, 2, 4):
+        row = rows[f"videos/v{i:02d}.mp4"]
+        assert row["status"] == "error" and row["text"] == ""
+        assert f"v{i:02d}.mp4" in row["error"]
+    for i in (0, 3, 5):
+        assert rows[f"videos/v{i:02d}.mp4"]["status"] == "ok"
+
+
+def test_model_failure_costs_only_its_row(tmp_path):
+    csv_path = make_dataset(tmp_path, 4)
+    bad_caption = expected_caption(tmp_path, "videos/v02.mp4")
+    out = tmp_path / "out.csv"
+    colour_main([str(csv_path), "--output", str(out), "--bs", "4", "--device", "CPU", "--fail_on", bad_caption])
+    rows = read_rows(out)
+    failing = [expected_caption(tmp_path, r["path"]) == bad_caption for r in rows]
+    assert 1 <= sum(failing) < len(rows)
+    assert [r["status"] for r in rows] == ["error" if f else "ok" for f in failing]
+    assert all("model failure" in r["error"] for r, f in zip(rows, failing) if f)
+
+
+def test_resume_retry_errors_and_overwrite(tmp_path, monkeypatch):
+    csv_path = make_dataset(tmp_path, 4, bad={3: "corrupt"})
+    log = tmp_path / "calls.txt"
+    monkeypatch.setenv("CAPTION_CALL_LOG", str(log))
+    args = [str(csv_path), "--bs", "2", "--device", "CPU"]
+    colour_main(args)
+    assert count_lines(log) == 3
+
+    # New rows appended to the CSV: only they are captioned; the error row is left alone.
+    data = pd.read_csv(csv_path, dtype=str)
+    write_index_video(tmp_path / "videos/new.mp4", num_frames=20)
+    data.loc[len(data)] = {"path": "videos/new.mp4", "id": "100", "note": "new", "score": "2"}
+    data.to_csv(csv_path, index=False)
+    log.unlink()
+    summary = colour_main(args)
+    assert count_lines(log) == 1 and summary.skipped == 4
+
+    # The broken video is replaced: --retry_errors redoes that row only.
+    write_index_video(tmp_path / "videos/v03.mp4", num_frames=9)
+    log.unlink()
+    colour_main(args + ["--retry_errors"])
+    assert log.read_text().splitlines() == [expected_caption(tmp_path, "videos/v03.mp4")]
+    rows = read_rows(tmp_path / "meta_caption.csv")
+    assert len(rows) == 5 and all(r["status"] == "ok" for r in rows)
+
+    log.unlink()
+    colour_main(args + ["--overwrite"])
+    assert count_lines(log) == 5
+    assert len(read_rows(tmp_path / "meta_caption.csv")) == 5
+
+
+def test_bad_csv_fails_clearly(tmp_path, capsys):
+    no_path = tmp_path / "nopath.csv"
+    no_path.write_text("video,caption\na.mp4,x\n")
+    with pytest.raises(SystemExit) as err:
+        colour_main([str(no_path), "--device", "CPU"])
+    assert "nopath.csv" in str(err.value) and "path" in str(err.value)
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as err:
+        colour_main([str(empty), "--device", "CPU"])
+    assert "empty.csv" in str(err.value)
+
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("path,id\n")
+    summary = colour_main([str(header_only), "--device", "CPU"])
+    assert summary.done == 0 and read_rows(tmp_path / "header_caption.csv") == []
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+def test_kill_and_resume_loses_nothing(tmp_path):
+    n = 12
+    csv_path = make_dataset(tmp_path, n)
+    out = tmp_path / "meta_caption.csv"
+    part = tmp_path / "meta_caption_part0.csv"
+    first_log, second_log = tmp_path / "calls1.txt", tmp_path / "calls2.txt"
+    cmd = [sys.executable, str(SCRIPT), str(csv_path), "--bs", "2", "--device", "CPU"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(CAPTION_CALL_LOG=str(first_log), CAPTION_SLEEP="0.5"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and count_lines(part) < 5:  # header + 4 rows
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = read_rows(part)
+    assert 4 <= len(finished) < n, "the kill should land mid-run"
+    assert not out.exists()
+
+    subprocess.run(cmd, cwd=ROOT, env=_env(CAPTION_CALL_LOG=str(second_log)), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    rows = read_rows(out)
+    assert sorted(r["path"] for r in rows) == sorted(f"videos/v{i:02d}.mp4" for i in range(n))
+    assert all(r["status"] == "ok" for r in rows)
+    assert count_lines(second_log) == n - len(finished), "finished rows must not be captioned again"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_msrun_two_workers_merge_every_row_once(tmp_path):
+    n = 7
+    csv_path = make_dataset(tmp_path, n, bad={5: "corrupt"})
+    msrun = Path(sys.executable).with_name("msrun")
+    cmd = [str(msrun), "--worker_num=2", "--local_worker_num=2", "--join=True",
+           f"--master_port={_free_port()}", f"--log_dir={tmp_path / 'logs'}",
+           str(SCRIPT), str(csv_path), "--bs", "2", "--device", "CPU"]
+    env = _env(PATH=f"{msrun.parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # msrun's workers too, so a hang leaves no orphans
+            proc.wait()
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("worker_*.log"))
+    assert proc.returncode == 0, stdout[-3000:] + logs[-3000:]
+    rows = read_rows(tmp_path / "meta_caption.csv")
+    assert sorted(r["path"] for r in rows) == sorted(f"videos/v{i:02d}.mp4" for i in range(n))
+    assert list(rows[0]) == ["path", "id", "note", "score", "text", "status", "error"]
+    for row in rows:
+        i = int(row["id"])
+        assert row["note"] == f"clip, number {i}"
+        assert row["status"] == ("error" if i == 5 else "ok")
+    assert "rank 1 of 2" in logs, "both ranks must have joined"
+    assert not list(tmp_path.glob("meta_caption_part*.csv"))
