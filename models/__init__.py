@@ -1,1 +1,49 @@
 """Native MindSpore ports of video-language models, their checkpoint loaders and generation."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+# model_type (config.json) -> (module, model class, transformers config class)
+MODEL_TYPES = {
+    "blip-2": ("models.blip2.modeling", "Blip2ForConditionalGeneration", "Blip2Config"),
+}
+# config.json "architectures" entries that name a supported family under another class name
+ARCHITECTURES = {
+    "Blip2ForConditionalGeneration": "blip-2",
+    "VideoBlipForConditionalGeneration": "blip-2",
+}
+
+
+def model_family(config: dict) -> str:
+    """The registry key for a parsed config.json: its ``model_type``, else its ``architectures``."""
+    if config.get("model_type") in MODEL_TYPES:
+        return config["model_type"]
+    for arch in config.get("architectures") or ():
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    raise ValueError(
+        f"Unsupported model: model_type={config.get('model_type')!r}, "
+        f"architectures={config.get('architectures')}; supported model types: {', '.join(sorted(MODEL_TYPES))} "
+        f"(architectures: {', '.join(sorted(ARCHITECTURES))})"
+    )
+
+
+def from_pretrained(folder: str | Path, dtype: str = "float32"):
+    """Build the native model named by ``folder``/config.json and load its safetensors weights.
+
+    ``dtype`` is float32, float16 or bfloat16 (modules the model keeps in float32 stay so).
+    The model is returned in inference mode (``set_train(False)``).
+    """
+    import transformers
+
+    from models.checkpoint import load_checkpoint, read_config, weight_files
+
+    raw = read_config(folder)
+    module, class_name, config_name = MODEL_TYPES[model_family(raw)]
+    weight_files(folder)  # fail on a folder without weights before building a large model
+    config = getattr(transformers, config_name).from_dict(raw)
+    model = getattr(importlib.import_module(module), class_name)(config)
+    load_checkpoint(model, folder, dtype=dtype)
+    model.set_train(False)
+    return model

@@ -4,22 +4,36 @@ MindSpore's own nn.Dense / nn.LayerNorm name their parameters differently
 (``gamma``/``beta``); keeping the transformers names (``weight``/``bias``) lets a
 checkpoint load by plain name matching. Only ``mindspore.ops`` is used, so every
 layer has CPU and Ascend kernels.
+
+Parameters start as zeros (ones for norm scales), which MindSpore creates without
+touching memory: a multi-billion-parameter model is built in a moment and the
+checkpoint fills it. ``init_weights`` draws random values for training from scratch.
 """
 from __future__ import annotations
-
-import math
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import One, Zero
 
 
-def _zeros(shape: tuple, dtype=ms.float32) -> Parameter:
-    return Parameter(Tensor(np.zeros(shape, dtype=np.float32), dtype))
+def zeros_parameter(shape: tuple, dtype=ms.float32) -> Parameter:
+    return Parameter(Tensor(shape=shape, dtype=dtype, init=Zero()))
 
 
-def _normal(shape: tuple, std: float = 0.02) -> Parameter:
-    return Parameter(Tensor(np.random.normal(0.0, std, shape).astype(np.float32)))
+def ones_parameter(shape: tuple, dtype=ms.float32) -> Parameter:
+    return Parameter(Tensor(shape=shape, dtype=dtype, init=One()))
+
+
+def init_weights(model: nn.Cell, std: float = 0.02, seed: int = 0) -> None:
+    """Random normal(0, std) for every matrix parameter (2-D and up), for training from scratch.
+
+    Vectors (biases, norm scales) keep their zeros and ones.
+    """
+    rng = np.random.default_rng(seed)
+    for _, param in model.parameters_and_names():
+        if len(param.shape) >= 2:
+            param.set_data(Tensor(rng.normal(0.0, std, param.shape).astype(np.float32), param.dtype))
 
 
 class Linear(nn.Cell):
@@ -29,9 +43,9 @@ class Linear(nn.Cell):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = _normal((out_features, in_features), std=1.0 / math.sqrt(in_features))
+        self.weight = zeros_parameter((out_features, in_features))
         self.has_bias = bias
-        self.bias = _zeros((out_features,)) if bias else None
+        self.bias = zeros_parameter((out_features,)) if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -47,9 +61,9 @@ class LayerNorm(nn.Cell):
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
-        self.weight = Parameter(Tensor(np.ones((hidden_size,), np.float32)))
+        self.weight = ones_parameter((hidden_size,))
         self.has_bias = bias
-        self.bias = _zeros((hidden_size,)) if bias else None
+        self.bias = zeros_parameter((hidden_size,)) if bias else None
         self.eps = eps
 
     def construct(self, x: Tensor) -> Tensor:
@@ -68,7 +82,7 @@ class RMSNorm(nn.Cell):
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
-        self.weight = Parameter(Tensor(np.ones((hidden_size,), np.float32)))
+        self.weight = ones_parameter((hidden_size,))
         self.eps = eps
 
     def construct(self, x: Tensor) -> Tensor:
@@ -84,7 +98,7 @@ class Embedding(nn.Cell):
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
-        self.weight = _normal((num_embeddings, embedding_dim))
+        self.weight = zeros_parameter((num_embeddings, embedding_dim))
         self.gather = ops.Gather()
 
     def construct(self, ids: Tensor) -> Tensor:

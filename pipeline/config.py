@@ -23,20 +23,31 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``; values from ``--config FILE`` replace the parser defaults first.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-    Config keys are the flags' names without dashes (``max_new_tokens: 64``); an
-    unknown key is an error naming the file, so a typo never passes silently.
+
+def apply_config(parser: argparse.ArgumentParser, path: str | Path) -> None:
+    """Make the YAML file's values the parser's defaults.
+
+    Keys are the flags' names without dashes (``max_new_tokens: 64``); an unknown
+    key is an error naming the file, so a typo never passes silently.
     """
+    values = load_yaml(path)
+    dests = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - dests)
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s) {unknown}; known: {sorted(dests - {'help'})}")
+    parser.set_defaults(**values)
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+                      base_config: str | Path | None = None) -> argparse.Namespace:
+    """Parse ``argv`` over defaults from ``base_config``, then ``--config FILE``, then the flags."""
+    if base_config is not None:
+        apply_config(parser, base_config)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        values = load_yaml(known.config)
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - dests)
-        if unknown:
-            raise ConfigError(f"{known.config}: unknown option(s) {unknown}; known: {sorted(dests - {'help'})}")
-        parser.set_defaults(**values)
+        apply_config(parser, known.config)
     return parser.parse_args(argv)

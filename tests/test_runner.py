@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 from pipeline.captioning.runner import rows_to_do, shard
 from pipeline.datasets.metadata import Progress
 from pipeline.datasets.video import sample_frames
+from tests.msrun import run_msrun
 from tests.colour_captioner import colour_caption, main as colour_main
 from tests.video_factory import write_corrupt, write_empty, write_index_video
 
@@ -196,30 +196,11 @@ def test_kill_and_resume_loses_nothing(tmp_path):
     assert count_lines(second_log) == n - len(finished), "finished rows must not be captioned again"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_msrun_two_workers_merge_every_row_once(tmp_path):
     n = 7
     csv_path = make_dataset(tmp_path, n, bad={5: "corrupt"})
-    msrun = Path(sys.executable).with_name("msrun")
-    cmd = [str(msrun), "--worker_num=2", "--local_worker_num=2", "--join=True",
-           f"--master_port={_free_port()}", f"--log_dir={tmp_path / 'logs'}",
-           str(SCRIPT), str(csv_path), "--bs", "2", "--device", "CPU"]
-    env = _env(PATH=f"{msrun.parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        stdout, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # msrun's workers too, so a hang leaves no orphans
-            proc.wait()
-    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("worker_*.log"))
-    assert proc.returncode == 0, stdout[-3000:] + logs[-3000:]
+    result = run_msrun(SCRIPT, [str(csv_path), "--bs", "2", "--device", "CPU"], cwd=tmp_path)
+    assert result.returncode == 0, result.problems
     rows = read_rows(tmp_path / "meta_caption.csv")
     assert sorted(r["path"] for r in rows) == sorted(f"videos/v{i:02d}.mp4" for i in range(n))
     assert list(rows[0]) == ["path", "id", "note", "score", "text", "status", "error"]
@@ -227,5 +208,5 @@ def test_msrun_two_workers_merge_every_row_once(tmp_path):
         i = int(row["id"])
         assert row["note"] == f"clip, number {i}"
         assert row["status"] == ("error" if i == 5 else "ok")
-    assert "rank 1 of 2" in logs, "both ranks must have joined"
+    assert "rank 1 of 2" in result.logs, "both ranks must have joined"
     assert not list(tmp_path.glob("meta_caption_part*.csv"))

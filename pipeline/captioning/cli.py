@@ -9,10 +9,12 @@ import argparse
 import logging
 import random
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from models.checkpoint import CheckpointError
 from pipeline import distributed
 from pipeline.captioning.runner import Captioner, RunOptions, RunSummary, run
 from pipeline.config import ConfigError, parse_with_config
@@ -62,11 +64,11 @@ def resolve_dtype(args: argparse.Namespace, device: str) -> str:
 
 
 def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, str], Captioner],
-              argv: Sequence[str] | None = None) -> RunSummary:
-    """Parse flags, set up the device (and msrun), build the captioner, run, report."""
+              argv: Sequence[str] | None = None, base_config: str | Path | None = None) -> RunSummary:
+    """Parse flags (over ``base_config``'s defaults), set up the device (and msrun), build the captioner, run."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args = parse_with_config(parser, argv)
+        args = parse_with_config(parser, argv, base_config)
         info = distributed.setup(args.device)
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -75,7 +77,7 @@ def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespa
             input=args.input, output=args.output, video_root=args.video_root, bs=args.bs,
             num_workers=args.num_workers, overwrite=args.overwrite, retry_errors=args.retry_errors,
             seed=args.seed))
-    except (ConfigError, MetadataError, FileNotFoundError) as exc:
+    except (ConfigError, MetadataError, CheckpointError, FileNotFoundError) as exc:
         sys.exit(f"error: {exc}")
     if info.is_main:
         print(f"captions written to {summary.output.resolve()}")

@@ -259,6 +259,7 @@ def run(captioner: Captioner, opts: RunOptions) -> RunSummary:
     if info.is_main:
         merged = finalize_output(output, order=data["path"])
         logger.info("merged %d rows into %s", len(merged), output)
+    distributed.barrier()  # ranks leave together, once the merged output exists
     summary.seconds = time.perf_counter() - started
     _log_summary(summary, info)
     return summary

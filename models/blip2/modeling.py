@@ -1,0 +1,200 @@
+"""BLIP-2 (and VideoBLIP) video captioner: vision encoder -> Q-Former -> projection -> OPT or T5.
+
+Video is a run-time property, not a weight: ``pixel_values`` (B, T, 3, H, W) go through
+the vision encoder as B*T images, their tokens are concatenated per video into
+(B, T*N, D), and the one set of query tokens cross-attends over all of them (no
+temporal embedding, no pooling). T=1 or 4-D (B, 3, H, W) input is plain image BLIP-2.
+
+The query outputs reach the language model in one of two ways, as transformers does:
+
+* ``config.image_token_index`` set (transformers >= 4.47 checkpoints/processors): the
+  prompt holds ``num_query_tokens`` image placeholder tokens per row, whose embeddings
+  are replaced by the query outputs in order. A prompt without any placeholder gets the
+  queries prepended instead, as below.
+* no ``image_token_index`` (earlier BLIP-2 checkpoints, VideoBLIP): the queries are
+  prepended to the prompt embeddings (decoder-only) or to the T5 encoder input, with
+  attention-mask ones in front.
+
+Frames are (B, T, C, H, W); VideoBLIP's own processing yields (B, C, T, H, W), so
+permute such input first. The image/video encoder runs under ``ms.jit`` (set
+``model.use_jit = False`` to debug it in PyNative).
+
+Parameter names equal transformers' ``Blip2ForConditionalGeneration``, so published
+``Salesforce/blip2-*`` and ``kpyu/video-blip-*`` safetensors load by name.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from models.blip2.qformer import Blip2QFormerModel
+from models.blip2.vision import Blip2VisionModel, merge_q_v_bias
+from models.checkpoint import TensorRef
+from models.generation import GenerateOutput, causal_lm_loss, generate, to_tensor
+from models.layers import Linear, zeros_parameter
+
+if TYPE_CHECKING:
+    from transformers import Blip2Config, PretrainedConfig
+
+# text_config.model_type -> (module, class) of the native language model
+LANGUAGE_MODELS = {
+    "opt": ("models.opt", "OPTForCausalLM"),
+    "t5": ("models.t5", "T5ForConditionalGeneration"),
+}
+
+
+@dataclass
+class Blip2Output:
+    """``logits`` (B, L, V) of the language model (decoder logits for T5); ``loss`` when labels are given."""
+
+    logits: Tensor
+    loss: Optional[Tensor] = None
+
+
+def _language_model(text_config: "PretrainedConfig") -> nn.Cell:
+    if text_config.model_type not in LANGUAGE_MODELS:
+        raise NotImplementedError(
+            f"BLIP-2 with a {text_config.model_type!r} language model is not supported; "
+            f"supported: {', '.join(sorted(LANGUAGE_MODELS))}"
+        )
+    module, name = LANGUAGE_MODELS[text_config.model_type]
+    return getattr(importlib.import_module(module), name)(text_config)
+
+
+def _numpy(x) -> Optional[np.ndarray]:
+    if x is None or isinstance(x, np.ndarray):
+        return x
+    return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+class Blip2ForConditionalGeneration(nn.Cell):
+    """Image/video captioner with transformers' forward/generate interface (inference and training)."""
+
+    keep_in_fp32_modules = ("query_tokens", "qformer")
+
+    def __init__(self, config: "Blip2Config"):
+        super().__init__()
+        self.config = config
+        qformer_size = config.qformer_config.hidden_size
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = zeros_parameter((1, config.num_query_tokens, qformer_size))
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.language_projection = Linear(qformer_size, config.text_config.hidden_size)
+        self.language_model = _language_model(config.text_config)
+        self.is_decoder_only = bool(config.use_decoder_only_language_model)
+        self.use_jit = True  # compile the image/video encoder (several times faster); False to debug
+        self._encode_jit = None
+
+    def checkpoint_hook(self, tensors: dict[str, TensorRef]) -> None:
+        """Accept LAVIS-style separate q/v biases in the vision attention."""
+        merge_q_v_bias(tensors)
+
+    def get_input_embeddings(self) -> nn.Cell:
+        """The language model's token embedding table."""
+        return self.language_model.get_input_embeddings()
+
+    def get_image_features(self, pixel_values) -> Tensor:
+        """(B, 3, H, W) images or (B, T, 3, H, W) videos -> (B, num_query_tokens, text hidden) LM inputs."""
+        pixel_values = to_tensor(pixel_values, ms.float32)
+        if pixel_values.ndim == 5:
+            batch, frames = pixel_values.shape[:2]
+            pixel_values = pixel_values.reshape((batch * frames,) + tuple(pixel_values.shape[2:]))
+        elif pixel_values.ndim == 4:
+            batch, frames = pixel_values.shape[0], 1
+        else:
+            raise ValueError(f"pixel_values must be (B, 3, H, W) or (B, T, 3, H, W), got {pixel_values.shape}")
+        size = self.config.vision_config.image_size
+        if tuple(pixel_values.shape[-3:]) != (3, size, size):
+            raise ValueError(f"frames must be 3 x {size} x {size}, got {tuple(pixel_values.shape[-3:])}")
+        if not self.use_jit:
+            return self.encode_frames(pixel_values, batch)
+        if self._encode_jit is None:
+            self._encode_jit = ms.jit(self.encode_frames)
+        return self._encode_jit(pixel_values, batch)
+
+    def encode_frames(self, frames: Tensor, batch: int) -> Tensor:
+        """(batch*T, 3, H, W) frames -> (batch, T*N, D) tokens -> Q-Former -> projection."""
+        tokens = self.vision_model(frames)
+        tokens = tokens.reshape(batch, -1, tokens.shape[2])
+        queries = ops.broadcast_to(self.query_tokens, (batch,) + tuple(self.query_tokens.shape[1:]))
+        query_output = self.qformer(queries, tokens)
+        return self.language_projection(query_output.astype(self.language_projection.weight.dtype))
+
+    def _merge(self, image_embeds: Tensor, input_ids: np.ndarray, attention_mask: Optional[np.ndarray]):
+        """LM input embeddings and mask with the query outputs placed (placeholders) or prepended."""
+        batch, num_query = image_embeds.shape[:2]
+        if input_ids.shape[0] != batch:
+            raise ValueError(f"{input_ids.shape[0]} prompts for {batch} images/videos")
+        if attention_mask is None:
+            attention_mask = np.ones(input_ids.shape, np.int64)
+        embeds = self.get_input_embeddings()(Tensor(input_ids.astype(np.int32)))
+        image_embeds = image_embeds.astype(embeds.dtype)
+        token = self.config.image_token_index
+        slots = input_ids == token if token is not None else np.zeros(input_ids.shape, bool)
+        if slots.any():
+            counts = slots.sum(axis=1)
+            if (counts != num_query).any():
+                raise ValueError(f"each prompt needs {num_query} image tokens ({token}), got {counts.tolist()}")
+            index = np.cumsum(slots, axis=1) - 1 + np.arange(batch)[:, None] * num_query
+            index = np.where(slots, index, 0).reshape(-1).astype(np.int32)
+            flat = ops.gather(image_embeds.reshape(batch * num_query, -1), Tensor(index), 0)
+            placed = flat.reshape(embeds.shape)
+            embeds = ops.where(Tensor(slots)[..., None], placed, embeds)
+            return embeds, attention_mask
+        embeds = ops.concat((image_embeds, embeds), axis=1)
+        mask = np.concatenate([np.ones((batch, num_query), attention_mask.dtype), attention_mask], axis=1)
+        return embeds, mask
+
+    def construct(self, pixel_values, input_ids, attention_mask=None, decoder_input_ids=None,
+                  decoder_attention_mask=None, labels=None) -> Blip2Output:
+        """transformers' ``Blip2ForConditionalGeneration.forward``; numpy or Tensor inputs."""
+        image_embeds = self.get_image_features(pixel_values)
+        embeds, mask = self._merge(image_embeds, _numpy(input_ids), _numpy(attention_mask))
+        mask = Tensor(mask.astype(np.int32))
+        if self.is_decoder_only:
+            logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+            loss = None
+            if labels is not None:
+                labels = to_tensor(labels, ms.int32)
+                loss = causal_lm_loss(logits[:, -labels.shape[1]:], labels, shift=True)
+            return Blip2Output(logits=logits, loss=loss)
+        extra = {}
+        if decoder_attention_mask is not None:
+            extra["decoder_attention_mask"] = to_tensor(decoder_attention_mask, ms.int32)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                  decoder_input_ids=to_tensor(decoder_input_ids, ms.int32),
+                                  labels=to_tensor(labels, ms.int32), **extra)
+        return Blip2Output(logits=out.logits, loss=out.loss)
+
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, return_dict_in_generate: bool = False,
+                 **generate_kwargs):
+        """Caption token ids, as transformers' ``Blip2ForConditionalGeneration.generate``.
+
+        Returns (N, S) int64 ids: for OPT the prompt ids followed by the new tokens, for T5
+        the decoder start token followed by the new tokens. ``generate_kwargs`` go to
+        :func:`models.generation.generate` (``max_new_tokens``, ``num_beams``,
+        ``num_return_sequences``, ``min_length``, ``length_penalty``, ``do_sample``, ...).
+        With ``return_dict_in_generate`` the :class:`GenerateOutput` (with beam scores) is returned.
+        """
+        image_embeds = self.get_image_features(pixel_values)
+        batch = image_embeds.shape[0]
+        if input_ids is None:
+            start = [self.config.image_token_index] * self.config.num_query_tokens \
+                if self.config.image_token_index is not None else []
+            if self.is_decoder_only:
+                start.append(self.config.text_config.bos_token_id)
+            if not start:
+                raise ValueError("give input_ids (a prompt) for an encoder-decoder model without image tokens")
+            input_ids = np.tile(np.asarray(start, np.int64), (batch, 1))
+            attention_mask = None
+        input_ids = _numpy(input_ids).astype(np.int64)
+        embeds, mask = self._merge(image_embeds, input_ids, _numpy(attention_mask))
+        prompt = {"input_ids": input_ids} if self.is_decoder_only else {}
+        out: GenerateOutput = generate(self.language_model, inputs_embeds=embeds, attention_mask=mask,
+                                       **prompt, **generate_kwargs)
+        return out if return_dict_in_generate else out.sequences

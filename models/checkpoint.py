@@ -1,0 +1,248 @@
+"""Load Hugging Face safetensors checkpoints into MindSpore Cells by parameter name.
+
+One loader for every model family. A folder holds ``config.json`` and either
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``. Tensors
+are read lazily, one at a time (``safetensors`` numpy backend; bfloat16, which numpy
+lacks, is widened to float32 from the raw bytes), so peak memory stays near the
+model's own size.
+
+Every parameter must be filled and every tensor consumed, otherwise
+:class:`CheckpointError` names the missing, unexpected and wrongly shaped entries.
+A parameter object shared by several cells (tied weights) is one parameter reachable
+under each of its names; any one of them in the checkpoint fills it.
+
+Any Cell of the model tree may declare (class or instance) attributes, with names relative to
+that Cell (so a language model's declarations keep working inside a composite):
+
+* ``checkpoint_rename_rules``: ``[(regex, replacement), ...]`` applied in order to
+  checkpoint keys below the Cell (outer Cells first), mapping published layouts to ours.
+* ``tied_weights_keys``: checkpoint keys that may be present but need no parameter
+  of their own (e.g. ``lm_head.weight`` when the head reuses the embedding); dropped.
+* ``keep_in_fp32_modules``: module names (as in transformers: any dotted component run of
+  the parameter path below the Cell, e.g. ``"qformer"`` or ``"wo"``) whose parameters stay
+  float32 whatever ``dtype`` is.
+
+The top-level model may also define ``checkpoint_hook(tensors)`` to merge or split
+entries of the ``{name: TensorRef}`` dict after renaming.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn
+from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+_NUMPY_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_SHOW = 10  # names listed per category in error messages
+
+
+class CheckpointError(ValueError):
+    """A model folder or its weights do not match what the model needs."""
+
+
+@dataclass
+class TensorRef:
+    """A checkpoint tensor known by shape, read only when needed."""
+
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+
+
+def read_config(folder: str | Path) -> dict:
+    """The parsed ``config.json`` of a model folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"Model folder {folder} does not exist or is not a directory.")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"No config.json in {folder}: expected a Hugging Face model folder with config.json "
+            "and model.safetensors (or model.safetensors.index.json and its shards)."
+        )
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a folder: the shards of the index, or ``model.safetensors``."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        absent = [n for n in names if not (folder / n).is_file()]
+        if absent:
+            raise CheckpointError(f"{index} lists shards missing from {folder}: {', '.join(absent)}")
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    if shards:
+        return shards
+    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    hint = f" Found {', '.join(others)}: convert them to safetensors." if others else ""
+    raise CheckpointError(
+        f"No weights in {folder}: expected model.safetensors or model.safetensors.index.json "
+        f"with its model-0000x-of-0000y.safetensors shards.{hint}"
+    )
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return 8 + size, json.loads(f.read(size))
+
+
+def _bf16_reader(path: Path, start: int, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        raw = np.memmap(path, dtype=np.uint16, mode="r", offset=start, shape=shape)
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+
+    return read
+
+
+def open_checkpoint(folder: str | Path) -> dict[str, TensorRef]:
+    """All tensors of a folder's safetensors files as lazy references."""
+    tensors: dict[str, TensorRef] = {}
+    for path in weight_files(folder):
+        handle = safe_open(str(path), framework="np")
+        data_start, header = _header(path)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in tensors:
+                raise CheckpointError(f"Tensor {name} appears in more than one file of {folder}")
+            shape = tuple(info["shape"])
+            if info["dtype"] == "BF16":
+                read = _bf16_reader(path, data_start + info["data_offsets"][0], shape)
+            elif info["dtype"] in _NUMPY_DTYPES:
+                read = (lambda h=handle, n=name: h.get_tensor(n))
+            else:
+                raise CheckpointError(f"Tensor {name} in {path} has unsupported dtype {info['dtype']}")
+            tensors[name] = TensorRef(shape, read)
+    return tensors
+
+
+def _walk(cell: nn.Cell, prefix: str = "") -> Iterator[tuple[str, nn.Cell]]:
+    """Every (path, cell) of the tree, a shared cell once per path (unlike ``cells_and_names``)."""
+    yield prefix, cell
+    for name, child in cell.name_cells().items():
+        if child is not None:
+            yield from _walk(child, f"{prefix}.{name}" if prefix else name)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _rename(name: str, rules: list[tuple[str, list[tuple[str, str]]]]) -> str:
+    for prefix, cell_rules in rules:
+        head = f"{prefix}." if prefix else ""
+        if not name.startswith(head):
+            continue
+        rest = name[len(head):]
+        for pattern, repl in cell_rules:
+            rest = re.sub(pattern, repl, rest)
+        name = head + rest
+    return name
+
+
+def _summary(kind: str, names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOW]) + (", ..." if len(names) > _SHOW else "")
+    return f"{len(names)} {kind}: {shown}"
+
+
+def _keeps_fp32(name: str, modules: list[tuple[str, str]]) -> bool:
+    for path, module in modules:
+        head = f"{path}." if path else ""
+        if name.startswith(head) and f".{module}." in f".{name[len(head):]}.":
+            return True
+    return False
+
+
+def _cast(array: np.ndarray, dtype) -> Tensor:
+    if not np.issubdtype(array.dtype, np.floating):
+        return Tensor(np.ascontiguousarray(array))
+    if dtype == ms.bfloat16:
+        return Tensor(np.ascontiguousarray(array, dtype=np.float32)).astype(ms.bfloat16)
+    return Tensor(np.ascontiguousarray(array, dtype=np.float16 if dtype == ms.float16 else np.float32))
+
+
+def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32") -> nn.Cell:
+    """Fill every parameter of ``model`` from the safetensors in ``folder``; cast floats to ``dtype``.
+
+    Raises :class:`CheckpointError` (before any data is read) listing missing,
+    unexpected and shape-mismatched names when checkpoint and model disagree.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    target = DTYPES[dtype]
+    aliases: dict[int, list[str]] = {}
+    params: dict[int, Parameter] = {}
+    rules: list[tuple[str, list[tuple[str, str]]]] = []
+    tied: set[str] = set()
+    fp32_modules: list[tuple[str, str]] = []
+    for path, cell in _walk(model):
+        for name, param in cell.parameters_and_names(expand=False):
+            aliases.setdefault(id(param), []).append(_join(path, name))
+            params[id(param)] = param
+        if getattr(cell, "checkpoint_rename_rules", None):
+            rules.append((path, list(cell.checkpoint_rename_rules)))
+        tied.update(_join(path, name) for name in getattr(cell, "tied_weights_keys", None) or ())
+        fp32_modules += [(path, m) for m in getattr(cell, "keep_in_fp32_modules", None) or ()]
+
+    tensors: dict[str, TensorRef] = {}
+    for name, ref in open_checkpoint(folder).items():
+        new = _rename(name, rules)
+        if new in tensors:
+            raise CheckpointError(f"Two checkpoint tensors map to {new} in {folder}")
+        tensors[new] = ref
+    if hasattr(model, "checkpoint_hook"):
+        model.checkpoint_hook(tensors)
+
+    plan: list[tuple[Parameter, str, TensorRef]] = []
+    used: set[str] = set()
+    missing: list[str] = []
+    mismatched: list[str] = []
+    for key, names in aliases.items():
+        param = params[key]
+        present = [n for n in names if n in tensors]
+        used.update(present)
+        if not present:
+            missing.append(names[0])
+            continue
+        ref = tensors[present[0]]
+        if tuple(ref.shape) != tuple(param.shape):
+            mismatched.append(f"{names[0]} (checkpoint {tuple(ref.shape)}, model {tuple(param.shape)})")
+            continue
+        plan.append((param, names[0], ref))
+    unexpected = sorted(set(tensors) - used - tied)
+    if missing or unexpected or mismatched:
+        parts = [_summary(k, sorted(v)) for k, v in
+                 (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)) if v]
+        raise CheckpointError(
+            f"Checkpoint in {folder} does not match {type(model).__name__}: " + "; ".join(parts)
+        )
+
+    for param, name, ref in plan:
+        value = _cast(ref.read(), ms.float32 if _keeps_fp32(name, fp32_modules) else target)
+        if value.dtype != param.dtype:
+            param.set_dtype(value.dtype)
+        param.set_data(value)
+    logger.info("Loaded %d tensors from %s into %s (%s)", len(plan), folder, type(model).__name__, dtype)
+    return model

@@ -1,0 +1,367 @@
+"""One text-generation implementation (greedy, beam search, sampling) for every LM in models/.
+
+A model plugs in by implementing this small protocol (all tensors batch-first):
+
+- ``config``: its transformers config (``eos_token_id``, ``pad_token_id``, ``decoder_start_token_id``).
+- ``is_encoder_decoder: bool``.
+- ``encode(input_ids, inputs_embeds, attention_mask) -> tuple[Tensor, ...]`` (encoder-decoder only):
+  the encoder state handed to ``init_cache``.
+- ``init_cache(batch_size, max_length, *encoder_state) -> tuple[Tensor, ...]``: a preallocated,
+  static-shape KV cache with ``max_length`` slots (plus any per-sequence state, e.g. cross-attention
+  keys). Every tensor in it has the batch on axis 0, so beams are reordered by ``ops.gather`` on axis 0.
+- ``decode_step(input_ids, inputs_embeds, attention_mask, cache_position, *cache) -> (logits, *cache)``:
+  runs T new positions (``input_ids`` (B, T) or ``inputs_embeds`` (B, T, D), the other None) written
+  to cache slots ``cache_position .. cache_position+T-1``; ``attention_mask`` (B, max_length) marks the
+  filled slots including the new ones; returns float32 logits (B, V) of the last position and the cache.
+
+Because every shape is static, ``decode_step`` compiles once under ``ms.jit`` (once for the prompt
+length and once for T=1) instead of once per generated token.
+
+Return contract (same as transformers 4.56 ``generate``):
+- decoder-only with ``input_ids``: ``sequences`` = prompt ids + new tokens;
+- decoder-only with ``inputs_embeds`` only: ``sequences`` = new tokens only;
+- encoder-decoder: ``sequences`` = ``decoder_start_token_id`` + new tokens.
+Finished sequences are padded with ``pad_token_id`` (greedy/sampling); beam search fills with
+``pad_token_id`` or, when that is 0 or None, ``eos_token_id[0]`` (as transformers does).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
+
+MASK_MIN = float(np.finfo(np.float32).min)
+_JIT_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+# ----------------------------------------------------------------------------- model-side helpers
+
+
+def to_tensor(x, dtype=None) -> Optional[Tensor]:
+    """Accept numpy arrays, lists or Tensors (None passes through)."""
+    if x is None:
+        return None
+    if not isinstance(x, Tensor):
+        x = Tensor(np.asarray(x))
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
+def slot_ids(cache_position, length: int) -> Tensor:
+    """Cache slots written by ``length`` new positions starting at ``cache_position``."""
+    return ops.arange(length).astype(ms.int32) + cache_position
+
+
+def attention_bias(attention_mask: Tensor, slots: Tensor, causal: bool = True) -> Tensor:
+    """Additive float32 bias (B, 1, T, L): key j is visible to query i iff mask[j] and (j <= slot_i)."""
+    key_ok = attention_mask.astype(ms.bool_)[:, None, :]
+    if causal:
+        key_pos = ops.arange(attention_mask.shape[1]).astype(ms.int32)
+        key_ok = ops.logical_and(key_ok, (key_pos[None, :] <= slots[:, None])[None])
+    return ((1.0 - key_ok.astype(ms.float32)) * MASK_MIN)[:, None]
+
+
+def write_cache(cache: Tensor, new: Tensor, slots: Tensor) -> Tensor:
+    """Put ``new`` (B, H, T, d) into ``cache`` (B, H, L, d) at ``slots`` with static shapes.
+
+    A one-hot (L, T) matmul instead of a scatter: exact, has kernels on every backend, and the
+    compiled graph does not depend on where the slots are.
+    """
+    onehot = (ops.arange(cache.shape[2]).astype(ms.int32)[:, None] == slots[None, :]).astype(cache.dtype)
+    written = onehot.sum(axis=1)[:, None]
+    return cache * (1.0 - written) + ops.matmul(onehot, new)
+
+
+def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q k^T + bias) v with the softmax in float32; (B, H, T, d) -> (B, T, H*d)."""
+    scores = ops.matmul(query, key.swapaxes(-1, -2)).astype(ms.float32) + bias
+    probs = ops.softmax(scores, axis=-1).astype(value.dtype)
+    out = ops.matmul(probs, value)
+    b, h, t, d = out.shape
+    return out.swapaxes(1, 2).reshape(b, t, h * d)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
+    """Mean token cross-entropy ignoring label -100 (``shift``: predict token t+1 from t, as causal LMs)."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    labels = labels.astype(ms.int32)
+    valid = labels != -100
+    logp = ops.log_softmax(logits.astype(ms.float32), axis=-1)
+    safe = ops.where(valid, labels, ops.zeros_like(labels))
+    picked = ops.gather_elements(logp, -1, safe[..., None])[..., 0]
+    valid = valid.astype(ms.float32)
+    return -(picked * valid).sum() / ops.maximum(valid.sum(), ops.ones_like(valid.sum()))
+
+
+# ----------------------------------------------------------------------------- generation loop
+
+
+@dataclass
+class GenerateOutput:
+    """``sequences`` (N, S) int64 (see the module docstring for what they start with);
+    ``sequences_scores`` (N,) length-normalised beam log-probs for beam search, else None."""
+
+    sequences: np.ndarray
+    sequences_scores: Optional[np.ndarray] = None
+
+
+def _jitted(model, name: str):
+    """``ms.jit`` of a model method, built once per model so compiled graphs are reused."""
+    fns = _JIT_FNS.setdefault(model, {})
+    if name not in fns:
+        fns[name] = ms.jit(getattr(model, name))
+    return fns[name]
+
+
+def _gather_rows(index: Tensor, *cache: Tensor) -> tuple:
+    """Select batch rows of every cache tensor (beam reordering)."""
+    return tuple(ops.gather(c, index, 0) for c in cache)
+
+
+_gather_rows_jit = ms.jit(_gather_rows)
+
+
+class _Session:
+    """Drives one model's cache: prefill, one-token steps and beam reordering."""
+
+    def __init__(self, model, max_slots: int, use_jit: bool):
+        self.model = model
+        self.step_fn = _jitted(model, "decode_step") if use_jit else model.decode_step
+        self.encode_fn = _jitted(model, "encode") if use_jit and model.is_encoder_decoder else getattr(
+            model, "encode", None)
+        self.gather_fn = _gather_rows_jit if use_jit else _gather_rows
+        self.max_slots = max_slots
+        self.cache: tuple = ()
+        self.mask: Optional[np.ndarray] = None
+        self.next_slot = 0
+
+    def prefill(self, ids, embeds, mask: np.ndarray, encoder_state: tuple = ()) -> np.ndarray:
+        batch, length = mask.shape
+        self.cache = tuple(self.model.init_cache(batch, self.max_slots, *encoder_state))
+        self.mask = np.zeros((batch, self.max_slots), np.int32)
+        self.mask[:, :length] = mask
+        return self._run(ids, embeds, length)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        self.mask[:, self.next_slot] = 1
+        return self._run(Tensor(tokens.astype(np.int32)[:, None]), None, 1)
+
+    def reorder(self, index: np.ndarray) -> None:
+        self.cache = tuple(self.gather_fn(Tensor(index.astype(np.int32)), *self.cache))
+        self.mask = self.mask[index]
+
+    def _run(self, ids, embeds, length: int) -> np.ndarray:
+        out = self.step_fn(ids, embeds, Tensor(self.mask), Tensor(self.next_slot, ms.int32), *self.cache)
+        self.cache = tuple(out[1:])
+        self.next_slot += length
+        return out[0].asnumpy().astype(np.float32)
+
+
+def _to_numpy(x, dtype) -> Optional[np.ndarray]:
+    if x is None:
+        return None
+    return np.asarray(x.asnumpy() if isinstance(x, Tensor) else x, dtype)
+
+
+def _as_list(ids) -> list:
+    if ids is None:
+        return []
+    return [int(i) for i in ids] if isinstance(ids, (list, tuple, np.ndarray)) else [int(ids)]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _warp_for_sampling(scores: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """transformers' temperature -> top-k -> top-p warpers (filtered entries become -inf)."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        k = min(max(top_k, 1), scores.shape[-1])
+        kth = -np.partition(-scores, k - 1, axis=-1)[:, k - 1:k]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if top_p < 1.0:
+        order = np.argsort(scores, axis=-1, kind="stable")
+        sorted_scores = np.take_along_axis(scores, order, -1)
+        probs = np.exp(_log_softmax(sorted_scores.astype(np.float64)))
+        remove_sorted = np.cumsum(probs, axis=-1) <= 1.0 - top_p
+        remove_sorted[:, -1] = False
+        remove = np.zeros_like(remove_sorted)
+        np.put_along_axis(remove, order, remove_sorted, -1)
+        scores = np.where(remove, -np.inf, scores)
+    return scores
+
+
+def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
+             max_new_tokens: Optional[int] = None, max_length: Optional[int] = None,
+             min_new_tokens: int = 0, min_length: int = 0,
+             num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float = 1.0,
+             early_stopping: Union[bool, str] = False,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
+             seed: Union[int, np.random.Generator, None] = None,
+             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+             decoder_start_token_id: Optional[int] = None, use_jit: bool = True) -> GenerateOutput:
+    """Generate token ids with transformers' semantics (see the module docstring for the contract).
+
+    ``max_length``/``min_length`` count the returned sequence (prompt ids or the decoder start token
+    included), ``max_new_tokens``/``min_new_tokens`` only new tokens; transformers' default is
+    ``max_length=20``. ``seed`` is an int or a ``numpy.random.Generator`` for sampling.
+    """
+    cfg = model.config
+    eos = _as_list(eos_token_id if eos_token_id is not None else getattr(cfg, "eos_token_id", None))
+    pad = pad_token_id if pad_token_id is not None else getattr(cfg, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    input_ids = _to_numpy(input_ids, np.int64)
+    batch, length = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+    attention_mask = np.ones((batch, length), np.int32) if attention_mask is None else _to_numpy(
+        attention_mask, np.int32)
+    if model.is_encoder_decoder:
+        start = decoder_start_token_id if decoder_start_token_id is not None else cfg.decoder_start_token_id
+        prefix = np.full((batch, 1), start, np.int64)
+    else:
+        prefix = input_ids if input_ids is not None else np.zeros((batch, 0), np.int64)
+    if max_new_tokens is None:
+        max_new_tokens = (max_length if max_length is not None else 20) - prefix.shape[1]
+    if max_new_tokens < 1:
+        raise ValueError("nothing to generate: max_new_tokens (or max_length - prompt length) must be >= 1")
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise ValueError("num_return_sequences must be <= num_beams")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam sampling is not supported; use num_beams=1 with do_sample or do_sample=False")
+
+    expand = num_return_sequences if num_beams == 1 else 1
+    if num_beams == 1 and num_return_sequences > 1 and not do_sample:
+        raise ValueError("greedy search returns one sequence per input; use do_sample or num_beams")
+    if expand > 1:
+        prefix = np.repeat(prefix, expand, axis=0)
+        input_ids = None if input_ids is None else np.repeat(input_ids, expand, axis=0)
+        rows = Tensor(np.repeat(np.arange(batch), expand).astype(np.int32))
+        inputs_embeds = None if inputs_embeds is None else ops.gather(to_tensor(inputs_embeds), rows, 0)
+        attention_mask = np.repeat(attention_mask, expand, axis=0)
+
+    session, first_logits = _start(model, input_ids, inputs_embeds, attention_mask, prefix, max_new_tokens, use_jit)
+
+    def block_eos(scores: np.ndarray, cur_len: int) -> np.ndarray:
+        if eos and (cur_len < min_length or cur_len - prefix.shape[1] < min_new_tokens):
+            scores = scores.copy()
+            scores[:, eos] = -np.inf
+        return scores
+
+    if num_beams > 1:
+        return _beam_search(session, first_logits, prefix, max_new_tokens, num_beams, num_return_sequences,
+                            length_penalty, early_stopping, eos, pad, block_eos)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    seqs, finished, logits = prefix, np.zeros(prefix.shape[0], bool), first_logits
+    for t in range(max_new_tokens):
+        scores = block_eos(logits, prefix.shape[1] + t)
+        if do_sample:
+            probs = np.exp(_log_softmax(_warp_for_sampling(scores, temperature, top_k, top_p).astype(np.float64)))
+            u = rng.random((probs.shape[0], 1))
+            tokens = np.minimum((np.cumsum(probs, axis=-1) < u * probs.sum(-1, keepdims=True)).sum(-1),
+                                probs.shape[-1] - 1)
+        else:
+            tokens = scores.argmax(axis=-1)
+        tokens = np.where(finished, pad, tokens)
+        seqs = np.concatenate([seqs, tokens[:, None]], axis=1)
+        finished |= np.isin(tokens, eos)
+        if finished.all() or t == max_new_tokens - 1:
+            break
+        logits = session.step(tokens)
+    return GenerateOutput(seqs.astype(np.int64))
+
+
+def _start(model, input_ids, inputs_embeds, attention_mask, prefix, max_new_tokens, use_jit):
+    """Build the session and run the prompt (decoder-only) or the encoder and the start token."""
+    ids = None if inputs_embeds is not None else Tensor(input_ids.astype(np.int32))
+    embeds = to_tensor(inputs_embeds)
+    if not model.is_encoder_decoder:
+        session = _Session(model, attention_mask.shape[1] + max_new_tokens, use_jit)
+        return session, session.prefill(ids, embeds, attention_mask)
+    session = _Session(model, 1 + max_new_tokens, use_jit)
+    state = session.encode_fn(ids, embeds, Tensor(attention_mask))
+    start_mask = np.ones((prefix.shape[0], 1), np.int32)
+    return session, session.prefill(Tensor(prefix.astype(np.int32)), None, start_mask, tuple(state))
+
+
+def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """x[b, idx[b, k], ...] for (B, N, ...) x and (B, K) idx."""
+    return np.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _topk(x: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+
+
+def _beam_search(session: _Session, logits, prefix, max_new_tokens, num_beams, num_return_sequences,
+                 length_penalty, early_stopping, eos, pad, block_eos) -> GenerateOutput:
+    """transformers 4.56's vectorised beam search, in numpy; keeps all beams for the caller."""
+    batch, prompt_len = prefix.shape
+    vocab = logits.shape[-1]
+    max_len = prompt_len + max_new_tokens
+    keep = max(2, 1 + len(eos)) * num_beams
+    top_nb = np.arange(keep) < num_beams
+    fill = (pad if pad else eos[0]) if eos else -1
+
+    session.reorder(np.repeat(np.arange(batch), num_beams))
+    logits = np.repeat(logits, num_beams, axis=0)
+    running = np.full((batch, num_beams, max_len), fill, np.int64)
+    running[:, :, :prompt_len] = prefix[:, None]
+    done_seqs = running.copy()
+    running_scores = np.zeros((batch, num_beams), np.float32)
+    running_scores[:, 1:] = -1e9
+    done_scores = np.full((batch, num_beams), -1e9, np.float32)
+    done = np.zeros((batch, num_beams), bool)
+    done_lens = np.zeros((batch, num_beams), np.int64)
+    improvable = np.ones(batch, bool)
+    cur_len = prompt_len
+    while True:
+        logp = block_eos(_log_softmax(logits), cur_len).reshape(batch, num_beams, vocab)
+        logp = (logp + running_scores[:, :, None]).reshape(batch, num_beams * vocab)
+        idx = _topk(logp, keep)
+        top_logp = np.take_along_axis(logp, idx, 1)
+        src_beam, tokens = idx // vocab, idx % vocab
+        top_seqs = _take(running, src_beam)
+        top_seqs[:, :, cur_len] = tokens
+        hits = np.isin(tokens, eos) | (cur_len + 1 >= max_len)
+
+        run_logp = (top_logp + hits * np.float32(-1e9)).astype(np.float32)
+        nxt = _topk(run_logp, num_beams)
+        running, running_scores = _take(top_seqs, nxt), _take(run_logp, nxt)
+        parent = _take(src_beam, nxt)
+
+        fin_logp = top_logp / np.float32((cur_len + 1 - prompt_len) ** length_penalty)
+        fin_logp = fin_logp + (done.all(axis=1, keepdims=True) & (early_stopping is True)) * np.float32(-1e9)
+        fin_logp = fin_logp + (~improvable)[:, None] * np.float32(-1e9)
+        just_done = hits & top_nb[None]
+        fin_logp = (fin_logp + (~just_done) * np.float32(-1e9)).astype(np.float32)
+        merged_scores = np.concatenate([done_scores, fin_logp], 1)
+        best = _topk(merged_scores, num_beams)
+        done_seqs = _take(np.concatenate([done_seqs, top_seqs], 1), best)
+        done_scores = _take(merged_scores, best)
+        done = _take(np.concatenate([done, just_done], 1), best)
+        done_lens = _take(np.concatenate([done_lens, np.full((batch, keep), cur_len + 1 - prompt_len)], 1), best)
+
+        cur_len += 1
+        if early_stopping == "never" and length_penalty > 0.0:
+            best_len = max_len - prompt_len
+        else:
+            best_len = cur_len - prompt_len
+        best_running = running_scores[:, :1] / np.float32(best_len ** length_penalty)
+        worst_done = np.where(done, done_scores.min(axis=1, keepdims=True), np.float32(-1e9))
+        improvable = improvable & (best_running > worst_done).any(axis=1)
+        if not improvable.any() or (done.all() and early_stopping is True) or hits.all():
+            break
+        session.reorder((parent + np.arange(batch)[:, None] * num_beams).reshape(-1))
+        logits = session.step(running[:, :, cur_len - 1].reshape(-1))
+
+    n = num_return_sequences
+    out_len = prompt_len + int(done_lens[:, :n].max())
+    return GenerateOutput(done_seqs[:, :n, :out_len].reshape(batch * n, out_len),
+                          done_scores[:, :n].reshape(-1).astype(np.float32))

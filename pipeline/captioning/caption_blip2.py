@@ -1,0 +1,80 @@
+"""Caption videos with a BLIP-2 video captioner (BLIP-2, VideoBLIP or our trained checkpoints).
+
+Frames (B, T, 3, H, W) go through the vision encoder as B*T images and the one set
+of Q-Former queries attends over all frames' tokens; T=1 is image BLIP-2.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import numpy as np
+
+from models import from_pretrained
+from models.blip2.processing import Blip2FrameProcessor
+from pipeline.captioning.cli import common_parser, main_with
+from pipeline.captioning.runner import FrameSpec, RunSummary
+from pipeline.config import CONFIG_DIR
+
+BASE_CONFIG = CONFIG_DIR / "captioning" / "blip2.yaml"
+
+
+class Blip2Captioner:
+    """Prepares frames with the checkpoint's image statistics and captions a batch in one generate call."""
+
+    def __init__(self, folder: str, dtype: str = "float32", question: str = "a video of", num_frames: int = 8,
+                 max_new_tokens: int = 32, min_new_tokens: int = 5, num_beams: int = 5):
+        from transformers import AutoTokenizer
+
+        self.model = from_pretrained(folder, dtype=dtype)
+        self.processor = Blip2FrameProcessor.from_pretrained(
+            folder, image_size=self.model.config.vision_config.image_size)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.frame_spec = FrameSpec(num_frames=num_frames)
+        self.prompt_ids = self.tokenizer(question)["input_ids"]
+        image_token = getattr(self.model.config, "image_token_index", None)
+        if image_token is not None:
+            # Checkpoints with an image token (the updated Salesforce ones) mark where the query
+            # outputs go, in front of the prompt as their processor does; others get them prepended.
+            self.prompt_ids = [image_token] * self.model.config.num_query_tokens + self.prompt_ids
+        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                    num_beams=num_beams)
+
+    def prepare(self, frames: np.ndarray) -> np.ndarray:
+        return self.processor(frames)
+
+    def generate(self, batch: Sequence[np.ndarray]) -> list[str]:
+        input_ids = np.array([self.prompt_ids] * len(batch), np.int64)
+        ids = self.model.generate(pixel_values=np.stack(batch), input_ids=input_ids,
+                                  attention_mask=np.ones_like(input_ids), **self.generate_kwargs)
+        if self.model.is_decoder_only:
+            ids = ids[:, input_ids.shape[1]:]
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common_parser(
+        "Caption videos with a BLIP-2 video captioner (Salesforce/blip2-*, kpyu/video-blip-*, "
+        "or a checkpoint trained with pipeline/training).",
+        epilog=f"defaults come from {BASE_CONFIG.relative_to(CONFIG_DIR.parent)}\n"
+               "example:\n  python -m pipeline.captioning.caption_blip2 meta.csv "
+               "--pretrained_model_name_or_path /models/blip2-opt-2.7b")
+    p.add_argument("--num_beams", type=int, help="beam search width (1: greedy)")
+    p.add_argument("--min_new_tokens", type=int, help="shortest caption, in new tokens")
+    return p
+
+
+def build_captioner(args: argparse.Namespace, dtype: str) -> Blip2Captioner:
+    if not args.pretrained_model_name_or_path:
+        raise FileNotFoundError("--pretrained_model_name_or_path is required: a local BLIP-2 checkpoint folder")
+    return Blip2Captioner(args.pretrained_model_name_or_path, dtype, question=args.question,
+                          num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
+                          min_new_tokens=args.min_new_tokens, num_beams=args.num_beams)
+
+
+def main(argv: Sequence[str] | None = None) -> RunSummary:
+    return main_with(build_parser(), build_captioner, argv, base_config=BASE_CONFIG)
+
+
+if __name__ == "__main__":
+    main()
