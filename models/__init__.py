@@ -7,6 +7,7 @@ from pathlib import Path
 # model_type (config.json) -> (module, model class, transformers config class)
 MODEL_TYPES = {
     "blip-2": ("models.blip2.modeling", "Blip2ForConditionalGeneration", "Blip2Config"),
+    "qwen2_vl": ("models.qwen2_vl.modeling", "Qwen2VLForConditionalGeneration", "Qwen2VLConfig"),
 }
 # config.json "architectures" entries that name a supported family under another class name
 ARCHITECTURES = {

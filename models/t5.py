@@ -16,7 +16,7 @@ from mindspore import Tensor, nn, ops
 
 from models.generation import (MASK_MIN, GenerateOutput, attend, attention_bias, causal_lm_loss, generate,
                                slot_ids, to_tensor, write_cache)
-from models.layers import Embedding, Linear, RMSNorm
+from models.layers import Embedding, Linear, RMSNorm, gelu
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _activation(name: str):
     if name == "gelu_new":
         return lambda x: ops.gelu(x, approximate="tanh")
     if name == "gelu":
-        return lambda x: ops.gelu(x, approximate="none")
+        return gelu
     raise ValueError(f"unsupported T5 dense_act_fn {name!r}")
 
 

@@ -88,7 +88,11 @@ class Blip2ForConditionalGeneration(nn.Cell):
         self.language_model = _language_model(config.text_config)
         self.is_decoder_only = bool(config.use_decoder_only_language_model)
         self.use_jit = True  # compile the image/video encoder (several times faster); False to debug
-        self._encode_jit = None
+        # Frames per compiled vision-encoder call: one static shape compiles once, and graph mode's
+        # memory (it keeps every activation on CPU) is bounded by the chunk, not by batch x frames.
+        self.frame_chunk = 8
+        self._vision_jit = None
+        self._query_jit = None
 
     def checkpoint_hook(self, tensors: dict[str, TensorRef]) -> None:
         """Accept LAVIS-style separate q/v biases in the vision attention."""
@@ -113,14 +117,29 @@ class Blip2ForConditionalGeneration(nn.Cell):
             raise ValueError(f"frames must be 3 x {size} x {size}, got {tuple(pixel_values.shape[-3:])}")
         if not self.use_jit:
             return self.encode_frames(pixel_values, batch)
-        if self._encode_jit is None:
-            self._encode_jit = ms.jit(self.encode_frames)
-        return self._encode_jit(pixel_values, batch)
+        if self._vision_jit is None:
+            self._vision_jit = ms.jit(self.vision_model.construct)
+            self._query_jit = ms.jit(self.query_features)
+        tokens = self._chunked_vision(pixel_values)
+        return self._query_jit(tokens.reshape(batch, -1, tokens.shape[2]))
+
+    def _chunked_vision(self, frames: Tensor) -> Tensor:
+        """Vision tokens of (N, 3, H, W) frames, ``frame_chunk`` frames per compiled call (last one zero-padded)."""
+        n, chunk = frames.shape[0], self.frame_chunk
+        pad = (-n) % chunk
+        if pad:
+            frames = ops.concat((frames, ops.zeros((pad,) + tuple(frames.shape[1:]), frames.dtype)), axis=0)
+        tokens = [self._vision_jit(frames[i:i + chunk]) for i in range(0, n + pad, chunk)]
+        return ops.concat(tokens, axis=0)[:n]
 
     def encode_frames(self, frames: Tensor, batch: int) -> Tensor:
         """(batch*T, 3, H, W) frames -> (batch, T*N, D) tokens -> Q-Former -> projection."""
         tokens = self.vision_model(frames)
-        tokens = tokens.reshape(batch, -1, tokens.shape[2])
+        return self.query_features(tokens.reshape(batch, -1, tokens.shape[2]))
+
+    def query_features(self, tokens: Tensor) -> Tensor:
+        """(batch, T*N, D) vision tokens of all frames -> one set of queries -> LM-width features."""
+        batch = tokens.shape[0]
         queries = ops.broadcast_to(self.query_tokens, (batch,) + tuple(self.query_tokens.shape[1:]))
         query_output = self.qformer(queries, tokens)
         return self.language_projection(query_output.astype(self.language_projection.weight.dtype))

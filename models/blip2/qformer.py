@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from mindspore import Tensor, nn
 
-from models.blip2.vision import attention, gelu
-from models.layers import LayerNorm, Linear
+from models.blip2.vision import attention
+from models.layers import LayerNorm, Linear, gelu
 
 if TYPE_CHECKING:
     from transformers import Blip2QFormerConfig

@@ -16,15 +16,10 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from models.checkpoint import TensorRef
-from models.layers import LayerNorm, Linear, zeros_parameter
+from models.layers import LayerNorm, Linear, gelu, zeros_parameter
 
 if TYPE_CHECKING:
     from transformers import Blip2VisionConfig
-
-
-def gelu(x: Tensor) -> Tensor:
-    """Exact (erf) GELU, the ``"gelu"`` activation of transformers."""
-    return ops.gelu(x, approximate="none")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
