@@ -1,0 +1,358 @@
+"""Qwen2-VL (``Qwen/Qwen2-VL-*-Instruct``): vision tower + Qwen2 decoder with multimodal rotary (M-RoPE).
+
+Images and videos become vision tokens (``models.qwen2_vl.vision``) that replace the prompt's
+``<|image_pad|>`` / ``<|video_pad|>`` placeholders in order. Every token gets a 3-D position
+(temporal, height, width): text advances all three together, vision tokens take their grid
+coordinates (``get_rope_index``, as transformers computes it, left padding included). The rotary
+channels are split by ``mrope_section`` between the three axes.
+
+Generation uses ``models.generation``. The cache's first tensor is a per-row position table
+(B, 3, max_length): the prompt's 3-D positions, then ``slot + rope_delta`` for generated tokens,
+where ``rope_delta = max prompt position + 1 - prompt length`` continues each row's positions
+from its own last one (so a left-padded row decodes exactly like the same prompt alone).
+``generate`` hands the prompt positions to ``init_cache`` through ``_prompt_positions``.
+
+Parameter names are the published checkpoints' (``visual.*``, ``model.*``, ``lm_head.*``); the
+layout transformers 4.56 writes (``model.visual.*``, ``model.language_model.*``) is renamed on load.
+Attention and MLP keep separate q/k/v/o and gate/up/down projections so heads and the MLP can
+later be split for tensor parallelism.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from models.generation import (GenerateOutput, attend, attention_bias, causal_lm_loss, generate, slot_ids,
+                               write_cache)
+from models.layers import Embedding, Linear, RMSNorm
+from models.qwen2_vl.vision import Qwen2VisionTransformer, rotate_half
+
+if TYPE_CHECKING:
+    from transformers import Qwen2VLConfig
+
+
+@dataclass
+class Qwen2VLOutput:
+    """``logits`` (B, L, V); ``loss`` when labels are given; ``rope_deltas`` (B, 1) as transformers returns."""
+
+    logits: Tensor
+    loss: Optional[Tensor] = None
+    rope_deltas: Optional[np.ndarray] = None
+
+
+def _numpy(x) -> Optional[np.ndarray]:
+    if x is None or isinstance(x, np.ndarray):
+        return x
+    return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def get_rope_index(config: "Qwen2VLConfig", input_ids: np.ndarray, attention_mask: Optional[np.ndarray] = None,
+                   image_grid_thw: Optional[np.ndarray] = None,
+                   video_grid_thw: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """3-D positions (3, B, L) and ``rope_deltas`` (B, 1), as transformers' ``Qwen2VLModel.get_rope_index``.
+
+    Padding slots get position 1 (they are masked anyway). Grids are consumed in prompt order
+    across the batch; a vision item is a ``<|vision_start|>`` followed by its pad token.
+    """
+    merge = config.vision_config.spatial_merge_size
+    image_token, video_token = config.image_token_id, config.video_token_id
+    start_token = config.vision_start_token_id
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        attention_mask = np.ones_like(input_ids)
+    positions = np.ones((3, batch, length), np.int64)
+    deltas = np.zeros((batch, 1), np.int64)
+    grids = {image_token: iter(np.zeros((0, 3)) if image_grid_thw is None else np.asarray(image_grid_thw)),
+             video_token: iter(np.zeros((0, 3)) if video_grid_thw is None else np.asarray(video_grid_thw))}
+    for row in range(batch):
+        keep = attention_mask[row] == 1
+        tokens = input_ids[row][keep].tolist()
+        starts = [i for i, tok in enumerate(tokens[:-1]) if tok == start_token]
+        remaining = {kind: sum(tokens[i + 1] == kind for i in starts) for kind in (image_token, video_token)}
+        parts: list[np.ndarray] = []
+        cursor = 0
+        for _ in range(sum(remaining.values())):
+            ends = {kind: (tokens.index(kind, cursor) if remaining[kind] > 0 and kind in tokens[cursor:]
+                           else len(tokens) + 1) for kind in (image_token, video_token)}
+            kind = image_token if ends[image_token] < ends[video_token] else video_token
+            remaining[kind] -= 1
+            t, h, w = (int(v) for v in next(grids[kind]))
+            h, w = h // merge, w // merge
+            text_len = ends[kind] - cursor
+            offset = parts[-1].max() + 1 if parts else 0
+            parts.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + offset)
+            grid = np.stack([np.repeat(np.arange(t), h * w), np.tile(np.repeat(np.arange(h), w), t),
+                             np.tile(np.arange(w), t * h)])
+            parts.append(grid + text_len + offset)
+            cursor = ends[kind] + t * h * w
+        if cursor < len(tokens):
+            offset = parts[-1].max() + 1 if parts else 0
+            parts.append(np.broadcast_to(np.arange(len(tokens) - cursor), (3, len(tokens) - cursor)) + offset)
+        row_positions = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int64)
+        positions[:, row, keep] = row_positions
+        deltas[row, 0] = (row_positions.max() + 1 if row_positions.size else 0) - length
+    return positions, deltas
+
+
+class MultimodalRotary(nn.Cell):
+    """cos/sin (B, T, head_dim) from 3-D positions: channel c rotates by the axis ``mrope_section`` gives it."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: list[int]):
+        super().__init__()
+        if 2 * sum(mrope_section) != head_dim:
+            raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+        inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+        inv_freq = np.concatenate([inv_freq, inv_freq]).astype(np.float32)
+        axis = np.concatenate([np.full(n, i % 3) for i, n in enumerate(list(mrope_section) * 2)])
+        table = np.zeros((3, head_dim), np.float32)
+        table[axis, np.arange(head_dim)] = inv_freq
+        self.freq_table = Tensor(table)  # (3, head_dim): one non-zero per column, so the product is exact
+
+    def construct(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        angles = ops.matmul(positions.astype(ms.float32).swapaxes(1, 2), self.freq_table)
+        return ops.cos(angles), ops.sin(angles)
+
+
+class Qwen2Attention(nn.Cell):
+    """Grouped-query attention: ``num_key_value_heads`` K/V heads shared by groups of query heads."""
+
+    def __init__(self, config):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = dim // self.num_heads
+        self.scaling = self.head_dim ** -0.5
+        self.q_proj = Linear(dim, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(self.num_heads * self.head_dim, dim, bias=False)
+
+    def _heads(self, x: Tensor, heads: int) -> Tensor:
+        b, t, _ = x.shape
+        return x.reshape(b, t, heads, self.head_dim).swapaxes(1, 2)
+
+    def _expand(self, x: Tensor) -> Tensor:
+        b, kv, length, d = x.shape
+        groups = self.num_heads // self.num_kv_heads
+        return ops.broadcast_to(x[:, :, None], (b, kv, groups, length, d)).reshape(b, kv * groups, length, d)
+
+    def construct(self, x, cos, sin, bias, slots, past_key=None, past_value=None):
+        q = self._heads(self.q_proj(x), self.num_heads)
+        k = self._heads(self.k_proj(x), self.num_kv_heads)
+        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        cos, sin = cos[:, None].astype(x.dtype), sin[:, None].astype(x.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past_key is not None:
+            k, v = write_cache(past_key, k, slots), write_cache(past_value, v, slots)
+        out = attend(q * self.scaling, self._expand(k), self._expand(v), bias)
+        return self.o_proj(out), k, v
+
+
+class Qwen2MLP(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"Qwen2 port supports hidden_act='silu', got {config.hidden_act!r}")
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        self.self_attn = Qwen2Attention(config)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def construct(self, x, cos, sin, bias, slots, past_key=None, past_value=None):
+        h, key, value = self.self_attn(self.input_layernorm(x), cos, sin, bias, slots, past_key, past_value)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), key, value
+
+
+class Qwen2VLTextModel(nn.Cell):
+    """The Qwen2 decoder stack (``model.*`` in the published checkpoints)."""
+
+    def __init__(self, config):
+        super().__init__()
+        if getattr(config, "use_sliding_window", False):
+            raise NotImplementedError("sliding-window attention is not supported (Qwen2-VL does not use it)")
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.CellList([Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        rope = config.rope_scaling or {}
+        if rope.get("rope_type", "default") != "default":
+            raise NotImplementedError(f"rope_type {rope.get('rope_type')!r} is not supported")
+        self.rotary = MultimodalRotary(config.hidden_size // config.num_attention_heads, config.rope_theta,
+                                       rope["mrope_section"])
+
+    def construct(self, inputs_embeds, attention_mask, positions, slots, cache=None):
+        """T positions (3-D ``positions`` (B, 3, T)) written at ``slots``; the mask covers all key slots."""
+        cos, sin = self.rotary(positions)
+        bias = attention_bias(attention_mask, slots)
+        x = inputs_embeds
+        new_cache = ()
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                x, _, _ = layer(x, cos, sin, bias, slots)
+            else:
+                x, key, value = layer(x, cos, sin, bias, slots, cache[2 * i], cache[2 * i + 1])
+                new_cache += (key, value)
+        return self.norm(x), new_cache
+
+
+class Qwen2VLForConditionalGeneration(nn.Cell):
+    """Qwen2-VL with transformers' forward/generate arguments (inference; loss for training)."""
+
+    is_encoder_decoder = False
+    checkpoint_rename_rules = [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")]
+
+    def __init__(self, config: "Qwen2VLConfig"):
+        super().__init__()
+        self.config = config
+        text = config.text_config
+        self.visual = Qwen2VisionTransformer(config.vision_config)
+        self.model = Qwen2VLTextModel(text)
+        self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.tied_weights_keys = ("lm_head.weight",) if self.tie_word_embeddings else ()
+        self.matmul_t = ops.MatMul(transpose_b=True)
+        self._prompt_positions: Optional[tuple[np.ndarray, np.ndarray]] = None
+
+    def get_input_embeddings(self) -> Embedding:
+        return self.model.embed_tokens
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        b, t, d = hidden.shape
+        return self.matmul_t(hidden.reshape(b * t, d), self.model.embed_tokens.weight).reshape(b, t, -1)
+
+    def get_image_features(self, pixel_values, image_grid_thw) -> Tensor:
+        """Image patch rows -> (sum of t*h*w/4, hidden) LM tokens, images in order."""
+        return self.visual(pixel_values, image_grid_thw)
+
+    def get_video_features(self, pixel_values_videos, video_grid_thw) -> Tensor:
+        return self.visual(pixel_values_videos, video_grid_thw)
+
+    def _place(self, embeds: Tensor, input_ids: np.ndarray, token: int, features: Tensor, kind: str) -> Tensor:
+        """Put ``features`` rows, in order, where ``input_ids == token`` (transformers' masked_scatter)."""
+        slots = input_ids == token
+        if int(slots.sum()) != features.shape[0]:
+            raise ValueError(f"{kind} features and {kind} tokens do not match: tokens {int(slots.sum())}, "
+                             f"features {features.shape[0]}")
+        index = np.where(slots, np.cumsum(slots.reshape(-1)).reshape(slots.shape) - 1, 0).astype(np.int32)
+        placed = ops.gather(features.astype(embeds.dtype), Tensor(index.reshape(-1)), 0).reshape(embeds.shape)
+        return ops.where(Tensor(slots)[..., None], placed, embeds)
+
+    def embed_inputs(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                     video_grid_thw=None) -> Tensor:
+        """Token embeddings with the image and video tokens in place of their placeholders."""
+        ids = _numpy(input_ids).astype(np.int64)
+        embeds = self.model.embed_tokens(Tensor(ids.astype(np.int32)))
+        if pixel_values is not None:
+            embeds = self._place(embeds, ids, self.config.image_token_id,
+                                 self.get_image_features(pixel_values, image_grid_thw), "image")
+        if pixel_values_videos is not None:
+            embeds = self._place(embeds, ids, self.config.video_token_id,
+                                 self.get_video_features(pixel_values_videos, video_grid_thw), "video")
+        return embeds
+
+    def construct(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                  pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
+                  rope_deltas=None) -> Qwen2VLOutput:
+        """transformers' ``Qwen2VLForConditionalGeneration.forward`` (no cache); numpy or Tensor inputs."""
+        ids = _numpy(input_ids)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        elif not isinstance(inputs_embeds, Tensor):
+            inputs_embeds = Tensor(np.asarray(inputs_embeds))
+        batch, length = inputs_embeds.shape[:2]
+        mask = np.ones((batch, length), np.int64) if attention_mask is None else _numpy(attention_mask)
+        if position_ids is None:
+            if ids is None:
+                raise ValueError("give input_ids or position_ids: 3-D positions come from the prompt's tokens")
+            position_ids, rope_deltas = get_rope_index(self.config, ids, mask, _numpy(image_grid_thw),
+                                                       _numpy(video_grid_thw))
+        positions = np.asarray(_numpy(position_ids))
+        if positions.ndim == 2:
+            positions = np.broadcast_to(positions[None], (3,) + positions.shape)
+        hidden, _ = self.model(inputs_embeds, Tensor(mask.astype(np.int32)),
+                               Tensor(positions.transpose(1, 0, 2).astype(np.int32)),
+                               ops.arange(length).astype(ms.int32))
+        logits = self._logits(hidden)
+        loss = None if labels is None else causal_lm_loss(logits, Tensor(_numpy(labels).astype(np.int32)), True)
+        return Qwen2VLOutput(logits=logits, loss=loss, rope_deltas=rope_deltas)
+
+    # --- generation protocol (see models.generation)
+
+    def init_cache(self, batch_size: int, max_length: int) -> tuple:
+        """(position table (B, 3, max_length) int32, then K and V (B, kv_heads, max_length, head_dim) per layer)."""
+        if self._prompt_positions is None:
+            raise RuntimeError("Qwen2-VL needs its 3-D prompt positions: generate through model.generate(...)")
+        positions, deltas = self._prompt_positions
+        repeat = batch_size // positions.shape[1]
+        positions, deltas = np.repeat(positions, repeat, axis=1), np.repeat(deltas, repeat, axis=0)
+        length = positions.shape[2]
+        table = np.empty((batch_size, 3, max_length), np.int32)
+        table[:, :, :length] = positions.transpose(1, 0, 2)
+        table[:, :, length:] = (np.arange(length, max_length)[None, :] + deltas)[:, None, :]
+        text = self.config.text_config
+        head_dim = text.hidden_size // text.num_attention_heads
+        shape = (batch_size, text.num_key_value_heads, max_length, head_dim)
+        dtype = self.model.embed_tokens.weight.dtype
+        return (Tensor(table),) + tuple(ops.zeros(shape, dtype) for _ in range(2 * text.num_hidden_layers))
+
+    def decode_step(self, input_ids, inputs_embeds, attention_mask, cache_position, *cache):
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        table = cache[0]
+        slots = slot_ids(cache_position, inputs_embeds.shape[1])
+        positions = ops.gather(table, slots, 2)
+        hidden, new_cache = self.model(inputs_embeds, attention_mask, positions, slots, cache[1:])
+        logits = self._logits(hidden[:, -1:])[:, 0].astype(ms.float32)
+        return (logits, table) + new_cache
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, pad_to_multiple_of: int = 1,
+                 return_dict_in_generate: bool = False, **generate_kwargs):
+        """Prompt ids followed by new tokens (N, S) int64, as transformers' generate.
+
+        ``input_ids`` hold the expanded placeholders (one ``<|image_pad|>``/``<|video_pad|>`` per vision
+        token); batches are left-padded with ``attention_mask``. ``generate_kwargs`` go to
+        :func:`models.generation.generate` (``max_new_tokens``, ``eos_token_id`` (int or list),
+        ``pad_token_id``, ``num_beams``, ``do_sample`` ...). With ``return_dict_in_generate`` the
+        :class:`GenerateOutput` is returned.
+
+        ``pad_to_multiple_of`` left-pads the prompt to a multiple of that many tokens (masked, so the
+        result is the same): prompts of similar length then share one compiled graph instead of
+        compiling one per length. The returned sequences start at the caller's first column.
+        """
+        ids = _numpy(input_ids).astype(np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else _numpy(attention_mask).astype(np.int64)
+        extra = -ids.shape[1] % pad_to_multiple_of
+        if extra:
+            pad = self.config.text_config.pad_token_id
+            ids = np.concatenate([np.full((ids.shape[0], extra), pad or 0, np.int64), ids], axis=1)
+            mask = np.concatenate([np.zeros((ids.shape[0], extra), np.int64), mask], axis=1)
+        embeds = self.embed_inputs(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        positions, deltas = get_rope_index(self.config, ids, mask, _numpy(image_grid_thw), _numpy(video_grid_thw))
+        self._prompt_positions = (positions, deltas)
+        try:
+            out: GenerateOutput = generate(self, input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
+                                           **generate_kwargs)
+        finally:
+            self._prompt_positions = None
+        out.sequences = out.sequences[:, extra:]
+        return out if return_dict_in_generate else out.sequences

@@ -1,0 +1,121 @@
+"""Qwen2-VL image and video preprocessing, equal to transformers' Qwen2VLImageProcessor.
+
+Each frame is resized (PIL bicubic) so both sides are multiples of ``patch_size * merge_size``
+(28) with a pixel count inside ``[min_pixels, max_pixels]``, scaled to [0, 1] and normalised
+with the CLIP mean/std. Frames are padded to a multiple of ``temporal_patch_size`` (2) by
+repeating the last one, then cut into rows of ``C * temporal_patch * patch * patch`` values,
+ordered (t, h/2, w/2, 2, 2) so that every 4 consecutive rows are one 2x2 group the vision
+merger fuses into one language-model token.
+
+Settings come from the checkpoint's ``preprocessor_config.json`` (and
+``video_preprocessor_config.json`` for videos when present), else Qwen2-VL's defaults.
+transformers' torch video processor computes the same numbers up to float rounding of its
+fused normalisation (and its torchvision resize where frames are not already multiples of 28).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_PIXELS = (56 * 56, 28 * 28 * 1280)  # Qwen2VLImageProcessor's (min_pixels, max_pixels)
+VIDEO_PIXELS = (128 * 28 * 28, 28 * 28 * 768)  # Qwen2VLVideoProcessor's
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = IMAGE_PIXELS[0],
+                 max_pixels: int = IMAGE_PIXELS[1]) -> tuple[int, int]:
+    """The (height, width) nearest the input's aspect ratio with sides multiples of ``factor``
+    and a pixel count within ``[min_pixels, max_pixels]`` (transformers' rule)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be below 200, got {height}x{width}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _pixel_range(cfg: dict, default: tuple[int, int]) -> tuple[int, int]:
+    size = cfg.get("size") or {}
+    low = cfg.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or default[0]
+    high = cfg.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or default[1]
+    return int(low), int(high)
+
+
+class Qwen2VLVisionProcessor:
+    """Frames (uint8 RGB, H x W x 3) -> ``pixel_values`` rows and ``grid_thw`` for the vision tower."""
+
+    def __init__(self, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2,
+                 mean=CLIP_MEAN, std=CLIP_STD, rescale_factor: float = 1 / 255,
+                 image_pixels: tuple[int, int] = IMAGE_PIXELS, video_pixels: tuple[int, int] = VIDEO_PIXELS,
+                 resample: int = Image.BICUBIC):
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        self.merge_size = merge_size
+        self.mean = np.asarray(mean, np.float32).reshape(1, 1, 3)
+        self.std = np.asarray(std, np.float32).reshape(1, 1, 3)
+        self.rescale_factor = rescale_factor
+        self.image_pixels = image_pixels
+        self.video_pixels = video_pixels
+        self.resample = resample
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "Qwen2VLVisionProcessor":
+        """Settings of a checkpoint folder (missing files or keys: Qwen2-VL's defaults)."""
+        folder = Path(folder)
+
+        def read(name: str) -> dict:
+            path = folder / name
+            return json.loads(path.read_text()) if path.is_file() else {}
+
+        cfg = read("preprocessor_config.json")
+        video_cfg = {**cfg, **read("video_preprocessor_config.json")}
+        return cls(patch_size=cfg.get("patch_size", 14), temporal_patch_size=cfg.get("temporal_patch_size", 2),
+                   merge_size=cfg.get("merge_size", 2), mean=cfg.get("image_mean", CLIP_MEAN),
+                   std=cfg.get("image_std", CLIP_STD), rescale_factor=cfg.get("rescale_factor", 1 / 255),
+                   image_pixels=_pixel_range(cfg, IMAGE_PIXELS), video_pixels=_pixel_range(video_cfg, VIDEO_PIXELS),
+                   resample=cfg.get("resample", Image.BICUBIC))
+
+    def images(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Images -> (``pixel_values`` (sum of t*h*w, C*2*14*14) float32, ``image_grid_thw`` (n, 3) int64)."""
+        rows, grids = zip(*(self._patchify(image[None], self.image_pixels) for image in images))
+        return np.concatenate(rows), np.asarray(grids, np.int64)
+
+    def video(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(T, H, W, 3) frames of one video -> (``pixel_values_videos``, ``video_grid_thw`` (1, 3) int64)."""
+        rows, grid = self._patchify(frames, self.video_pixels)
+        return rows, np.asarray([grid], np.int64)
+
+    def num_tokens(self, grid_thw) -> int:
+        """Language-model tokens (placeholders) one image or video of this grid becomes."""
+        t, h, w = (int(v) for v in grid_thw)
+        return t * h * w // self.merge_size ** 2
+
+    def _normalize(self, frame: np.ndarray, height: int, width: int) -> np.ndarray:
+        if frame.shape[:2] != (height, width):
+            frame = np.asarray(Image.fromarray(frame).resize((width, height), resample=self.resample))
+        scaled = (frame.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        return ((scaled - self.mean) / self.std).transpose(2, 0, 1)
+
+    def _patchify(self, frames: np.ndarray, pixels: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+        p, tp, m = self.patch_size, self.temporal_patch_size, self.merge_size
+        height, width = smart_resize(frames.shape[1], frames.shape[2], p * m, *pixels)
+        stack = np.stack([self._normalize(np.ascontiguousarray(f), height, width) for f in frames])
+        if len(stack) % tp:
+            stack = np.concatenate([stack, np.repeat(stack[-1:], tp - len(stack) % tp, axis=0)])
+        channels = stack.shape[1]
+        gt, gh, gw = len(stack) // tp, height // p, width // p
+        patches = stack.reshape(gt, tp, channels, gh // m, m, p, gw // m, m, p)
+        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return patches.reshape(gt * gh * gw, channels * tp * p * p), (gt, gh, gw)
