@@ -1,14 +1,23 @@
-"""Device selection and the few collectives the pipeline needs (msrun-aware).
+"""Device selection, msrun process group, and how ranks meet (msrun-aware).
 
 A plain ``python`` run is rank 0 of 1. Under ``msrun`` every worker calls
-``mindspore.communication.init()`` and binds its local device. The barrier is a
-one-element all-reduce, because the Barrier op has no CPU kernel.
+``mindspore.communication.init()`` and binds its local device.
+
+Ranks that may arrive far apart (one merging a million-row CSV, one loading a model
+slowly) meet through marker files, not collectives: a CPU all-reduce fails when
+ranks arrive ~30 s apart, and HCCL has its own timeouts. The one collective is an
+all-reduce right after ``init()`` (a rendezvous, so ranks are aligned) that agrees
+on a run id naming this run's marker files.
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -22,6 +31,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: str
+    run_id: str = "local"
 
     @property
     def is_main(self) -> bool:
@@ -63,16 +73,69 @@ def setup(device: str | None = None) -> DistInfo:
         rank, world, local_rank = get_rank(), get_group_size(), get_local_rank()
     else:
         ms.set_device(device)
-    info = DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    run_id = _agree_run_id(rank) if world > 1 else secrets.token_hex(6)
+    info = DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, run_id=run_id)
     _STATE["info"] = info
     logger.info("device %s, rank %d of %d", device, rank, world)
     return info
 
 
+def _agree_run_id(rank: int) -> str:
+    """Rank 0's random id, shared through one all-reduce while the ranks are still aligned."""
+    from mindspore import ops
+
+    mine = np.array([secrets.randbelow(2**23) if rank == 0 else 0], np.float32)
+    return f"{int(ops.AllReduce()(ms.Tensor(mine)).asnumpy()[0]):06x}"
+
+
+def info() -> DistInfo:
+    if _STATE["info"] is None:
+        raise RuntimeError("call pipeline.distributed.setup() first")
+    return _STATE["info"]
+
+
+class FileBarrier:
+    """Ranks meet by writing marker files in a folder every rank can see (the output's folder).
+
+    ``wait(stage)`` returns once all ranks have reached ``stage``; ``arrive(stage)`` marks
+    this rank without waiting. Markers carry the run id, so a crashed run's leftovers never count.
+    """
+
+    def __init__(self, folder: str | Path, poll_seconds: float = 0.2):
+        self.info = info()
+        self.folder = Path(folder) / f".sync-{self.info.run_id}"
+        self.poll_seconds = poll_seconds
+
+    def arrive(self, stage: str) -> None:
+        if self.info.world_size == 1:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"{stage}.{self.info.rank}").touch()
+
+    def wait(self, stage: str, ranks: range | None = None) -> None:
+        """Arrive at ``stage`` and block until every rank (or those in ``ranks``) has."""
+        if self.info.world_size == 1:
+            return
+        self.arrive(stage)
+        expected = [self.folder / f"{stage}.{r}" for r in (ranks or range(self.info.world_size))]
+        logged = False
+        while not all(p.exists() for p in expected):
+            if not logged:
+                logger.info("rank %d waiting for the other ranks at %s", self.info.rank, stage)
+                logged = True
+            time.sleep(self.poll_seconds)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def barrier() -> None:
-    """Block until every rank arrives (no-op for a single process)."""
-    info = _STATE["info"]
-    if info is None or info.world_size == 1:
+    """Collective barrier for ranks that run in lockstep (training steps); no-op for one process.
+
+    A one-element all-reduce (Barrier has no CPU kernel). It fails on CPU when ranks arrive
+    ~30 s apart, so work of uneven length meets through :class:`FileBarrier` instead.
+    """
+    if _STATE["info"] is None or _STATE["info"].world_size == 1:
         return
     from mindspore import ops
 

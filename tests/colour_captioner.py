@@ -1,7 +1,8 @@
 """The baseline colour captioner with hooks for runner tests; runs as a script (also under msrun).
 
 CAPTION_CALL_LOG appends one line per captioned video to a file (to count calls across
-a killed process); CAPTION_SLEEP sleeps per batch; --fail_on makes generate raise.
+a killed process); CAPTION_SLEEP sleeps per batch (only on rank CAPTION_SLEEP_RANK when
+that is set, once); --fail_on makes generate raise.
 """
 from __future__ import annotations
 
@@ -19,13 +20,17 @@ class InstrumentedCaptioner(ColourCaptioner):
     def __init__(self, num_frames: int, fail_on: str | None):
         super().__init__(num_frames)
         self.fail_on = fail_on
+        self.slept = False
 
     def generate(self, batch: Sequence[str]) -> list[str]:
         log = os.environ.get("CAPTION_CALL_LOG")
         if log:
             with open(log, "a") as f:
                 f.writelines(f"{caption}\n" for caption in batch)
-        time.sleep(float(os.environ.get("CAPTION_SLEEP", "0")))
+        only_rank = os.environ.get("CAPTION_SLEEP_RANK")
+        if only_rank is None or (only_rank == os.environ.get("RANK_ID") and not self.slept):
+            time.sleep(float(os.environ.get("CAPTION_SLEEP", "0")))
+            self.slept = True
         if self.fail_on and any(self.fail_on in caption for caption in batch):
             raise RuntimeError(f"model failure on {self.fail_on}")
         return super().generate(batch)

@@ -199,7 +199,12 @@ def test_kill_and_resume_loses_nothing(tmp_path):
 def test_msrun_two_workers_merge_every_row_once(tmp_path):
     n = 7
     csv_path = make_dataset(tmp_path, n, bad={5: "corrupt"})
-    result = run_msrun(SCRIPT, [str(csv_path), "--bs", "2", "--device", "CPU"], cwd=tmp_path)
+    # Rank 1 finishes 40 s after rank 0: past the ~30 s at which a CPU collective would time out.
+    os.environ.update(CAPTION_SLEEP="40", CAPTION_SLEEP_RANK="1")
+    try:
+        result = run_msrun(SCRIPT, [str(csv_path), "--bs", "2", "--device", "CPU"], cwd=tmp_path)
+    finally:
+        del os.environ["CAPTION_SLEEP"], os.environ["CAPTION_SLEEP_RANK"]
     assert result.returncode == 0, result.problems
     rows = read_rows(tmp_path / "meta_caption.csv")
     assert sorted(r["path"] for r in rows) == sorted(f"videos/v{i:02d}.mp4" for i in range(n))
@@ -210,3 +215,59 @@ def test_msrun_two_workers_merge_every_row_once(tmp_path):
         assert row["status"] == ("error" if i == 5 else "ok")
     assert "rank 1 of 2" in result.logs, "both ranks must have joined"
     assert not list(tmp_path.glob("meta_caption_part*.csv"))
+
+
+def test_carriage_returns_and_reserved_names_survive_resume(tmp_path, monkeypatch):
+    csv_path = make_dataset(tmp_path, 3)
+    data = pd.read_csv(csv_path, dtype=str)
+    data["note"] = ["old\rmac", "line\nbreak", "plain"]
+    data["_row"] = ["keep", "these", "values"]
+    data.to_csv(csv_path, index=False, lineterminator="\r\n")  # a valid CSV quotes the lone \r
+    log = tmp_path / "calls.txt"
+    monkeypatch.setenv("CAPTION_CALL_LOG", str(log))
+    colour_main([str(csv_path), "--device", "CPU"])
+    colour_main([str(csv_path), "--device", "CPU"])
+    assert count_lines(log) == 3, "a re-run must find every row done"
+    out = pd.read_csv(tmp_path / "meta_caption.csv", dtype=str, keep_default_na=False)
+    assert out["note"].tolist() == ["old\rmac", "line\nbreak", "plain"]
+    assert out["_row"].tolist() == ["keep", "these", "values"]
+
+
+def test_bad_settings_fail_before_any_row(tmp_path):
+    csv_path = make_dataset(tmp_path, 2)
+    for flags, word in ((["--bs", "0"], "--bs"), (["--num_frames", "-1"], "frame")):
+        with pytest.raises(SystemExit) as err:
+            colour_main([str(csv_path), "--device", "CPU", *flags])
+        assert word in str(err.value)
+    assert not (tmp_path / "meta_caption.csv").exists()
+
+
+def test_all_rows_failing_exits_nonzero_with_hint(tmp_path):
+    csv_path = make_dataset(tmp_path, 2)
+    with pytest.raises(SystemExit) as err:
+        colour_main([str(csv_path), "--device", "CPU", "--video_root", str(tmp_path / "wrong")])
+    assert "all 2 attempted rows failed" in str(err.value) and "--retry_errors" in str(err.value)
+
+
+def test_interrupted_overwrite_resumes_and_keeps_old_rows(tmp_path, monkeypatch):
+    csv_path = make_dataset(tmp_path, 6)
+    out = tmp_path / "meta_caption.csv"
+    colour_main([str(csv_path), "--device", "CPU"])
+    old = read_rows(out)
+    # An --overwrite run killed after its first batch: the old output is set aside, not lost.
+    cmd = [sys.executable, str(SCRIPT), str(csv_path), "--bs", "2", "--device", "CPU", "--overwrite"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(CAPTION_SLEEP="0.5"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = tmp_path / "meta_caption_part0.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and count_lines(part) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and (tmp_path / "meta_caption.prev.csv").exists()
+    redone = {r["path"] for r in read_rows(part)}
+    log = tmp_path / "calls.txt"
+    monkeypatch.setenv("CAPTION_CALL_LOG", str(log))
+    colour_main([str(csv_path), "--device", "CPU"])  # a plain re-run resumes the overwrite
+    assert count_lines(log) == 6 - len(redone)
+    assert read_rows(out) == old and not (tmp_path / "meta_caption.prev.csv").exists()

@@ -16,7 +16,7 @@ import numpy as np
 
 from models.checkpoint import CheckpointError
 from pipeline import distributed
-from pipeline.captioning.runner import Captioner, RunOptions, RunSummary, run
+from pipeline.captioning.runner import Captioner, RunError, RunOptions, RunSummary, run
 from pipeline.config import ConfigError, parse_with_config
 from pipeline.datasets.metadata import MetadataError
 
@@ -77,8 +77,12 @@ def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespa
             input=args.input, output=args.output, video_root=args.video_root, bs=args.bs,
             num_workers=args.num_workers, overwrite=args.overwrite, retry_errors=args.retry_errors,
             seed=args.seed))
-    except (ConfigError, MetadataError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, MetadataError, CheckpointError, RunError, OSError) as exc:
         sys.exit(f"error: {exc}")
+    if summary.failed and not summary.done:
+        sys.exit(f"error: all {summary.failed} attempted rows failed on rank {info.rank}, e.g. "
+                 f"{summary.errors[0]}\nFix the cause (e.g. --video_root) and re-run with --retry_errors.")
     if info.is_main:
-        print(f"captions written to {summary.output.resolve()}")
+        failed = f" ({summary.failed} rows failed: see the status and error columns)" if summary.failed else ""
+        print(f"captions written to {summary.output.resolve()}{failed}")
     return summary

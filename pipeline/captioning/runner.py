@@ -3,10 +3,13 @@
 Flow per rank: read the CSV, find the rows still to do (row-level resume), take a
 deterministic shard of them, decode frames ahead of the model in worker threads,
 caption ``bs`` videos at a time, append each finished batch to
-``<output stem>_part{rank}.csv`` and flush it to disk. At the end the ranks meet
-and rank 0 merges the parts into the final output. A kill loses at most the batch
-in flight; a video that cannot be read, or a batch the model fails on, becomes
-rows with ``status=error`` and the run goes on.
+``<output stem>_part{rank}.csv`` and flush it to disk. Ranks meet through marker
+files (see ``pipeline.distributed.FileBarrier``); rank 0 merges the parts into the
+final output once every rank has finished. A kill loses at most the batch in
+flight; a video that cannot be read, or a batch the model fails on, becomes rows
+with ``status=error`` and the run goes on. ``--overwrite`` sets the old output aside
+as ``<stem>.prev.csv`` and folds it back in at the merge, so a crashed overwrite run
+resumes like any other.
 """
 from __future__ import annotations
 
@@ -30,12 +33,13 @@ from pipeline.datasets.metadata import (
     Progress,
     finalize_output,
     find_part_files,
+    merge_csvs,
     part_path,
     read_metadata,
     read_progress,
     resolve_video_path,
 )
-from pipeline.datasets.video import sample_frames
+from pipeline.datasets.video import check_sampling_args, sample_frames
 
 logger = logging.getLogger(__name__)
 
@@ -192,25 +196,77 @@ def _caption_batch(captioner: Captioner, inputs: list[Any]) -> list[tuple[str, B
         return [_caption_batch(captioner, [x])[0] for x in inputs]
 
 
+def previous_output(output: Path) -> Path:
+    """Where an --overwrite run keeps the old output until its own merge (so a crash loses nothing)."""
+    return output.with_name(f"{output.stem}.prev.csv")
+
+
+class RunError(ValueError):
+    """A setting that cannot work; raised before any row is touched."""
+
+
+def _check_options(captioner: Captioner, opts: RunOptions) -> None:
+    """Reject settings that would turn every row into an error row (and be skipped on re-runs)."""
+    if opts.bs < 1:
+        raise RunError(f"--bs must be at least 1 (got {opts.bs})")
+    if opts.num_workers < 1:
+        raise RunError(f"--num_workers must be at least 1 (got {opts.num_workers})")
+    spec = captioner.frame_spec
+    try:
+        check_sampling_args(spec.num_frames, spec.sampling, spec.fps)
+    except ValueError as exc:
+        raise RunError(f"frame sampling: {exc}") from exc
+
+
+def _read_input(path: str) -> pd.DataFrame:
+    data = read_metadata(path)
+    clashing = [c for c in RESULT_COLUMNS if c in data.columns]
+    if clashing:
+        logger.warning("%s: input column(s) %s are replaced by the captioner's output columns", path, clashing)
+    return data.drop(columns=clashing).drop_duplicates("path")
+
+
+def _start(output: Path, order: pd.Series, overwrite: bool) -> None:
+    """Rank 0's set-up before anyone reads: fold an earlier run's parts in, or set the old output aside."""
+    if overwrite:
+        for part in find_part_files(output):
+            part.unlink()
+        if output.is_file():
+            os.replace(output, previous_output(output))
+    elif find_part_files(output):
+        finalize_output(output, order=order)
+
+
+def _finish(output: Path, order: pd.Series) -> pd.DataFrame:
+    """Rank 0's merge once every rank has finished; an --overwrite run's old rows stay where new ones failed."""
+    prev = previous_output(output)
+    if prev.is_file():
+        if output.is_file():
+            merge_csvs([prev, output], output)
+        else:
+            os.replace(prev, output)
+    merged = finalize_output(output, order=order)
+    prev.unlink(missing_ok=True)
+    return merged
+
+
 def run(captioner: Captioner, opts: RunOptions) -> RunSummary:
     """Caption every row of ``opts.input`` not yet captioned in ``opts.output``."""
     info = distributed.setup()
     started = time.perf_counter()
+    _check_options(captioner, opts)
     output = Path(opts.output) if opts.output else default_output(opts.input)
-    data = read_metadata(opts.input)
-    data = data.drop(columns=[c for c in RESULT_COLUMNS if c in data.columns]).drop_duplicates("path")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    data = _read_input(opts.input)
     columns = [*data.columns, *RESULT_COLUMNS]
+    meet = distributed.FileBarrier(output.parent)
 
-    # Rank 0 folds parts left by an earlier (crashed) run into the final file, so every
-    # rank sees one table and can start a fresh part file; nobody writes before all have read.
-    if info.is_main and find_part_files(output):
-        finalize_output(output, order=data["path"])
-    distributed.barrier()
-    if opts.overwrite:
-        todo = data
-    else:
-        todo = rows_to_do(data, read_progress(output), opts.retry_errors)
-    distributed.barrier()
+    # Nobody reads before rank 0 has tidied up, and nobody writes before everyone has read.
+    if info.is_main:
+        _start(output, data["path"], opts.overwrite)
+    meet.wait("started")
+    todo = rows_to_do(data, read_progress(output), opts.retry_errors)  # after --overwrite: nothing recorded
+    meet.wait("read")
 
     mine = shard(todo, info.rank, info.world_size)
     summary = RunSummary(output=output, total_rows=len(data), skipped=len(data) - len(todo))
@@ -218,13 +274,13 @@ def run(captioner: Captioner, opts: RunOptions) -> RunSummary:
     paths = [resolve_video_path(p, csv_dir, opts.video_root) for p in mine["path"]]
     records = mine.to_dict("records")
     writer = PartWriter(part_path(output, info.rank), columns)
-    loader = _Loader(captioner, paths, opts.num_workers, window=2 * opts.bs + opts.num_workers)
+    loader = _Loader(captioner, paths, opts.num_workers, window=opts.bs + opts.num_workers)
+    loaded = iter(loader)
     bar = tqdm(total=len(records), desc=f"caption rank {info.rank}", unit="video",
                disable=None if info.is_main else True)
     try:
         batch_rows: list[dict] = []
         batch_inputs: list[Any] = []
-        loaded = iter(loader)
         for i, record in enumerate(records):
             wait_start = time.perf_counter()
             inputs, exc = next(loaded)
@@ -232,6 +288,7 @@ def run(captioner: Captioner, opts: RunOptions) -> RunSummary:
             if exc is not None:
                 writer.write([{**record, "text": "", "status": "error", "error": _error_message(exc)}])
                 summary.failed += 1
+                summary.errors.append(_error_message(exc))
                 bar.update(1)
             else:
                 batch_rows.append(record)
@@ -247,19 +304,25 @@ def run(captioner: Captioner, opts: RunOptions) -> RunSummary:
                                  "error": "" if ok else _error_message(err)})
                     summary.done += ok
                     summary.failed += not ok
+                    if not ok:
+                        summary.errors.append(_error_message(err))
                 writer.write(rows)
                 bar.update(len(rows))
                 batch_rows, batch_inputs = [], []
     finally:
+        loaded.close()  # cancels queued decodes at once, also on an exception or Ctrl-C
         bar.close()
         writer.close()
         summary.decode_seconds = loader.decode_seconds
 
-    distributed.barrier()
+    # Each rank leaves once its part is on disk; rank 0 waits for all of them and merges.
     if info.is_main:
-        merged = finalize_output(output, order=data["path"])
+        meet.wait("finished")
+        merged = _finish(output, data["path"])
+        meet.remove()
         logger.info("merged %d rows into %s", len(merged), output)
-    distributed.barrier()  # ranks leave together, once the merged output exists
+    else:
+        meet.arrive("finished")
     summary.seconds = time.perf_counter() - started
     _log_summary(summary, info)
     return summary

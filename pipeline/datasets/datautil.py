@@ -23,7 +23,7 @@ from pipeline.datasets.metadata import (
     difference,
     intersection,
     merge_tables,
-    read_metadata,
+    read_table,
     remove_empty_caption,
     write_csv_atomic,
 )
@@ -84,7 +84,7 @@ def _read_side_table(pattern: str) -> pd.DataFrame:
     """Read the file given to --difference/--intersection (a quoted glob merges its matches)."""
     tables = []
     for path in expand_inputs([pattern]):
-        tables.append(read_metadata(path, warn_duplicates=False))
+        tables.append(read_table(path))
         print(f"read {len(tables[-1])} rows from {path}")
     return merge_tables(tables)
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     inputs = expand_inputs(args.input)
     tables = []
     for path in inputs:
-        tables.append(read_metadata(path, warn_duplicates=False))
+        tables.append(read_table(path))
         print(f"read {len(tables[-1])} rows from {path}")
     total = sum(len(table) for table in tables)
     data = merge_tables(tables)

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def write_csv_atomic(df: pd.DataFrame, out_path: StrPath) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with open(fd, "w", encoding="utf-8", newline="") as fh:
-            df.to_csv(fh, index=False)
+            df.to_csv(fh, index=False, lineterminator="\r\n")  # as csv.writer: quotes a lone \r too
             fh.flush()
             os.fsync(fh.fileno())
         if out.exists():
@@ -211,13 +212,15 @@ def merge_tables(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame({col: pd.Series(dtype=object) for col in columns})
     data = pd.concat(parts, ignore_index=True).fillna("")
-    ok = data[STATUS_COLUMN] == STATUS_OK if STATUS_COLUMN in data.columns else False
-    first_seen = data[PATH_COLUMN].drop_duplicates().reset_index(drop=True)
-    order = pd.Series(first_seen.index, index=first_seen.values)
-    keyed = data.assign(_ok=ok, _row=range(len(data)))
-    chosen = keyed.sort_values(["_ok", "_row"], kind="stable").drop_duplicates(PATH_COLUMN, keep="last")
-    chosen = chosen.assign(_first=chosen[PATH_COLUMN].map(order)).sort_values("_first")
-    return chosen[columns].reset_index(drop=True)
+    ok = (data[STATUS_COLUMN] == STATUS_OK).to_numpy() if STATUS_COLUMN in data.columns \
+        else np.zeros(len(data), bool)
+    # One pass, no helper columns (so no user column can collide): a dict keeps each path
+    # at its first-seen position while the row it points to moves to the last ok (else last) row.
+    kept: dict[str, int] = {}
+    for row, path in enumerate(data[PATH_COLUMN].to_numpy()):
+        if ok[row] or path not in kept or not ok[kept[path]]:
+            kept[path] = row
+    return data.iloc[list(kept.values())][columns].reset_index(drop=True)
 
 
 def merge_csvs(inputs: Sequence[StrPath], output: StrPath, remove_inputs: bool = False) -> pd.DataFrame:
@@ -292,6 +295,16 @@ def _read_part(path: Path) -> pd.DataFrame | None:
         logger.info("%s: no complete header yet, skipped", label)
         return None
     return _validate(_parse_csv(io.BytesIO(data[:keep]), label), label, (PATH_COLUMN,))
+
+
+def read_table(path: StrPath) -> pd.DataFrame:
+    """``read_metadata`` for ordinary CSVs; a part file (``*_part<N>.csv``), which a crash may
+    have cut short, loses only its torn last record."""
+    path = Path(path)
+    if re.search(r"_part\d+\.csv$", path.name):
+        table = _read_part(path)
+        return table if table is not None else pd.DataFrame({PATH_COLUMN: pd.Series(dtype=object)})
+    return read_metadata(path, warn_duplicates=False)
 
 
 def read_progress(output: StrPath) -> Progress:

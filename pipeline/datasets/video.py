@@ -33,6 +33,7 @@ BACKENDS = ("auto", "decord", "pyav")
 
 # (frames the backend can deliver, the video's frame rate) -> indices to read
 Selector = Callable[[int, float], np.ndarray]
+Transform = Callable[[np.ndarray], np.ndarray]  # (N, H, W, 3) -> (N, H', W', 3), applied per decoded chunk
 
 
 class VideoReadError(Exception):
@@ -172,7 +173,10 @@ def decord_timestamps_reliable(reader: Any) -> bool:
     return bool(np.all(starts >= 0) and np.all(np.diff(starts) > 0))
 
 
-def _read_decord(path: Path, select: Selector, check_timestamps: bool
+DECODE_CHUNK = 32  # frames decoded at full size at once; each chunk is resized before the next
+
+
+def _read_decord(path: Path, select: Selector, check_timestamps: bool, transform: Transform
                  ) -> tuple[np.ndarray, np.ndarray] | None:
     """Frames via decord, or None when decord's random access cannot be trusted here."""
     reader = _open_decord(path)
@@ -181,8 +185,9 @@ def _read_decord(path: Path, select: Selector, check_timestamps: bool
         return None
     indices = select(len(reader), reader.get_avg_fps())
     unique, inverse = np.unique(indices, return_inverse=True)
-    frames = reader.get_batch(unique.tolist()).asnumpy()
-    return frames[inverse], indices
+    chunks = [transform(reader.get_batch(unique[i:i + DECODE_CHUNK].tolist()).asnumpy())
+              for i in range(0, len(unique), DECODE_CHUNK)]
+    return np.concatenate(chunks)[inverse], indices
 
 
 # ----------------------------------------------------------------------------- PyAV
@@ -211,7 +216,7 @@ def _pyav_probe(path: Path) -> tuple[int, float]:
     return count, float(rate)
 
 
-def _read_pyav(path: Path, select: Selector) -> tuple[np.ndarray, np.ndarray]:
+def _read_pyav(path: Path, select: Selector, transform: Transform) -> tuple[np.ndarray, np.ndarray]:
     count, rate = _pyav_probe(path)
     if count == 0:
         raise VideoReadError(path, "no decodable frames")
@@ -221,7 +226,7 @@ def _read_pyav(path: Path, select: Selector) -> tuple[np.ndarray, np.ndarray]:
     picked: dict[int, np.ndarray] = {}
     for position, frame in enumerate(_pyav_frames(path)):
         if position in wanted:
-            picked[position] = frame.to_ndarray(format="rgb24")
+            picked[position] = transform(frame.to_ndarray(format="rgb24")[None])[0]
         if position >= last:
             break
     missing = wanted - picked.keys()
@@ -250,12 +255,13 @@ def _check_file(path: Path) -> None:
         raise VideoReadError(path, "file is empty (0 bytes)")
 
 
-def _decode(path: Path, select: Selector, backend: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """Run the chosen backend(s); return frames, indices and the backend that served them."""
+def _decode(path: Path, select: Selector, backend: str, transform: Transform
+            ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Run the chosen backend(s); return (transformed) frames, indices and the backend that served them."""
     decord_error: Exception | None = None
     if backend in ("auto", "decord"):
         try:
-            result = _read_decord(path, select, check_timestamps=backend == "auto")
+            result = _read_decord(path, select, check_timestamps=backend == "auto", transform=transform)
             if result is not None:
                 return result[0], result[1], "decord"
         except VideoReadError:
@@ -266,7 +272,7 @@ def _decode(path: Path, select: Selector, backend: str) -> tuple[np.ndarray, np.
             decord_error = exc
             logger.debug("%s: decord failed (%s), trying PyAV", path, exc)
     try:
-        frames, indices = _read_pyav(path, select)
+        frames, indices = _read_pyav(path, select, transform)
     except VideoReadError:
         raise
     except Exception as exc:  # av.error.FFmpegError and friends
@@ -294,8 +300,9 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
     (Qwen2-VL's temporal patch of 2) rounds it itself. ``num_frames=None`` without fps
     reads every frame. A video shorter than requested repeats indices (still sorted), so
     T is always the requested count. height/width resize (one alone keeps the aspect).
-    A still image (.jpg .jpeg .png .bmp .webp) is a one-frame video: T copies of it,
-    indices all 0, so callers always get a fixed shape.
+    A still image (.jpg .jpeg .png .bmp .webp) is a one-frame video: T copies of it
+    (one copy under fps sampling), indices all 0. Frames are decoded in chunks and
+    resized chunk by chunk, so memory stays at the output size plus one chunk.
     backend: "auto" (decord, PyAV where decord is unreliable or fails), "decord", "pyav".
     Raises VideoReadError for any unreadable file, ValueError for bad arguments.
     """
@@ -310,15 +317,18 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
             raise VideoReadError(path, "no frame rate, so fps sampling is impossible")
         return select_indices(num_available, num_frames, sampling, fps, video_fps, rng)
 
+    def transform(frames: np.ndarray) -> np.ndarray:
+        return resize_frames(frames, height, width)
+
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        image = _read_image(path)
-        count = 1 if num_frames is None else num_frames
-        frames = np.repeat(image[None], count, axis=0)
+        image = transform(_read_image(path)[None])
+        count = 1 if num_frames is None or fps is not None else num_frames  # fps: a still has no duration
+        frames = np.repeat(image, count, axis=0)
         indices = np.zeros(count, dtype=np.int64)
     else:
-        frames, indices, used = _decode(path, select, backend)
+        frames, indices, used = _decode(path, select, backend, transform)
         logger.debug("%s: %d frames via %s", path, len(indices), used)
-    return np.ascontiguousarray(resize_frames(frames, height, width)), indices
+    return np.ascontiguousarray(frames), indices
 
 
 def video_info(path: str | os.PathLike, backend: str = "auto") -> dict[str, Any]:
@@ -340,5 +350,5 @@ def video_info(path: str | os.PathLike, backend: str = "auto") -> dict[str, Any]
         seen.update(num_frames=num_available, fps=float(video_fps))
         return np.zeros(1, dtype=np.int64)
 
-    frames, _, used = _decode(path, select, backend)
+    frames, _, used = _decode(path, select, backend, transform=lambda frames: frames)
     return {**seen, "height": frames.shape[1], "width": frames.shape[2], "backend": used}
