@@ -7,12 +7,17 @@ from pathlib import Path
 # model_type (config.json) -> (module, model class, transformers config class)
 MODEL_TYPES = {
     "blip-2": ("models.blip2.modeling", "Blip2ForConditionalGeneration", "Blip2Config"),
+    # build_llava picks PLLaVA when config.json has PLLaVA's pooling keys (pooling_shape, ...)
+    "llava": ("models.llava.modeling", "build_llava", "LlavaConfig"),
+    "pllava": ("models.llava.modeling", "PllavaForConditionalGeneration", "LlavaConfig"),
+    "llava_next": ("models.llava.next", "LlavaNextForConditionalGeneration", "LlavaNextConfig"),
     "qwen2_vl": ("models.qwen2_vl.modeling", "Qwen2VLForConditionalGeneration", "Qwen2VLConfig"),
 }
 # config.json "architectures" entries that name a supported family under another class name
 ARCHITECTURES = {
     "Blip2ForConditionalGeneration": "blip-2",
     "VideoBlipForConditionalGeneration": "blip-2",
+    "PllavaForConditionalGeneration": "pllava",
 }
 
 

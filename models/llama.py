@@ -1,0 +1,219 @@
+"""Llama (and Mistral) decoder-only language model, parameter names as in transformers.
+
+Grouped-query attention with rotary position embeddings (RoPE, incl. Llama-3's ``rope_theta`` and
+``rope_scaling`` types "llama3" and "linear"), RMSNorm and a SwiGLU MLP. Attention heads and the MLP
+stay separate Linear projections (``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``gate_proj``/``up_proj``/
+``down_proj``) so tensor parallelism can split them later.
+
+Mistral is the same architecture here: its sliding-window attention only differs from full causal
+attention for contexts longer than ``sliding_window`` (4096+ tokens), far beyond captioning prompts,
+so the window is ignored.
+
+Positions come from the attention mask's cumulative sum, so left-padded batches get the same positions
+as unpadded prompts (as transformers' ``generate`` computes ``position_ids``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from models.generation import (GenerateOutput, attend, attention_bias, causal_lm_loss, generate, slot_ids,
+                               to_tensor, write_cache)
+from models.layers import Embedding, Linear, RMSNorm
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor
+    loss: Optional[Tensor] = None
+
+
+def rope_inverse_frequencies(config) -> np.ndarray:
+    """RoPE inverse frequencies (float32) for ``config``, with Llama-3 or linear ``rope_scaling``."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    base = float(getattr(config, "rope_theta", 10000.0))
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / np.power(np.float32(base), exponents)).astype(np.float32)
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return ops.concat((-x[..., half:], x[..., :half]), axis=-1)
+
+
+class LlamaAttention(nn.Cell):
+    """Grouped-query self-attention: ``num_key_value_heads`` key/value heads shared by groups of query heads."""
+
+    def __init__(self, config):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or dim // self.num_heads
+        self.scaling = self.head_dim ** -0.5
+        bias = bool(getattr(config, "attention_bias", False))
+        self.q_proj = Linear(dim, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, dim, bias=bias)
+
+    def _heads(self, x: Tensor, heads: int) -> Tensor:
+        b, t, _ = x.shape
+        return x.reshape(b, t, heads, self.head_dim).swapaxes(1, 2)
+
+    def _repeat_kv(self, x: Tensor) -> Tensor:
+        """(B, kv_heads, L, d) -> (B, heads, L, d); query head i reads key/value head i // group."""
+        group = self.num_heads // self.num_kv_heads
+        if group == 1:
+            return x
+        b, h, length, d = x.shape
+        return ops.broadcast_to(x[:, :, None], (b, h, group, length, d)).reshape(b, h * group, length, d)
+
+    def construct(self, x, cos, sin, bias, slots, past_key=None, past_value=None):
+        query = self._heads(self.q_proj(x), self.num_heads)
+        key = self._heads(self.k_proj(x), self.num_kv_heads)
+        value = self._heads(self.v_proj(x), self.num_kv_heads)
+        query = query * cos + rotate_half(query) * sin
+        key = key * cos + rotate_half(key) * sin
+        if past_key is not None:
+            key, value = write_cache(past_key, key, slots), write_cache(past_value, value, slots)
+        out = attend(query * self.scaling, self._repeat_kv(key), self._repeat_kv(value), bias)
+        return self.o_proj(out), key, value
+
+
+class LlamaMLP(nn.Cell):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"Llama port supports hidden_act='silu', got {config.hidden_act!r}")
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def construct(self, x, cos, sin, bias, slots, past_key=None, past_value=None):
+        attn, key, value = self.self_attn(self.input_layernorm(x), cos, sin, bias, slots, past_key, past_value)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), key, value
+
+
+class LlamaModel(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.CellList([LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.inv_freq = Tensor(rope_inverse_frequencies(config))
+
+    def construct(self, inputs_embeds, attention_mask, cache_position, cache=None):
+        """Run T positions written at slots cache_position..; attention_mask covers all L key slots."""
+        slots = slot_ids(cache_position, inputs_embeds.shape[1])
+        mask = attention_mask.astype(ms.int32)
+        positions = ops.gather(ops.cumsum(mask, 1) * mask - 1, slots, 1)
+        positions = ops.maximum(positions, ops.zeros_like(positions)).astype(ms.float32)
+        freqs = positions[:, :, None] * self.inv_freq[None, None, :]
+        emb = ops.concat((freqs, freqs), axis=-1)[:, None]
+        dtype = inputs_embeds.dtype
+        cos, sin = ops.cos(emb).astype(dtype), ops.sin(emb).astype(dtype)
+        bias = attention_bias(mask, slots)
+        x = inputs_embeds
+        new_cache = ()
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                x, _, _ = layer(x, cos, sin, bias, slots)
+            else:
+                x, key, value = layer(x, cos, sin, bias, slots, cache[2 * i], cache[2 * i + 1])
+                new_cache += (key, value)
+        return self.norm(x), new_cache
+
+
+class LlamaForCausalLM(nn.Cell):
+    """Llama/Mistral with its LM head (tied to ``embed_tokens`` when ``tie_word_embeddings``)."""
+
+    is_encoder_decoder = False
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tied_weights_keys = ("lm_head.weight",) if self.tie_word_embeddings else ()
+        self.matmul_t = ops.MatMul(transpose_b=True)
+
+    def get_input_embeddings(self) -> Embedding:
+        return self.model.embed_tokens
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        b, t, d = hidden.shape
+        return self.matmul_t(hidden.reshape(b * t, d), self.model.embed_tokens.weight).reshape(b, t, -1)
+
+    def construct(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None) -> CausalLMOutput:
+        """Full-sequence forward (no cache); loss is the shifted next-token cross-entropy."""
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(to_tensor(input_ids, ms.int32))
+        else:
+            inputs_embeds = to_tensor(inputs_embeds)
+        if attention_mask is None:
+            attention_mask = ops.ones(inputs_embeds.shape[:2], ms.int32)
+        hidden, _ = self.model(inputs_embeds, to_tensor(attention_mask, ms.int32), 0)
+        logits = self._logits(hidden).astype(ms.float32)
+        loss = None if labels is None else causal_lm_loss(logits, to_tensor(labels, ms.int32), shift=True)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    # --- generation protocol (see models.generation)
+
+    def init_cache(self, batch_size: int, max_length: int) -> tuple:
+        attn = self.model.layers[0].self_attn
+        shape = (batch_size, attn.num_kv_heads, max_length, attn.head_dim)
+        dtype = self.model.embed_tokens.weight.dtype
+        return tuple(ops.zeros(shape, dtype) for _ in range(2 * len(self.model.layers)))
+
+    def decode_step(self, input_ids, inputs_embeds, attention_mask, cache_position, *cache):
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        hidden, new_cache = self.model(inputs_embeds, attention_mask, cache_position, cache)
+        logits = self._logits(hidden[:, -1:])[:, 0].astype(ms.float32)
+        return (logits,) + new_cache
+
+    def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, **kwargs) -> GenerateOutput:
+        """See ``models.generation.generate``; with ``inputs_embeds`` only the new tokens are returned."""
+        return generate(self, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                        **kwargs)

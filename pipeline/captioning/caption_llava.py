@@ -1,0 +1,150 @@
+"""Caption videos with LLaVA-1.5 (llava-hf/llava-1.5-*, xtuner/llava-llama-3-8b-v1_1-transformers) or
+LLaVA-NeXT (llava-hf/llava-v1.6-*).
+
+Frames are images: each sampled frame is one ``<image>`` of the prompt (``--num_frames 1``, the
+default, is the middle frame). Every ``<image>`` becomes as many image tokens as the model has
+features for it, as transformers' processors expand it. A batch of videos is one left-padded
+generate call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from models import from_pretrained
+from models.llava import LlavaNextForConditionalGeneration, PllavaForConditionalGeneration
+from models.llava.processing import ClipFrameProcessor, LlavaNextFrameProcessor
+from pipeline.captioning.cli import common_parser, main_with
+from pipeline.captioning.runner import FrameSpec, RunSummary
+from pipeline.config import CONFIG_DIR, ConfigError
+
+BASE_CONFIG = CONFIG_DIR / "captioning" / "llava.yaml"
+IMAGE = "<image>"
+
+
+def generation_eos(folder: str) -> int | list[int] | None:
+    """``eos_token_id`` of the folder's generation_config.json: chat checkpoints (e.g. Llama-3's
+    ``<|eot_id|>``) end a reply with a token other than the decoder config's EOS."""
+    path = Path(folder) / "generation_config.json"
+    return json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+
+
+class LlavaCaptioner:
+    """Prepares frames with the checkpoint's image processor; captions a batch in one generate call."""
+
+    def __init__(self, folder: str, dtype: str = "float32", question: str = "Describe the video in detail",
+                 num_frames: int = 1, max_new_tokens: int = 200, num_beams: int = 1,
+                 prompt_template: str = "USER: <image>\n{question} ASSISTANT:"):
+        from transformers import AutoTokenizer
+
+        self.model = from_pretrained(folder, dtype=dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.num_frames = num_frames
+        self.frame_spec = FrameSpec(num_frames=num_frames)
+        self.processor = self.build_processor(folder)
+        self.image_token = self.model.config.image_token_index
+        self.prompt_ids = self.tokenize_prompt(prompt_template.format(question=question))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.model.config.text_config.pad_token_id or 0)
+        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams)
+        eos = generation_eos(folder)
+        if eos is not None:
+            self.generate_kwargs["eos_token_id"] = eos
+
+    def build_processor(self, folder: str) -> ClipFrameProcessor:
+        """The checkpoint's image processor: CLIP's, or LLaVA-NeXT's tiles."""
+        size = self.model.config.vision_config.image_size
+        if isinstance(self.model, LlavaNextForConditionalGeneration):
+            return LlavaNextFrameProcessor.from_pretrained(folder, size, self.model.config.image_grid_pinpoints)
+        return ClipFrameProcessor.from_pretrained(folder, size)
+
+    def images_in_prompt(self) -> int:
+        """``<image>`` markers in the prompt: one per frame."""
+        return self.num_frames
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        """Prompt ids with one image token per frame (``<image>`` repeated, one per line)."""
+        if IMAGE not in prompt:
+            raise ConfigError(f"the prompt template needs an {IMAGE} marker: {prompt!r}")
+        prompt = prompt.replace(IMAGE, "\n".join([IMAGE] * self.images_in_prompt()), 1)
+        ids = self.tokenizer(prompt)["input_ids"]
+        found = sum(i == self.image_token for i in ids)
+        if found != self.images_in_prompt():
+            raise ConfigError(f"the tokenizer turned {self.images_in_prompt()} {IMAGE} markers into {found} "
+                             f"image tokens ({self.image_token}); it must know {IMAGE} as one special token")
+        return ids
+
+    def expand(self, counts: Sequence[int]) -> list[int]:
+        """The prompt with its k-th image token repeated counts[k] times."""
+        counts = iter(counts)
+        out: list[int] = []
+        for i in self.prompt_ids:
+            out += [i] * next(counts) if i == self.image_token else [i]
+        return out
+
+    def prepare(self, frames: np.ndarray) -> Any:
+        return self.processor(frames)
+
+    def model_inputs(self, batch: Sequence[Any]) -> tuple[list[list[int]], dict]:
+        """Per-video prompt ids and the model's pixel inputs for a batch of prepared videos."""
+        if isinstance(self.model, LlavaNextForConditionalGeneration):
+            sizes = np.concatenate([s for _, s in batch])
+            tiles = max(p.shape[1] for p, _ in batch)
+            pixels = np.concatenate([np.pad(p, ((0, 0), (0, tiles - p.shape[1])) + ((0, 0),) * 3) for p, _ in batch])
+            prompts = [self.expand([self.model.image_token_count(s) for s in video_sizes]) for _, video_sizes in batch]
+            return prompts, dict(pixel_values=pixels, image_sizes=sizes)
+        count = self.model.image_token_count()
+        return [self.expand([count] * self.num_frames)] * len(batch), dict(pixel_values=np.stack(batch))
+
+    def generate(self, batch: Sequence[Any]) -> list[str]:
+        prompts, pixels = self.model_inputs(batch)
+        length = max(len(p) for p in prompts)
+        input_ids = np.full((len(prompts), length), self.pad_id, np.int64)
+        mask = np.zeros((len(prompts), length), np.int64)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, length - len(prompt):] = prompt
+            mask[row, length - len(prompt):] = 1
+        ids = self.model.generate(input_ids=input_ids, attention_mask=mask, **pixels, **self.generate_kwargs)
+        texts = self.tokenizer.batch_decode(ids[:, length:], skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt_template", help="the prompt around the question: {question} and one <image> marker "
+                                             "(replaced by the frames); match the checkpoint's chat format")
+    p.add_argument("--num_beams", type=int, help="beam search width (1: greedy)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common_parser(
+        "Caption videos with LLaVA-1.5 or LLaVA-NeXT (llava-hf/llava-1.5-*, llava-hf/llava-v1.6-*, "
+        "xtuner/llava-llama-3-8b-v1_1-transformers); each sampled frame is one image of the prompt.",
+        epilog=f"defaults come from {BASE_CONFIG.relative_to(CONFIG_DIR.parent)}\n"
+               "example:\n  python -m pipeline.captioning.caption_llava meta.csv "
+               "--pretrained_model_name_or_path /models/llava-1.5-7b-hf --bs 8\n"
+               "  LLaVA-NeXT Mistral: --prompt_template '[INST] <image>\\n{question} [/INST]'")
+    add_generation_flags(p)
+    return p
+
+
+def build_captioner(args: argparse.Namespace, dtype: str) -> LlavaCaptioner:
+    if not args.pretrained_model_name_or_path:
+        raise FileNotFoundError("--pretrained_model_name_or_path is required: a local LLaVA checkpoint folder")
+    captioner = LlavaCaptioner(args.pretrained_model_name_or_path, dtype, question=args.question,
+                               num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
+                               num_beams=args.num_beams, prompt_template=args.prompt_template)
+    if isinstance(captioner.model, PllavaForConditionalGeneration):
+        raise ConfigError("this checkpoint is PLLaVA: use pipeline/captioning/caption_pllava.py")
+    return captioner
+
+
+def main(argv: Sequence[str] | None = None) -> RunSummary:
+    return main_with(build_parser(), build_captioner, argv, base_config=BASE_CONFIG)
+
+
+if __name__ == "__main__":
+    main()
