@@ -1,0 +1,132 @@
+"""Teacher-forced token log-probabilities of captions given videos: the CE loss and SCST's log-prob.
+
+Both objectives need the same thing: for each (video, caption token ids) pair, the
+log-probability of every caption token under the model with the caption fed as input.
+The layout follows the model: OPT reads [image slots] + prompt + caption + eos as one
+sequence (labels only on the caption), T5 encodes [image slots] + prompt and decodes
+the caption. The video is encoded once per video even when several captions share it.
+
+Losses are sums over tokens divided by a count the caller passes (the token count of the
+global batch), so data-parallel ranks that all-reduce-sum their gradients get exactly
+the gradient of one process running the whole batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
+
+
+@dataclass
+class CaptionTokens:
+    """Model inputs for N (video row, caption) pairs; ``rows`` maps each pair to its video."""
+
+    input_ids: np.ndarray        # (N, L) prompt (+ caption for decoder-only), right-padded
+    attention_mask: np.ndarray   # (N, L)
+    labels: np.ndarray           # decoder-only: (N, L) aligned with input_ids; T5: (N, S) decoder targets; -100 ignored
+    rows: np.ndarray             # (N,) video index of each pair
+
+    @property
+    def token_counts(self) -> np.ndarray:
+        """(N,) number of supervised tokens per pair."""
+        return (self.labels != -100).sum(axis=1)
+
+
+class CaptionEncoder:
+    """Turns caption strings or generated ids into :class:`CaptionTokens` for one model and prompt."""
+
+    def __init__(self, model, tokenizer, prompt: str = "a video of", max_txt_len: int = 32):
+        config = model.config
+        self.is_decoder_only = model.is_decoder_only
+        text = config.text_config
+        self.eos = int(text.eos_token_id)
+        self.pad = int(text.pad_token_id if text.pad_token_id is not None else self.eos)
+        self.tokenizer = tokenizer
+        self.max_txt_len = max_txt_len
+        self.prompt_ids = list(tokenizer(prompt)["input_ids"]) if prompt else []
+        if self.is_decoder_only and not self.prompt_ids and text.bos_token_id is not None:
+            self.prompt_ids = [int(text.bos_token_id)]
+        if config.image_token_index is not None:
+            self.prompt_ids = [int(config.image_token_index)] * config.num_query_tokens + self.prompt_ids
+
+    def prompt_batch(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Prompt ids and mask for ``generate``."""
+        ids = np.tile(np.asarray(self.prompt_ids, np.int64), (batch, 1))
+        return ids, np.ones_like(ids)
+
+    def caption_ids(self, captions: Sequence[str]) -> list[list[int]]:
+        """Token ids of each caption, truncated to ``max_txt_len`` tokens including the final eos."""
+        out = []
+        for text in captions:
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])[: self.max_txt_len - 1]
+            out.append(ids + [self.eos])
+        return out
+
+    def generated_ids(self, sequences: np.ndarray, prompt_len: int) -> list[list[int]]:
+        """New tokens of ``generate`` output up to and including the first eos (padding dropped)."""
+        start = prompt_len if self.is_decoder_only else 1
+        out = []
+        for row in np.asarray(sequences)[:, start:]:
+            ends = np.flatnonzero(row == self.eos)
+            out.append([int(t) for t in (row[: ends[0] + 1] if len(ends) else row)])
+        return out
+
+    def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode([list(i) for i in ids], skip_special_tokens=True)]
+
+    def encode(self, captions: Sequence[Sequence[int]], rows: Optional[Sequence[int]] = None) -> CaptionTokens:
+        """Inputs for caption token ids (e.g. from :meth:`caption_ids`); ``rows``: their videos (default 0..N-1)."""
+        n = len(captions)
+        rows = np.arange(n) if rows is None else np.asarray(rows, np.int64)
+        width = max(len(c) for c in captions)
+        prompt = self.prompt_ids
+        if self.is_decoder_only:
+            length = len(prompt) + width
+            ids = np.full((n, length), self.pad, np.int64)
+            mask = np.zeros((n, length), np.int64)
+            labels = np.full((n, length), -100, np.int64)
+            for i, cap in enumerate(captions):
+                end = len(prompt) + len(cap)
+                ids[i, :end] = prompt + list(cap)
+                mask[i, :end] = 1
+                labels[i, len(prompt):end] = cap
+            return CaptionTokens(ids, mask, labels, rows)
+        ids = np.tile(np.asarray(prompt, np.int64), (n, 1))
+        labels = np.full((n, width), -100, np.int64)
+        for i, cap in enumerate(captions):
+            labels[i, :len(cap)] = cap
+        return CaptionTokens(ids, np.ones_like(ids), labels, rows)
+
+
+def token_logprobs(model, pixel_values, tokens: CaptionTokens) -> tuple[Tensor, Tensor]:
+    """(N, S) log-probabilities of the supervised tokens (0 elsewhere) and the (N, S) float mask.
+
+    Differentiable with respect to the model's parameters.
+    """
+    image_embeds = model.get_image_features(pixel_values)
+    if len(tokens.rows) != image_embeds.shape[0] or (tokens.rows != np.arange(len(tokens.rows))).any():
+        image_embeds = ops.gather(image_embeds, Tensor(tokens.rows.astype(np.int32)), 0)
+    embeds, mask = model._merge(image_embeds, tokens.input_ids, tokens.attention_mask)
+    mask = Tensor(mask.astype(np.int32))
+    labels = Tensor(tokens.labels.astype(np.int32))
+    lm = model.language_model
+    if model.is_decoder_only:
+        logits = lm(inputs_embeds=embeds, attention_mask=mask).logits
+        logits = logits[:, -labels.shape[1]:][:, :-1]
+        labels = labels[:, 1:]
+    else:
+        logits = lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=lm.shift_right(labels)).logits
+    valid = labels != -100
+    logp = ops.log_softmax(logits.astype(ms.float32), axis=-1)
+    picked = ops.gather_elements(logp, -1, ops.where(valid, labels, ops.zeros_like(labels))[..., None])[..., 0]
+    weight = valid.astype(ms.float32)
+    return picked * weight, weight
+
+
+def caption_loss(model, pixel_values, tokens: CaptionTokens, total_tokens: float) -> Tensor:
+    """Cross-entropy summed over this batch's caption tokens, divided by ``total_tokens`` (the global count)."""
+    logp, _ = token_logprobs(model, pixel_values, tokens)
+    return -logp.sum() / total_tokens
