@@ -21,6 +21,15 @@ ARCHITECTURES = {
 }
 
 
+def build_language_model(text_config, supported: dict[str, tuple[str, str]], owner: str):
+    """The decoder a vision-language model wraps, by ``text_config.model_type`` -> (module, class)."""
+    if text_config.model_type not in supported:
+        raise NotImplementedError(f"{owner} with a {text_config.model_type!r} language model is not supported; "
+                                  f"supported: {', '.join(sorted(supported))}")
+    module, name = supported[text_config.model_type]
+    return getattr(importlib.import_module(module), name)(text_config)
+
+
 def model_family(config: dict) -> str:
     """The registry key for a parsed config.json: its ``model_type``, else its ``architectures``."""
     if config.get("model_type") in MODEL_TYPES:

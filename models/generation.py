@@ -161,7 +161,8 @@ class _Session:
         return out[0].asnumpy().astype(np.float32)
 
 
-def _to_numpy(x, dtype) -> Optional[np.ndarray]:
+def to_numpy(x, dtype=None) -> Optional[np.ndarray]:
+    """Accept Tensors, numpy arrays or lists (None passes through)."""
     if x is None:
         return None
     return np.asarray(x.asnumpy() if isinstance(x, Tensor) else x, dtype)
@@ -218,9 +219,9 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     pad = pad_token_id if pad_token_id is not None else getattr(cfg, "pad_token_id", None)
     if pad is None:
         pad = eos[0] if eos else 0
-    input_ids = _to_numpy(input_ids, np.int64)
+    input_ids = to_numpy(input_ids, np.int64)
     batch, length = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
-    attention_mask = np.ones((batch, length), np.int32) if attention_mask is None else _to_numpy(
+    attention_mask = np.ones((batch, length), np.int32) if attention_mask is None else to_numpy(
         attention_mask, np.int32)
     if model.is_encoder_decoder:
         start = decoder_start_token_id if decoder_start_token_id is not None else cfg.decoder_start_token_id

@@ -65,7 +65,8 @@ def rotate_half(x: Tensor) -> Tensor:
 class LlamaAttention(nn.Cell):
     """Grouped-query self-attention: ``num_key_value_heads`` key/value heads shared by groups of query heads."""
 
-    def __init__(self, config):
+    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None):
+        """Biases follow ``config.attention_bias`` unless given (Qwen2: q/k/v with bias, o without)."""
         super().__init__()
         dim = config.hidden_size
         self.num_heads = config.num_attention_heads
@@ -73,10 +74,11 @@ class LlamaAttention(nn.Cell):
         self.head_dim = getattr(config, "head_dim", None) or dim // self.num_heads
         self.scaling = self.head_dim ** -0.5
         bias = bool(getattr(config, "attention_bias", False))
-        self.q_proj = Linear(dim, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, dim, bias=bias)
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.q_proj = Linear(dim, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, dim, bias=bias if o_bias is None else o_bias)
 
     def _heads(self, x: Tensor, heads: int) -> Tensor:
         b, t, _ = x.shape
@@ -119,9 +121,11 @@ class LlamaMLP(nn.Cell):
 
 
 class LlamaDecoderLayer(nn.Cell):
-    def __init__(self, config):
+    """Pre-norm block; ``cos``/``sin`` come broadcastable to (B, heads, T, head_dim)."""
+
+    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None):
         super().__init__()
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, qkv_bias, o_bias)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

@@ -24,7 +24,6 @@ Parameter names equal transformers' ``Blip2ForConditionalGeneration``, so publis
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -35,11 +34,12 @@ from mindspore import Tensor, nn, ops
 from models.blip2.qformer import Blip2QFormerModel
 from models.blip2.vision import Blip2VisionModel, merge_q_v_bias
 from models.checkpoint import TensorRef
-from models.generation import GenerateOutput, causal_lm_loss, generate, to_tensor
+from models import build_language_model
+from models.generation import GenerateOutput, causal_lm_loss, generate, to_numpy, to_tensor
 from models.layers import Linear, zeros_parameter
 
 if TYPE_CHECKING:
-    from transformers import Blip2Config, PretrainedConfig
+    from transformers import Blip2Config
 
 # text_config.model_type -> (module, class) of the native language model
 LANGUAGE_MODELS = {
@@ -56,22 +56,6 @@ class Blip2Output:
     loss: Optional[Tensor] = None
 
 
-def _language_model(text_config: "PretrainedConfig") -> nn.Cell:
-    if text_config.model_type not in LANGUAGE_MODELS:
-        raise NotImplementedError(
-            f"BLIP-2 with a {text_config.model_type!r} language model is not supported; "
-            f"supported: {', '.join(sorted(LANGUAGE_MODELS))}"
-        )
-    module, name = LANGUAGE_MODELS[text_config.model_type]
-    return getattr(importlib.import_module(module), name)(text_config)
-
-
-def _numpy(x) -> Optional[np.ndarray]:
-    if x is None or isinstance(x, np.ndarray):
-        return x
-    return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
-
-
 class Blip2ForConditionalGeneration(nn.Cell):
     """Image/video captioner with transformers' forward/generate interface (inference and training)."""
 
@@ -85,7 +69,7 @@ class Blip2ForConditionalGeneration(nn.Cell):
         self.query_tokens = zeros_parameter((1, config.num_query_tokens, qformer_size))
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.language_projection = Linear(qformer_size, config.text_config.hidden_size)
-        self.language_model = _language_model(config.text_config)
+        self.language_model = build_language_model(config.text_config, LANGUAGE_MODELS, "BLIP-2")
         self.is_decoder_only = bool(config.use_decoder_only_language_model)
         self.use_jit = True  # compile the image/video encoder (several times faster); False to debug
         # Frames per compiled vision-encoder call: one static shape compiles once, and graph mode's
@@ -173,7 +157,7 @@ class Blip2ForConditionalGeneration(nn.Cell):
                   decoder_attention_mask=None, labels=None) -> Blip2Output:
         """transformers' ``Blip2ForConditionalGeneration.forward``; numpy or Tensor inputs."""
         image_embeds = self.get_image_features(pixel_values)
-        embeds, mask = self._merge(image_embeds, _numpy(input_ids), _numpy(attention_mask))
+        embeds, mask = self._merge(image_embeds, to_numpy(input_ids), to_numpy(attention_mask))
         mask = Tensor(mask.astype(np.int32))
         if self.is_decoder_only:
             logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits
@@ -211,8 +195,8 @@ class Blip2ForConditionalGeneration(nn.Cell):
                 raise ValueError("give input_ids (a prompt) for an encoder-decoder model without image tokens")
             input_ids = np.tile(np.asarray(start, np.int64), (batch, 1))
             attention_mask = None
-        input_ids = _numpy(input_ids).astype(np.int64)
-        embeds, mask = self._merge(image_embeds, input_ids, _numpy(attention_mask))
+        input_ids = to_numpy(input_ids).astype(np.int64)
+        embeds, mask = self._merge(image_embeds, input_ids, to_numpy(attention_mask))
         prompt = {"input_ids": input_ids} if self.is_decoder_only else {}
         out: GenerateOutput = generate(self.language_model, inputs_embeds=embeds, attention_mask=mask,
                                        **prompt, **generate_kwargs)

@@ -14,7 +14,6 @@ on the decoder's q/v projections; :meth:`PllavaForConditionalGeneration.checkpoi
 """
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -25,11 +24,12 @@ from mindspore import Tensor, nn, ops
 
 from models.checkpoint import CheckpointError, TensorRef
 from models.clip_vision import CLIPVisionModel
-from models.generation import GenerateOutput, causal_lm_loss, generate, to_tensor
+from models import build_language_model
+from models.generation import GenerateOutput, causal_lm_loss, generate, to_numpy, to_tensor
 from models.layers import Linear, gelu
 
 if TYPE_CHECKING:
-    from transformers import LlavaConfig, PretrainedConfig
+    from transformers import LlavaConfig
 
 # text_config.model_type -> (module, class) of the native decoder
 LANGUAGE_MODELS = {
@@ -52,20 +52,6 @@ class LlavaOutput:
 
     logits: Tensor
     loss: Optional[Tensor] = None
-
-
-def language_model(text_config: "PretrainedConfig") -> nn.Cell:
-    if text_config.model_type not in LANGUAGE_MODELS:
-        raise NotImplementedError(f"LLaVA with a {text_config.model_type!r} decoder is not supported; "
-                                  f"supported: {', '.join(sorted(LANGUAGE_MODELS))}")
-    module, name = LANGUAGE_MODELS[text_config.model_type]
-    return getattr(importlib.import_module(module), name)(text_config)
-
-
-def _numpy(x) -> Optional[np.ndarray]:
-    if x is None or isinstance(x, np.ndarray):
-        return x
-    return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
 class LlavaMultiModalProjector(nn.Cell):
@@ -102,7 +88,7 @@ class LlavaForConditionalGeneration(nn.Cell):
             raise NotImplementedError(f"vision tower {config.vision_config.model_type!r} is not supported (CLIP)")
         self.vision_tower = CLIPVisionModel(config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)
-        self.language_model = language_model(config.text_config)
+        self.language_model = build_language_model(config.text_config, LANGUAGE_MODELS, "LLaVA")
         self.feature_layer = config.vision_feature_layer
         self.drop_cls = config.vision_feature_select_strategy == "default"
         self.use_jit = True  # compile the vision tower + projector; False to debug in PyNative
@@ -153,14 +139,14 @@ class LlavaForConditionalGeneration(nn.Cell):
         return ops.where(Tensor(slots)[..., None], placed, embeds)
 
     def _embeds(self, pixel_values, input_ids, image_sizes=None) -> tuple[Tensor, np.ndarray]:
-        input_ids = _numpy(input_ids).astype(np.int64)
+        input_ids = to_numpy(input_ids).astype(np.int64)
         features = self.get_image_features(pixel_values, image_sizes=image_sizes)
         return self.merge(features, input_ids), input_ids
 
     def construct(self, pixel_values, input_ids, attention_mask=None, labels=None, image_sizes=None) -> LlavaOutput:
         """transformers' forward: logits (B, L, V) for a prompt whose image tokens are already expanded."""
         embeds, input_ids = self._embeds(pixel_values, input_ids, image_sizes)
-        mask = np.ones(input_ids.shape, np.int32) if attention_mask is None else _numpy(attention_mask)
+        mask = np.ones(input_ids.shape, np.int32) if attention_mask is None else to_numpy(attention_mask)
         logits = self.language_model(inputs_embeds=embeds, attention_mask=Tensor(mask.astype(np.int32))).logits
         loss = None if labels is None else causal_lm_loss(logits, to_tensor(labels, ms.int32), shift=True)
         return LlavaOutput(logits=logits, loss=loss)
@@ -173,7 +159,7 @@ class LlavaForConditionalGeneration(nn.Cell):
         :func:`models.generation.generate` (``max_new_tokens``, ``num_beams``, ``do_sample``, ...).
         """
         embeds, input_ids = self._embeds(pixel_values, input_ids, image_sizes)
-        mask = None if attention_mask is None else _numpy(attention_mask).astype(np.int32)
+        mask = None if attention_mask is None else to_numpy(attention_mask).astype(np.int32)
         out: GenerateOutput = generate(self.language_model, input_ids=input_ids, inputs_embeds=embeds,
                                        attention_mask=mask, **generate_kwargs)
         return out if return_dict_in_generate else out.sequences

@@ -26,10 +26,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from models.generation import (GenerateOutput, attend, attention_bias, causal_lm_loss, generate, slot_ids,
-                               write_cache)
+from models.generation import GenerateOutput, attention_bias, causal_lm_loss, generate, slot_ids
 from models.layers import Embedding, Linear, RMSNorm
-from models.qwen2_vl.vision import Qwen2VisionTransformer, rotate_half
+from models.llama import LlamaDecoderLayer
+from models.qwen2_vl.vision import Qwen2VisionTransformer
 
 if TYPE_CHECKING:
     from transformers import Qwen2VLConfig
@@ -117,70 +117,6 @@ class MultimodalRotary(nn.Cell):
         return ops.cos(angles), ops.sin(angles)
 
 
-class Qwen2Attention(nn.Cell):
-    """Grouped-query attention: ``num_key_value_heads`` K/V heads shared by groups of query heads."""
-
-    def __init__(self, config):
-        super().__init__()
-        dim = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = dim // self.num_heads
-        self.scaling = self.head_dim ** -0.5
-        self.q_proj = Linear(dim, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = Linear(self.num_heads * self.head_dim, dim, bias=False)
-
-    def _heads(self, x: Tensor, heads: int) -> Tensor:
-        b, t, _ = x.shape
-        return x.reshape(b, t, heads, self.head_dim).swapaxes(1, 2)
-
-    def _expand(self, x: Tensor) -> Tensor:
-        b, kv, length, d = x.shape
-        groups = self.num_heads // self.num_kv_heads
-        return ops.broadcast_to(x[:, :, None], (b, kv, groups, length, d)).reshape(b, kv * groups, length, d)
-
-    def construct(self, x, cos, sin, bias, slots, past_key=None, past_value=None):
-        q = self._heads(self.q_proj(x), self.num_heads)
-        k = self._heads(self.k_proj(x), self.num_kv_heads)
-        v = self._heads(self.v_proj(x), self.num_kv_heads)
-        cos, sin = cos[:, None].astype(x.dtype), sin[:, None].astype(x.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if past_key is not None:
-            k, v = write_cache(past_key, k, slots), write_cache(past_value, v, slots)
-        out = attend(q * self.scaling, self._expand(k), self._expand(v), bias)
-        return self.o_proj(out), k, v
-
-
-class Qwen2MLP(nn.Cell):
-    def __init__(self, config):
-        super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"Qwen2 port supports hidden_act='silu', got {config.hidden_act!r}")
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def construct(self, x: Tensor) -> Tensor:
-        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Qwen2DecoderLayer(nn.Cell):
-    def __init__(self, config):
-        super().__init__()
-        self.self_attn = Qwen2Attention(config)
-        self.mlp = Qwen2MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def construct(self, x, cos, sin, bias, slots, past_key=None, past_value=None):
-        h, key, value = self.self_attn(self.input_layernorm(x), cos, sin, bias, slots, past_key, past_value)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), key, value
-
-
 class Qwen2VLTextModel(nn.Cell):
     """The Qwen2 decoder stack (``model.*`` in the published checkpoints)."""
 
@@ -189,7 +125,9 @@ class Qwen2VLTextModel(nn.Cell):
         if getattr(config, "use_sliding_window", False):
             raise NotImplementedError("sliding-window attention is not supported (Qwen2-VL does not use it)")
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.CellList([Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        # Qwen2's decoder is Llama's with biased q/k/v projections (and M-RoPE, applied through cos/sin).
+        self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias=True, o_bias=False)
+                                   for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         rope = config.rope_scaling or {}
         if rope.get("rope_type", "default") != "default":
@@ -200,6 +138,7 @@ class Qwen2VLTextModel(nn.Cell):
     def construct(self, inputs_embeds, attention_mask, positions, slots, cache=None):
         """T positions (3-D ``positions`` (B, 3, T)) written at ``slots``; the mask covers all key slots."""
         cos, sin = self.rotary(positions)
+        cos, sin = cos[:, None].astype(inputs_embeds.dtype), sin[:, None].astype(inputs_embeds.dtype)
         bias = attention_bias(attention_mask, slots)
         x = inputs_embeds
         new_cache = ()

@@ -18,6 +18,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from models.layers import LayerNorm, Linear, zeros_parameter
+from models.llama import rotate_half
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -38,11 +39,6 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu, "silu": ops.silu}
 class GELU(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         return gelu(x)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return ops.concat((-x[..., half:], x[..., :half]), axis=-1)
 
 
 class PatchProjection(nn.Cell):
