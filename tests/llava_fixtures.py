@@ -3,20 +3,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 from transformers import AutoTokenizer
 
 from tests.tiny_models import _randomize, save_word_tokenizer
-from tests.video_factory import write_corrupt
+from tests.video_factory import write_caption_clips
 
 IMAGE_TOKEN = 4
 VOCAB = 96
@@ -146,23 +142,9 @@ def merge_lora(state: dict) -> dict:
     return out
 
 
-SOURCES = ("color=c=red", "color=c=blue", "testsrc=decimals=0", "cellauto=rule=110")
-
-
 def make_videos(folder: Path) -> Path:
     """Four visibly different 64x48 clips and a broken one, listed in meta.csv."""
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg is not installed")
-    rows = []
-    for i, source in enumerate(SOURCES):
-        subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
-                        f"{source}:size=64x48:rate=10", "-t", "1.5", "-pix_fmt", "yuv420p",
-                        str(folder / f"v{i}.mp4")], check=True, timeout=60)
-        rows.append({"path": f"v{i}.mp4", "clip_id": f"c{i:02d}"})
-    write_corrupt(folder / "broken.mp4")
-    rows.append({"path": "broken.mp4", "clip_id": "bad"})
-    pd.DataFrame(rows).to_csv(folder / "meta.csv", index=False)
-    return folder / "meta.csv"
+    return write_caption_clips(folder)
 
 
 def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:

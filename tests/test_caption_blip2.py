@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import csv
-import shutil
-import subprocess
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration as HFBlip2
@@ -16,7 +13,7 @@ from pipeline.captioning.caption_blip2 import main as blip2_main
 from pipeline.datasets.video import sample_frames
 from tests.msrun import run_msrun
 from tests.tiny_models import OPT, T5, save_tiny_blip2
-from tests.video_factory import write_corrupt
+from tests.video_factory import write_caption_clips
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = ["--max_new_tokens", "6", "--min_new_tokens", "2", "--num_beams", "2", "--device", "CPU"]
@@ -28,25 +25,9 @@ def checkpoint(request, tmp_path_factory) -> Path:
     return save_tiny_blip2(tmp_path_factory.mktemp(f"blip2_{request.param}"), text)
 
 
-SOURCES = ("color=c=red", "color=c=blue", "testsrc=decimals=0", "cellauto=rule=110")
-
-
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> Path:
-    """Four visibly different clips (so a tiny random model captions them differently) and a broken one."""
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg is not installed")
-    folder = tmp_path_factory.mktemp("videos")
-    rows = []
-    for i, source in enumerate(SOURCES):
-        subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
-                        f"{source}:size=64x48:rate=10", "-t", "1.5", "-pix_fmt", "yuv420p",
-                        str(folder / f"v{i}.mp4")], check=True, timeout=60)
-        rows.append({"path": f"v{i}.mp4", "clip_id": f"c{i:02d}"})
-    write_corrupt(folder / "broken.mp4")
-    rows.append({"path": "broken.mp4", "clip_id": "bad"})
-    pd.DataFrame(rows).to_csv(folder / "meta.csv", index=False)
-    return folder / "meta.csv"
+    return write_caption_clips(tmp_path_factory.mktemp("videos"))
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -295,24 +294,9 @@ CLI = ["--height", "56", "--width", "84", "--fps", "4", "--max_new_tokens", "6",
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> Path:
     """Clips of different durations (so different frame and token counts) and a broken file."""
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg is not installed")
-    from tests.video_factory import write_corrupt
+    from tests.video_factory import write_caption_clips
 
-    folder = tmp_path_factory.mktemp("qwen_videos")
-    rows = []
-    for i, (source, seconds) in enumerate(SOURCES):
-        subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
-                        f"{source}:size=64x48:rate=10", "-t", str(seconds), "-pix_fmt", "yuv420p",
-                        str(folder / f"v{i}.mp4")], check=True, timeout=60)
-        rows.append({"path": f"v{i}.mp4", "clip_id": f"c{i}"})
-    write_corrupt(folder / "broken.mp4")
-    rows.append({"path": "broken.mp4", "clip_id": "bad"})
-    with open(folder / "meta.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "clip_id"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return folder / "meta.csv"
+    return write_caption_clips(tmp_path_factory.mktemp("qwen_videos"), SOURCES, clip_id="c{}")
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -208,3 +208,27 @@ def write_corrupt(path: str | os.PathLike, num_bytes: int = 4096, seed: int = 0)
     path.write_bytes(np.random.default_rng(seed).integers(0, 256, num_bytes, dtype=np.uint8)
                      .tobytes())
     return path
+
+
+# Visibly different clips, so that a tiny random model captions each differently: (lavfi source, seconds).
+CAPTION_CLIPS = (("color=c=red", 1.5), ("color=c=blue", 1.5), ("testsrc=decimals=0", 1.5), ("cellauto=rule=110", 1.5))
+
+
+def write_caption_clips(folder: str | os.PathLike, sources=CAPTION_CLIPS, clip_id: str = "c{:02d}") -> Path:
+    """64x48 clips v<i>.mp4 plus a corrupt broken.mp4, listed with a clip_id column in meta.csv."""
+    import pandas as pd
+
+    exe = ffmpeg_path()
+    if exe is None:
+        _skip("ffmpeg is not installed")
+    folder = Path(folder)
+    rows = []
+    for i, (source, seconds) in enumerate(sources):
+        subprocess.run([exe, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                        f"{source}:size=64x48:rate=10", "-t", str(seconds), "-pix_fmt", "yuv420p",
+                        str(folder / f"v{i}.mp4")], check=True, timeout=60)
+        rows.append({"path": f"v{i}.mp4", "clip_id": clip_id.format(i)})
+    write_corrupt(folder / "broken.mp4")
+    rows.append({"path": "broken.mp4", "clip_id": "bad"})
+    pd.DataFrame(rows).to_csv(folder / "meta.csv", index=False)
+    return folder / "meta.csv"
