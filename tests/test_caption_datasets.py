@@ -183,7 +183,7 @@ def test_shards_are_disjoint_and_cover_the_global_batch(samples):
         assert b0.indices + b1.indices == whole.indices
         assert whole.indices == list(single.epoch_order(0)[4 * step:4 * step + 4])
         np.testing.assert_array_equal(np.concatenate([b0.pixel_values, b1.pixel_values]), whole.pixel_values)
-        assert b0.texts == [samples[i].captions[0] for i in b0.indices]
+        assert b0.captions == [samples[i].captions for i in b0.indices]
 
 
 def test_epoch_without_drop_last_visits_every_sample_once(samples):

@@ -113,6 +113,24 @@ def test_ce_trains_only_the_qformer_and_loss_decreases(ce_run, opt_folder):
     assert from_pretrained(ce_run.out / "final").config.num_query_tokens == 4  # the export is a model folder
 
 
+def test_ce_per_video_targets_equal_the_same_pairs(opt_folder, dataset, tmp_path):
+    """ce_references video (2 videos, all 2 captions each, every video encoded once) takes the update
+    that pair mode takes on the same 4 (video, caption) pairs; --train_language_model trains the OPT too."""
+    four = subset(dataset, "four.csv", 4)  # red_square x 2 captions, red_circle x 2 captions
+    common = dict(max_steps=1, lr=1e-3, min_lr=1e-3, train_language_model=True)
+    pairs = train_mod.main(flags(opt_folder, four, tmp_path / "pairs", batch_size=4, **common))
+    videos = train_mod.main(flags(opt_folder, four, tmp_path / "videos", batch_size=2, ce_references="video",
+                                  **common))
+    np.testing.assert_allclose(videos[0].loss, pairs[0].loss, rtol=1e-6)
+    a, b = weights(tmp_path / "pairs" / "final"), weights(tmp_path / "videos" / "final")
+    for key in a:  # attention key biases get ~0 gradients, which Adam turns into lr-sized noise
+        if not key.endswith(("key.bias", "k_proj.bias")):
+            np.testing.assert_allclose(b[key], a[key], atol=1e-5, rtol=0, err_msg=key)
+    diff = changed(weights(opt_folder), a)
+    assert any(k.startswith("language_model.") for k in diff)
+    assert all(k.startswith(TRAINED + ("language_model.",)) for k in diff), sorted(diff)[:5]
+
+
 def test_lora_t5_keeps_base_weights(t5_folder, dataset, tmp_path, monkeypatch):
     """LoRA on q, v: base LM weights bit-identical (saved separately), adapters and Q-Former trained;
     the validation videos are captioned and scored at the end."""

@@ -5,6 +5,12 @@ the vision encoder as B*T images, their tokens are concatenated per video into
 (B, T*N, D), and the one set of query tokens cross-attends over all of them (no
 temporal embedding, no pooling). T=1 or 4-D (B, 3, H, W) input is plain image BLIP-2.
 
+Cross-attention over a set of tokens cannot tell frame order, so such a model cannot
+tell left from right or growing from shrinking. ``config.num_frame_positions = M``
+(not in published checkpoints; the bundled demo model uses it) adds a learned
+embedding of each frame's relative time to its tokens: frame t of T gets row
+round(t * (M - 1) / (T - 1)) of an (M, D) table, so any frame count maps onto it.
+
 The query outputs reach the language model in one of two ways, as transformers does:
 
 * ``config.image_token_index`` set (transformers >= 4.47 checkpoints/processors): the
@@ -70,6 +76,9 @@ class Blip2ForConditionalGeneration(nn.Cell):
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.language_projection = Linear(qformer_size, config.text_config.hidden_size)
         self.language_model = build_language_model(config.text_config, LANGUAGE_MODELS, "BLIP-2")
+        positions = int(getattr(config, "num_frame_positions", 0) or 0)
+        self.frame_position_embedding = (zeros_parameter((positions, config.vision_config.hidden_size))
+                                         if positions else None)
         self.is_decoder_only = bool(config.use_decoder_only_language_model)
         self.use_jit = True  # compile the image/video encoder (several times faster); False to debug
         # Frames per compiled vision-encoder call: one static shape compiles once, and graph mode's
@@ -104,8 +113,7 @@ class Blip2ForConditionalGeneration(nn.Cell):
         if self._vision_jit is None:
             self._vision_jit = ms.jit(self.vision_model.construct)
             self._query_jit = ms.jit(self.query_features)
-        tokens = self._chunked_vision(pixel_values)
-        return self._query_jit(tokens.reshape(batch, -1, tokens.shape[2]))
+        return self._query_jit(self.video_tokens(self._chunked_vision(pixel_values), batch))
 
     def _chunked_vision(self, frames: Tensor) -> Tensor:
         """Vision tokens of (N, 3, H, W) frames, ``frame_chunk`` frames per compiled call (last one zero-padded)."""
@@ -118,8 +126,18 @@ class Blip2ForConditionalGeneration(nn.Cell):
 
     def encode_frames(self, frames: Tensor, batch: int) -> Tensor:
         """(batch*T, 3, H, W) frames -> (batch, T*N, D) tokens -> Q-Former -> projection."""
-        tokens = self.vision_model(frames)
-        return self.query_features(tokens.reshape(batch, -1, tokens.shape[2]))
+        return self.query_features(self.video_tokens(self.vision_model(frames), batch))
+
+    def video_tokens(self, tokens: Tensor, batch: int) -> Tensor:
+        """(batch*T, N, D) frame tokens -> (batch, T*N, D), with frame-time embeddings when configured."""
+        frames, width = tokens.shape[0] // batch, tokens.shape[2]
+        if self.frame_position_embedding is None:
+            return tokens.reshape(batch, -1, width)
+        last = self.frame_position_embedding.shape[0] - 1
+        rows = np.round(np.arange(frames) * last / max(frames - 1, 1)).astype(np.int32)
+        table = ops.gather(self.frame_position_embedding, Tensor(rows), 0).astype(tokens.dtype)
+        tokens = tokens.reshape(batch, frames, -1, width) + table.reshape(1, frames, 1, width)
+        return tokens.reshape(batch, -1, width)
 
     def query_features(self, tokens: Tensor) -> Tensor:
         """(batch, T*N, D) vision tokens of all frames -> one set of queries -> LM-width features."""

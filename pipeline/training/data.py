@@ -45,11 +45,6 @@ class Batch:
     captions: list[tuple[str, ...]]   # training: one caption each; evaluation: all references
     indices: list[int]                # positions of the samples in the loader's sample list
 
-    @property
-    def texts(self) -> list[str]:
-        """The first caption of each sample (the training target)."""
-        return [caps[0] for caps in self.captions]
-
 
 class VideoCaptionLoader:
     """Iterates one epoch per ``iter()``; see the module doc for order, sharding and resume.

@@ -4,9 +4,11 @@
         --pretrained /models/blip2-flan-t5-xl --train_annotations ANN --video_root VIDEOS --output_dir OUT
     msrun --worker_num=8 --local_worker_num=8 --join=True pipeline/training/train.py --config ...
 
-What trains: the Q-Former, its query tokens and the language projection (always), LoRA
-on the language model's attention (``lora_targets``), the vision encoder
-(``train_vision``). Everything else is frozen and stays bit-identical.
+What trains: the Q-Former, its query tokens, the language projection and the frame-time
+embedding if the model has one (always), LoRA on the language model's attention
+(``lora_targets``), the vision encoder (``train_vision``), the whole language model
+(``train_language_model``, for models trained from scratch such as the bundled demo).
+Everything else is frozen and stays bit-identical.
 
 Data parallel: every rank reads its slice of each global batch (``pipeline.training.data``),
 losses are normalised by global counts (tokens for CE, candidates for SCST), and the
@@ -47,7 +49,7 @@ from pipeline.training.scst import ScstConfig, make_candidates, scst_loss
 
 logger = logging.getLogger(__name__)
 
-ALWAYS_TRAINED = ("query_tokens", "qformer.", "language_projection.")
+ALWAYS_TRAINED = ("query_tokens", "qformer.", "language_projection.", "frame_position_embedding")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
       help="frozen weights' dtype (auto: bfloat16 on Ascend, float32 on CPU); trained weights are float32")
     a("--train_vision", action=argparse.BooleanOptionalAction, default=False, help="also train the vision encoder")
+    a("--train_language_model", action=argparse.BooleanOptionalAction, default=False,
+      help="also train every language-model weight (models trained from scratch, e.g. the demo)")
     a("--lora_targets", nargs="*", default=[], help="LM attention Linear names to adapt, e.g. q v (T5) or "
                                                    "q_proj v_proj (OPT); empty: no LoRA")
     a("--lora_rank", type=int, default=8)
@@ -106,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--scst_baseline", choices=["mean", "greedy"], default="mean")
     a("--scst_references", choices=["video", "pair"], default="video",
       help="reward against all of a video's references (one sample per video) or one caption per sample")
+    a("--ce_references", choices=["pair", "video"], default="pair",
+      help="CE samples: one per (video, caption) pair (the reference recipe), or one per video with "
+           "all its captions as targets (each video encoded once: cheaper when the vision encoder trains)")
     a("--scst_temperature", type=float, default=1.0)
     # generation (evaluation and SCST)
     a("--num_beams", type=int, default=5)
@@ -123,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--export", action=argparse.BooleanOptionalAction, default=True,
       help="write <output_dir>/final as a model folder at the end")
     a("--device", choices=["Ascend", "CPU"], help="default: Ascend where available, else CPU")
+    a("--frame_chunk", type=int, default=8,
+      help="frames per compiled vision-encoder call: more is faster, less bounds graph-mode memory")
     a("--jit", action=argparse.BooleanOptionalAction, default=True,
       help="compile the video encoder, decoding steps and optimizer update (--no-jit: PyNative, for "
            "debugging and tiny models)")
@@ -159,7 +168,8 @@ def configure_trainable(model, args: argparse.Namespace) -> list[tuple[str, Para
         wrapped = apply_lora(model, args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha,
                              dropout=args.lora_dropout, seed=args.seed)
         logger.info("LoRA r=%d alpha=%g on %d layers", args.lora_rank, args.lora_alpha, len(wrapped))
-    prefixes = ALWAYS_TRAINED + (("vision_model.",) if args.train_vision else ())
+    prefixes = (ALWAYS_TRAINED + (("vision_model.",) if args.train_vision else ())
+                + (("language_model.",) if args.train_language_model else ()))
     trainable = []
     for name, param in model.parameters_and_names():
         train = name.startswith(prefixes) or name.endswith((".lora_A", ".lora_B"))
@@ -200,6 +210,7 @@ class Trainer:
         self.reward_fn = reward_fn
         self.optimizer = AdamW(trainable, weight_decay=args.weight_decay, use_jit=args.jit)
         model.use_jit = args.jit
+        model.frame_chunk = args.frame_chunk
         self.all_reduce = ops.AllReduce() if world_size > 1 else None
         self.step = 0  # optimizer updates done
         self.scst = ScstConfig(num_candidates=args.scst_num_candidates, candidates=args.scst_candidates,
@@ -226,7 +237,9 @@ class Trainer:
         """(loss function of no arguments, extra metrics) for one micro-batch."""
         pixels = batch.pixel_values
         if self.args.mode == "ce":
-            tokens = self.encoder.encode(self.encoder.caption_ids(batch.texts))
+            rows = [row for row, caps in enumerate(batch.captions) for _ in caps]
+            texts = [text for caps in batch.captions for text in caps]
+            tokens = self.encoder.encode(self.encoder.caption_ids(texts), rows)
             total = self.total_over_ranks(float(tokens.token_counts.sum()))
             return (lambda: caption_loss(self.model, pixels, tokens, total)), None
         cands = make_candidates(self.model, self.encoder, pixels, batch.captions, self.reward_fn, self.scst, rng)
@@ -286,7 +299,8 @@ def build_train_loader(args, records, processor, info):
     from pipeline.datasets.captions import training_samples
     from pipeline.training.data import VideoCaptionLoader
 
-    samples = records if args.mode == "scst" and args.scst_references == "video" else training_samples(records)
+    per_video = args.scst_references if args.mode == "scst" else args.ce_references
+    samples = records if per_video == "video" else training_samples(records)
     return VideoCaptionLoader(samples, args.batch_size, processor, num_frames=args.num_frames,
                               sampling="headtail", shuffle=True, seed=args.seed, rank=info.rank,
                               world_size=info.world_size, num_workers=args.num_workers)

@@ -1,0 +1,92 @@
+"""What the bundled demo model is built from: the word tokenizer and the frame-time embedding."""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from transformers import AutoTokenizer, Blip2Config
+
+from models import from_pretrained
+from models.blip2.modeling import Blip2ForConditionalGeneration
+from models.checkpoint import CheckpointError
+from models.layers import init_weights
+from pipeline.training import word_tokenizer
+from pipeline.training.checkpointing import export_model
+from tests.tiny_models import OPT, QFORMER, VISION
+
+ms.set_device("CPU")
+
+
+def test_word_tokenizer_round_trip(tmp_path):
+    csv = tmp_path / "train.csv"
+    csv.write_text('path,text\na.mp4,A red circle moves left\nb.mp4,"the circle moves left, it is red"\n'
+                   "c.mp4,a blue square grows\n")
+    word_tokenizer.main([str(csv), "--output", str(tmp_path / "tok"), "--vocab_size", "40"])
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert tok.convert_ids_to_tokens(list(range(5))) == list(word_tokenizer.SPECIALS)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert tok.convert_tokens_to_ids("<image>") == word_tokenizer.IMAGE_ID
+    # the most frequent words get the first ids; upper case folds; the prompt's words are included
+    assert tok.convert_ids_to_tokens(list(range(5, 10))) == ["a", "circle", "left", "moves", "red"]
+    ids = tok("A video of a red circle")["input_ids"]
+    assert ids[0] == 1 and word_tokenizer.UNK_ID not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "a video of a red circle"
+    assert tok("a green triangle", add_special_tokens=False)["input_ids"][1:] == [3, 3]  # unseen words
+    assert tok.decode(tok("the circle moves left, it is red")["input_ids"], skip_special_tokens=True) == \
+        "the circle moves left , it is red"
+
+
+def test_word_tokenizer_errors(tmp_path):
+    with pytest.raises(ValueError, match="more than the model's vocab_size 6"):
+        word_tokenizer.build_word_tokenizer(["one two three"], vocab_size=6)
+    csv = tmp_path / "c.csv"
+    csv.write_text("path,caption\na.mp4,hello\n")
+    with pytest.raises(ValueError, match="no 'text' column.*--column"):
+        word_tokenizer.caption_texts([csv])
+    assert word_tokenizer.caption_texts([csv], column="caption") == ["hello"]
+
+
+def _model(positions: int) -> Blip2ForConditionalGeneration:
+    config = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=OPT, num_query_tokens=4,
+                         image_token_index=60, num_frame_positions=positions)
+    model = Blip2ForConditionalGeneration(config)
+    init_weights(model, std=0.2, seed=1)
+    model.use_jit = False
+    model.set_train(False)
+    return model
+
+
+def test_frame_positions_make_the_model_see_frame_order():
+    """Without the table, cross-attention over all frames' tokens cannot tell a clip from its reverse."""
+    frames = np.random.default_rng(0).standard_normal((2, 4, 3, 28, 28)).astype(np.float32)
+    reverse = np.ascontiguousarray(frames[:, ::-1])
+    blind, seeing = _model(0), _model(4)
+    np.testing.assert_allclose(blind.get_image_features(reverse).asnumpy(),
+                               blind.get_image_features(frames).asnumpy(), atol=1e-5)
+    diff = np.abs(seeing.get_image_features(reverse).asnumpy() - seeing.get_image_features(frames).asnumpy())
+    assert diff.max() > 1e-2
+
+
+@pytest.mark.parametrize("frames, rows", [(1, [0]), (2, [0, 3]), (4, [0, 1, 2, 3]), (8, [0, 0, 1, 1, 2, 2, 3, 3])])
+def test_any_frame_count_maps_onto_the_table(frames, rows):
+    model = _model(4)
+    width = VISION["hidden_size"]
+    table = model.frame_position_embedding.asnumpy()
+    out = model.video_tokens(ms.Tensor(np.zeros((2 * frames, 3, width), np.float32)), batch=2).asnumpy()
+    assert out.shape == (2, frames * 3, width)
+    np.testing.assert_array_equal(out.reshape(2, frames, 3, width), np.broadcast_to(
+        table[rows][None, :, None], (2, frames, 3, width)))
+
+
+def test_frame_positions_save_and_load(tmp_path):
+    model = _model(4)
+    export_model(model, tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.frame_position_embedding.asnumpy(), model.frame_position_embedding.asnumpy())
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    del tensors["frame_position_embedding"]
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="frame_position_embedding"):
+        from_pretrained(tmp_path / "m")
+
