@@ -8,7 +8,8 @@ temporal embedding, no pooling). T=1 or 4-D (B, 3, H, W) input is plain image BL
 Cross-attention over a set of tokens cannot tell frame order, so such a model cannot
 tell left from right or growing from shrinking. ``config.num_frame_positions = M``
 (not in published checkpoints; the bundled demo model uses it) adds a learned
-embedding of each frame's relative time to its tokens: frame t of T gets row
+embedding of each frame's relative time to its patch embeddings, before the vision
+encoder, so the encoder's layers can combine where with when: frame t of T gets row
 round(t * (M - 1) / (T - 1)) of an (M, D) table, so any frame count maps onto it.
 
 The query outputs reach the language model in one of two ways, as transformers does:
@@ -108,36 +109,41 @@ class Blip2ForConditionalGeneration(nn.Cell):
         size = self.config.vision_config.image_size
         if tuple(pixel_values.shape[-3:]) != (3, size, size):
             raise ValueError(f"frames must be 3 x {size} x {size}, got {tuple(pixel_values.shape[-3:])}")
+        times = self.frame_times(batch, frames)
         if not self.use_jit:
-            return self.encode_frames(pixel_values, batch)
+            return self.encode_frames(pixel_values, batch, times)
         if self._vision_jit is None:
             self._vision_jit = ms.jit(self.vision_model.construct)
             self._query_jit = ms.jit(self.query_features)
-        return self._query_jit(self.video_tokens(self._chunked_vision(pixel_values), batch))
+        tokens = self._chunked_vision(pixel_values, times)
+        return self._query_jit(tokens.reshape(batch, -1, tokens.shape[2]))
 
-    def _chunked_vision(self, frames: Tensor) -> Tensor:
+    def _chunked_vision(self, frames: Tensor, times: Optional[Tensor]) -> Tensor:
         """Vision tokens of (N, 3, H, W) frames, ``frame_chunk`` frames per compiled call (last one zero-padded)."""
         n, chunk = frames.shape[0], self.frame_chunk
         pad = (-n) % chunk
         if pad:
             frames = ops.concat((frames, ops.zeros((pad,) + tuple(frames.shape[1:]), frames.dtype)), axis=0)
-        tokens = [self._vision_jit(frames[i:i + chunk]) for i in range(0, n + pad, chunk)]
+            if times is not None:
+                times = ops.concat((times, ops.zeros((pad, times.shape[1]), times.dtype)), axis=0)
+        if times is None:
+            tokens = [self._vision_jit(frames[i:i + chunk]) for i in range(0, n + pad, chunk)]
+        else:
+            tokens = [self._vision_jit(frames[i:i + chunk], times[i:i + chunk]) for i in range(0, n + pad, chunk)]
         return ops.concat(tokens, axis=0)[:n]
 
-    def encode_frames(self, frames: Tensor, batch: int) -> Tensor:
+    def encode_frames(self, frames: Tensor, batch: int, times: Optional[Tensor] = None) -> Tensor:
         """(batch*T, 3, H, W) frames -> (batch, T*N, D) tokens -> Q-Former -> projection."""
-        return self.query_features(self.video_tokens(self.vision_model(frames), batch))
+        tokens = self.vision_model(frames, times)
+        return self.query_features(tokens.reshape(batch, -1, tokens.shape[2]))
 
-    def video_tokens(self, tokens: Tensor, batch: int) -> Tensor:
-        """(batch*T, N, D) frame tokens -> (batch, T*N, D), with frame-time embeddings when configured."""
-        frames, width = tokens.shape[0] // batch, tokens.shape[2]
+    def frame_times(self, batch: int, frames: int) -> Optional[Tensor]:
+        """(batch*frames, D) frame-time embeddings, video after video; None without the table."""
         if self.frame_position_embedding is None:
-            return tokens.reshape(batch, -1, width)
+            return None
         last = self.frame_position_embedding.shape[0] - 1
         rows = np.round(np.arange(frames) * last / max(frames - 1, 1)).astype(np.int32)
-        table = ops.gather(self.frame_position_embedding, Tensor(rows), 0).astype(tokens.dtype)
-        tokens = tokens.reshape(batch, frames, -1, width) + table.reshape(1, frames, 1, width)
-        return tokens.reshape(batch, -1, width)
+        return ops.gather(self.frame_position_embedding, Tensor(np.tile(rows, batch)), 0)
 
     def query_features(self, tokens: Tensor) -> Tensor:
         """(batch, T*N, D) vision tokens of all frames -> one set of queries -> LM-width features."""

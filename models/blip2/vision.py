@@ -9,7 +9,7 @@ store ``q_bias``/``v_bias`` separately, which :func:`merge_q_v_bias` folds in.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import mindspore as ms
 import numpy as np
@@ -142,8 +142,12 @@ class Blip2VisionModel(nn.Cell):
         self.encoder = Blip2Encoder(config)
         self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def construct(self, pixel_values: Tensor) -> Tensor:
-        return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
+    def construct(self, pixel_values: Tensor, frame_embeds: Optional[Tensor] = None) -> Tensor:
+        """``frame_embeds`` (N, D): added to every token of each image (e.g. the frame's time in its video)."""
+        embeds = self.embeddings(pixel_values)
+        if frame_embeds is not None:
+            embeds = embeds + frame_embeds.astype(embeds.dtype)[:, None, :]
+        return self.post_layernorm(self.encoder(embeds))
 
 
 _Q_BIAS = re.compile(r"^(.*self_attn\.)q_bias$")
