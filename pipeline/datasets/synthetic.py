@@ -63,7 +63,7 @@ def render(clip: Clip, num_frames: int = 16, size: int = 96, rng: np.random.Gene
     frames = np.empty((num_frames, size, size, 3), np.uint8)
     margin = size * 0.22
     start = rng.uniform(margin, size - margin, 2)
-    base = size * rng.uniform(0.09, 0.13)
+    base = size * rng.uniform(0.13, 0.17)
     for t in range(num_frames):
         a = t / max(1, num_frames - 1)
         frame = frames[t]
