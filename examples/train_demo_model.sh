@@ -3,10 +3,10 @@
 # (3000 clips, 80/10/10 split), a word tokenizer of its training captions, cross-entropy training
 # from scratch (configs/demo/ce.yaml), SCST from that (configs/demo/scst.yaml), and the held-out
 # test-split scores of both (outputs/demo/test_{ce,scst}.json). Everything is seeded; work files
-# go to outputs/demo. Pass --install to set up .venv first.
+# go to outputs/demo. Installs into .venv first, as examples/run_demo.sh does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${1:-}" = "--install" ]; then source scripts/setup_env.sh requirements.txt; fi
+source scripts/setup_env.sh requirements.txt
 out=outputs/demo
 python -m pipeline.datasets.synthetic --output "$out/data" --num_videos 3000 --seed 0
 python -m pipeline.training.word_tokenizer "$out/data/train.csv" --output "$out/tokenizer" --vocab_size 96
