@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from models.attention import attention
 from models.layers import Embedding, LayerNorm, Linear, gelu, zeros_parameter
 
 if TYPE_CHECKING:
@@ -82,9 +82,7 @@ class CLIPAttention(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         q, k, v = self._heads(self.q_proj(x) * self.scale), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        scores = ops.matmul(q, k.swapaxes(-1, -2)).astype(ms.float32)
-        probs = ops.softmax(scores, axis=-1).astype(v.dtype)
-        return self.out_proj(ops.matmul(probs, v).swapaxes(1, 2).reshape(b, n, d))
+        return self.out_proj(attention(q, k, v))
 
 
 class CLIPMLP(nn.Cell):

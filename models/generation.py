@@ -15,7 +15,10 @@ A model plugs in by implementing this small protocol (all tensors batch-first):
   filled slots including the new ones; returns float32 logits (B, V) of the last position and the cache.
 
 Because every shape is static, ``decode_step`` compiles once under ``ms.jit`` (once for the prompt
-length and once for T=1) instead of once per generated token.
+length and once for T=1) instead of once per generated token. Prompt lengths and batch sizes are
+rounded up to geometric buckets (:func:`bucket_length`, :func:`bucket_batch`: left padding and
+filler rows whose mask is all zero), so a dataset of many prompt lengths compiles a few graphs.
+A multi-token ``decode_step`` is always a prompt written at slot 0 (see ``models.attention``).
 
 Return contract (same as transformers 4.56 ``generate``):
 - decoder-only with ``input_ids``: ``sequences`` = prompt ids + new tokens;
@@ -34,7 +37,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
-MASK_MIN = float(np.finfo(np.float32).min)
+from models import attention, jit
+
 _JIT_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -55,35 +59,6 @@ def slot_ids(cache_position, length: int) -> Tensor:
     return ops.arange(length).astype(ms.int32) + cache_position
 
 
-def attention_bias(attention_mask: Tensor, slots: Tensor, causal: bool = True) -> Tensor:
-    """Additive float32 bias (B, 1, T, L): key j is visible to query i iff mask[j] and (j <= slot_i)."""
-    key_ok = attention_mask.astype(ms.bool_)[:, None, :]
-    if causal:
-        key_pos = ops.arange(attention_mask.shape[1]).astype(ms.int32)
-        key_ok = ops.logical_and(key_ok, (key_pos[None, :] <= slots[:, None])[None])
-    return ((1.0 - key_ok.astype(ms.float32)) * MASK_MIN)[:, None]
-
-
-def write_cache(cache: Tensor, new: Tensor, slots: Tensor) -> Tensor:
-    """Put ``new`` (B, H, T, d) into ``cache`` (B, H, L, d) at ``slots`` with static shapes.
-
-    A one-hot (L, T) matmul instead of a scatter: exact, has kernels on every backend, and the
-    compiled graph does not depend on where the slots are.
-    """
-    onehot = (ops.arange(cache.shape[2]).astype(ms.int32)[:, None] == slots[None, :]).astype(cache.dtype)
-    written = onehot.sum(axis=1)[:, None]
-    return cache * (1.0 - written) + ops.matmul(onehot, new)
-
-
-def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor) -> Tensor:
-    """softmax(q k^T + bias) v with the softmax in float32; (B, H, T, d) -> (B, T, H*d)."""
-    scores = ops.matmul(query, key.swapaxes(-1, -2)).astype(ms.float32) + bias
-    probs = ops.softmax(scores, axis=-1).astype(value.dtype)
-    out = ops.matmul(probs, value)
-    b, h, t, d = out.shape
-    return out.swapaxes(1, 2).reshape(b, t, h * d)
-
-
 def causal_lm_loss(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
     """Mean token cross-entropy ignoring label -100 (``shift``: predict token t+1 from t, as causal LMs)."""
     if shift:
@@ -95,6 +70,54 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
     picked = ops.gather_elements(logp, -1, safe[..., None])[..., 0]
     valid = valid.astype(ms.float32)
     return -(picked * valid).sum() / ops.maximum(valid.sum(), ops.ones_like(valid.sum()))
+
+
+# ----------------------------------------------------------------------------- shape buckets
+
+LENGTH_FLOOR = 32  # shortest prompt bucket
+GROWTH = 1.25  # each bucket at most this much longer than the one before
+
+
+def _next_bucket(size: int, step: int) -> int:
+    return max(size + step, int(size * GROWTH) // step * step)
+
+
+def bucket_length(length: int) -> int:
+    """The prompt length ``length`` is padded to: 32, 40, 48, 56, 64, 80, 96, ... each at most 1.25x
+    the last (multiples of 8), so prompts of 1k to 32k tokens share 16 lengths."""
+    size = LENGTH_FLOOR
+    while size < length:
+        size = _next_bucket(size, 8)
+    return size
+
+
+def bucket_batch(batch: int) -> int:
+    """The batch size ``batch`` is padded to: 1, 2, ..., 8, 10, 12, 15, 18, 22, ..."""
+    size = 1
+    while size < batch:
+        size = _next_bucket(size, 1)
+    return size
+
+
+def pad_to_buckets(ids: Optional[np.ndarray], mask: np.ndarray, pad_id: int) -> tuple[Optional[np.ndarray], np.ndarray]:
+    """Left-pad ``ids``/``mask`` (B, T) to the bucket length and add filler rows (mask all zero)."""
+    batch, length = mask.shape
+    rows, cols = bucket_batch(batch) - batch, bucket_length(length) - length
+    mask = np.pad(mask, ((0, rows), (cols, 0)))
+    if ids is not None:
+        ids = np.pad(ids, ((0, rows), (cols, 0)), constant_values=pad_id)
+    return ids, mask
+
+
+def _pad_embeds(embeds, batch: int, length: int):
+    """Zero embeddings to the left and below, to (batch, length, D)."""
+    embeds = to_tensor(embeds)
+    b, t, d = embeds.shape
+    if t < length:
+        embeds = ops.concat((ops.zeros((b, length - t, d), embeds.dtype), embeds), axis=1)
+    if b < batch:
+        embeds = ops.concat((embeds, ops.zeros((batch - b, length, d), embeds.dtype)), axis=0)
+    return embeds
 
 
 # ----------------------------------------------------------------------------- generation loop
@@ -130,6 +153,8 @@ class _Session:
 
     def __init__(self, model, max_slots: int, use_jit: bool):
         self.model = model
+        self.use_jit = use_jit
+        attention.refresh_device()
         self.step_fn = _jitted(model, "decode_step") if use_jit else model.decode_step
         self.encode_fn = _jitted(model, "encode") if use_jit and model.is_encoder_decoder else getattr(
             model, "encode", None)
@@ -150,12 +175,25 @@ class _Session:
         self.mask[:, self.next_slot] = 1
         return self._run(Tensor(tokens.astype(np.int32)[:, None]), None, 1)
 
+    def call(self, name: str, fn, *args):
+        """Run ``fn``, counting each new compiled shape in ``models.jit.COMPILES``."""
+        return jit.call(name, fn, *args) if self.use_jit else fn(*args)
+
+    def encode(self, ids, embeds, mask: np.ndarray) -> tuple:
+        return tuple(self.call("encode", self.encode_fn, ids, embeds, Tensor(mask)))
+
     def reorder(self, index: np.ndarray) -> None:
-        self.cache = tuple(self.gather_fn(Tensor(index.astype(np.int32)), *self.cache))
+        self.cache = tuple(self.call("reorder", self.gather_fn, Tensor(index.astype(np.int32)), *self.cache))
         self.mask = self.mask[index]
 
     def _run(self, ids, embeds, length: int) -> np.ndarray:
-        out = self.step_fn(ids, embeds, Tensor(self.mask), Tensor(self.next_slot, ms.int32), *self.cache)
+        args = (ids, embeds, Tensor(self.mask), Tensor(self.next_slot, ms.int32), *self.cache)
+        if length > attention.block_size():
+            # A long prompt runs op by op: its ops are large, so a graph buys little, and MindSpore's CPU
+            # graphs keep every attention tile of an unrolled loop alive (memory quadratic in the prompt).
+            out = self.model.decode_step(*args)
+        else:
+            out = self.call("decode_step", self.step_fn, *args)
         self.cache = tuple(out[1:])
         self.next_slot += length
         return out[0].asnumpy().astype(np.float32)
@@ -247,19 +285,44 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
         inputs_embeds = None if inputs_embeds is None else ops.gather(to_tensor(inputs_embeds), rows, 0)
         attention_mask = np.repeat(attention_mask, expand, axis=0)
 
+    min_new_tokens = max(min_new_tokens, min_length - prefix.shape[1])  # padding below must not count
+    prefix_is_prompt = input_ids is not None and not model.is_encoder_decoder
+    real_rows, real_cols = prefix.shape[0], attention_mask.shape[1]
+    input_ids, attention_mask = pad_to_buckets(input_ids, attention_mask, pad)
+    rows, cols = attention_mask.shape[0] - real_rows, attention_mask.shape[1] - real_cols
+    if inputs_embeds is not None and (rows or cols):
+        inputs_embeds = _pad_embeds(inputs_embeds, *attention_mask.shape)
+    prefix = input_ids if prefix_is_prompt else np.pad(prefix, ((0, rows), (0, 0)), constant_values=pad)
+    live = attention_mask.any(axis=1)
+    out = _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
+                           min_new_tokens, num_beams, num_return_sequences, length_penalty,
+                           early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad, use_jit)
+    drop = cols if prefix_is_prompt else 0
+    per_row = num_return_sequences if num_beams > 1 else 1
+    out.sequences = out.sequences[:real_rows * per_row, drop:]
+    if out.sequences_scores is not None:
+        out.sequences_scores = out.sequences_scores[:real_rows * per_row]
+    return out
+
+
+def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
+                     min_new_tokens, num_beams, num_return_sequences, length_penalty,
+                     early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad,
+                     use_jit) -> GenerateOutput:
+    """The search loops over a bucket-shaped batch; rows not ``live`` are fillers, finished from the start."""
     session, first_logits = _start(model, input_ids, inputs_embeds, attention_mask, prefix, max_new_tokens, use_jit)
 
     def block_eos(scores: np.ndarray, cur_len: int) -> np.ndarray:
-        if eos and (cur_len < min_length or cur_len - prefix.shape[1] < min_new_tokens):
+        if eos and cur_len - prefix.shape[1] < min_new_tokens:
             scores = scores.copy()
             scores[:, eos] = -np.inf
         return scores
 
     if num_beams > 1:
-        return _beam_search(session, first_logits, prefix, max_new_tokens, num_beams, num_return_sequences,
+        return _beam_search(session, first_logits, prefix, live, max_new_tokens, num_beams, num_return_sequences,
                             length_penalty, early_stopping, eos, pad, block_eos)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    seqs, finished, logits = prefix, np.zeros(prefix.shape[0], bool), first_logits
+    seqs, finished, logits = prefix, ~live, first_logits
     for t in range(max_new_tokens):
         scores = block_eos(logits, prefix.shape[1] + t)
         if do_sample:
@@ -286,7 +349,7 @@ def _start(model, input_ids, inputs_embeds, attention_mask, prefix, max_new_toke
         session = _Session(model, attention_mask.shape[1] + max_new_tokens, use_jit)
         return session, session.prefill(ids, embeds, attention_mask)
     session = _Session(model, 1 + max_new_tokens, use_jit)
-    state = session.encode_fn(ids, embeds, Tensor(attention_mask))
+    state = session.encode(ids, embeds, attention_mask)
     start_mask = np.ones((prefix.shape[0], 1), np.int32)
     return session, session.prefill(Tensor(prefix.astype(np.int32)), None, start_mask, tuple(state))
 
@@ -300,7 +363,7 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-x, axis=-1, kind="stable")[:, :k]
 
 
-def _beam_search(session: _Session, logits, prefix, max_new_tokens, num_beams, num_return_sequences,
+def _beam_search(session: _Session, logits, prefix, live, max_new_tokens, num_beams, num_return_sequences,
                  length_penalty, early_stopping, eos, pad, block_eos) -> GenerateOutput:
     """transformers 4.56's vectorised beam search, in numpy; keeps all beams for the caller."""
     batch, prompt_len = prefix.shape
@@ -320,7 +383,7 @@ def _beam_search(session: _Session, logits, prefix, max_new_tokens, num_beams, n
     done_scores = np.full((batch, num_beams), -1e9, np.float32)
     done = np.zeros((batch, num_beams), bool)
     done_lens = np.zeros((batch, num_beams), np.int64)
-    improvable = np.ones(batch, bool)
+    improvable = live.copy()
     cur_len = prompt_len
     while True:
         logp = block_eos(_log_softmax(logits), cur_len).reshape(batch, num_beams, vocab)
@@ -357,7 +420,7 @@ def _beam_search(session: _Session, logits, prefix, max_new_tokens, num_beams, n
         best_running = running_scores[:, :1] / np.float32(best_len ** length_penalty)
         worst_done = np.where(done, done_scores.min(axis=1, keepdims=True), np.float32(-1e9))
         improvable = improvable & (best_running > worst_done).any(axis=1)
-        if not improvable.any() or (done.all() and early_stopping is True) or hits.all():
+        if not improvable.any() or (done[live].all() and early_stopping is True) or hits.all():
             break
         session.reorder((parent + np.arange(batch)[:, None] * num_beams).reshape(-1))
         logits = session.step(running[:, :, cur_len - 1].reshape(-1))

@@ -22,8 +22,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from models.generation import (GenerateOutput, attend, attention_bias, causal_lm_loss, generate, slot_ids,
-                               to_tensor, write_cache)
+from models.attention import cached_self_attention
+from models.generation import GenerateOutput, causal_lm_loss, generate, slot_ids, to_tensor
 from models.layers import Embedding, Linear, RMSNorm
 
 
@@ -84,23 +84,13 @@ class LlamaAttention(nn.Cell):
         b, t, _ = x.shape
         return x.reshape(b, t, heads, self.head_dim).swapaxes(1, 2)
 
-    def _repeat_kv(self, x: Tensor) -> Tensor:
-        """(B, kv_heads, L, d) -> (B, heads, L, d); query head i reads key/value head i // group."""
-        group = self.num_heads // self.num_kv_heads
-        if group == 1:
-            return x
-        b, h, length, d = x.shape
-        return ops.broadcast_to(x[:, :, None], (b, h, group, length, d)).reshape(b, h * group, length, d)
-
-    def construct(self, x, cos, sin, bias, slots, past_key=None, past_value=None):
+    def construct(self, x, cos, sin, mask, slots, past_key=None, past_value=None):
         query = self._heads(self.q_proj(x), self.num_heads)
         key = self._heads(self.k_proj(x), self.num_kv_heads)
         value = self._heads(self.v_proj(x), self.num_kv_heads)
         query = query * cos + rotate_half(query) * sin
         key = key * cos + rotate_half(key) * sin
-        if past_key is not None:
-            key, value = write_cache(past_key, key, slots), write_cache(past_value, value, slots)
-        out = attend(query * self.scaling, self._repeat_kv(key), self._repeat_kv(value), bias)
+        out, key, value = cached_self_attention(query * self.scaling, key, value, mask, slots, past_key, past_value)
         return self.o_proj(out), key, value
 
 
@@ -121,7 +111,8 @@ class LlamaMLP(nn.Cell):
 
 
 class LlamaDecoderLayer(nn.Cell):
-    """Pre-norm block; ``cos``/``sin`` come broadcastable to (B, heads, T, head_dim)."""
+    """Pre-norm block; ``cos``/``sin`` come broadcastable to (B, heads, T, head_dim); ``mask`` (B, L) marks
+    the filled key slots."""
 
     def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None):
         super().__init__()
@@ -130,8 +121,8 @@ class LlamaDecoderLayer(nn.Cell):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def construct(self, x, cos, sin, bias, slots, past_key=None, past_value=None):
-        attn, key, value = self.self_attn(self.input_layernorm(x), cos, sin, bias, slots, past_key, past_value)
+    def construct(self, x, cos, sin, mask, slots, past_key=None, past_value=None):
+        attn, key, value = self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, past_key, past_value)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), key, value
 
@@ -154,14 +145,13 @@ class LlamaModel(nn.Cell):
         emb = ops.concat((freqs, freqs), axis=-1)[:, None]
         dtype = inputs_embeds.dtype
         cos, sin = ops.cos(emb).astype(dtype), ops.sin(emb).astype(dtype)
-        bias = attention_bias(mask, slots)
         x = inputs_embeds
         new_cache = ()
         for i, layer in enumerate(self.layers):
             if cache is None:
-                x, _, _ = layer(x, cos, sin, bias, slots)
+                x, _, _ = layer(x, cos, sin, mask, slots)
             else:
-                x, key, value = layer(x, cos, sin, bias, slots, cache[2 * i], cache[2 * i + 1])
+                x, key, value = layer(x, cos, sin, mask, slots, cache[2 * i], cache[2 * i + 1])
                 new_cache += (key, value)
         return self.norm(x), new_cache
 

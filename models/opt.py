@@ -12,8 +12,8 @@ from typing import Optional
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from models.generation import (GenerateOutput, attend, attention_bias, causal_lm_loss, generate, slot_ids,
-                               to_tensor, write_cache)
+from models.attention import cached_self_attention
+from models.generation import GenerateOutput, causal_lm_loss, generate, slot_ids, to_tensor
 from models.layers import Embedding, LayerNorm, Linear
 
 POSITION_OFFSET = 2
@@ -42,12 +42,11 @@ class OPTAttention(nn.Cell):
         b, t, _ = x.shape
         return x.reshape(b, t, self.num_heads, self.head_dim).swapaxes(1, 2)
 
-    def construct(self, x, bias, slots, past_key=None, past_value=None):
+    def construct(self, x, mask, slots, past_key=None, past_value=None):
         query = self._heads(self.q_proj(x) * self.scaling)
         key, value = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        if past_key is not None:
-            key, value = write_cache(past_key, key, slots), write_cache(past_value, value, slots)
-        return self.out_proj(attend(query, key, value, bias)), key, value
+        out, key, value = cached_self_attention(query, key, value, mask, slots, past_key, past_value)
+        return self.out_proj(out), key, value
 
 
 class OPTDecoderLayer(nn.Cell):
@@ -64,11 +63,11 @@ class OPTDecoderLayer(nn.Cell):
         if config.activation_function != "relu":
             raise ValueError(f"OPT port supports activation_function='relu', got {config.activation_function!r}")
 
-    def construct(self, x, bias, slots, past_key=None, past_value=None):
+    def construct(self, x, mask, slots, past_key=None, past_value=None):
         residual = x
         if self.do_layer_norm_before:
             x = self.self_attn_layer_norm(x)
-        x, key, value = self.self_attn(x, bias, slots, past_key, past_value)
+        x, key, value = self.self_attn(x, mask, slots, past_key, past_value)
         x = residual + x
         if not self.do_layer_norm_before:
             x = self.self_attn_layer_norm(x)
@@ -103,13 +102,12 @@ class OPTDecoder(nn.Cell):
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(positions + POSITION_OFFSET).astype(x.dtype)
-        bias = attention_bias(mask, slots)
         new_cache = ()
         for i, layer in enumerate(self.layers):
             if cache is None:
-                x, _, _ = layer(x, bias, slots)
+                x, _, _ = layer(x, mask, slots)
             else:
-                x, key, value = layer(x, bias, slots, cache[2 * i], cache[2 * i + 1])
+                x, key, value = layer(x, mask, slots, cache[2 * i], cache[2 * i + 1])
                 new_cache += (key, value)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)

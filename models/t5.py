@@ -14,8 +14,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from models.generation import (MASK_MIN, GenerateOutput, attend, attention_bias, causal_lm_loss, generate,
-                               slot_ids, to_tensor, write_cache)
+from models.attention import attention, cached_self_attention
+from models.generation import GenerateOutput, causal_lm_loss, generate, slot_ids, to_tensor
 from models.layers import Embedding, Linear, RMSNorm, gelu
 
 
@@ -82,17 +82,19 @@ class T5Attention(nn.Cell):
         b, t, _ = x.shape
         return x.reshape(b, t, self.num_heads, self.head_dim).swapaxes(1, 2)
 
-    def position_bias(self, query_pos: Tensor, key_length: int) -> Tensor:
-        """(1, H, T, L) learned bias for queries at ``query_pos`` and keys 0..key_length-1."""
-        rel = ops.arange(key_length).astype(ms.int32)[None, :] - query_pos[:, None]
-        rel = ops.clip_by_value(rel, -self.max_distance, self.max_distance) + self.max_distance
-        values = self.relative_attention_bias(ops.gather(self.buckets, rel, 0))
-        return values.transpose(2, 0, 1)[None].astype(ms.float32)
+    def position_bias(self, query_pos: Tensor):
+        """The learned bias as an attention ``score_bias``: (1, H, q, k) for queries at ``query_pos``
+        [q_start:q_stop] and keys k_start..k_stop-1, built one block at a time."""
+        def bias(q_start: int, q_stop: int, k_start: int, k_stop: int) -> Tensor:
+            rel = ops.arange(k_start, k_stop).astype(ms.int32)[None, :] - query_pos[q_start:q_stop, None]
+            rel = ops.clip_by_value(rel, -self.max_distance, self.max_distance) + self.max_distance
+            values = self.relative_attention_bias(ops.gather(self.buckets, rel, 0))
+            return values.transpose(2, 0, 1)[None].astype(ms.float32)
+        return bias
 
-    def construct(self, x, bias, key, value):
-        """Attend from ``x`` to precomputed ``key``/``value`` (B, H, L, d); keys come from the caller
-        because they are either cached (decoder self-attention) or the encoder output's."""
-        return self.o(attend(self.heads(self.q(x)), key, value, bias))
+    def construct(self, x, key_mask, key, value):
+        """Attend (no causal mask) from ``x`` to the encoder output's ``key``/``value`` (B, H, S, d)."""
+        return self.o(attention(self.heads(self.q(x)), key, value, key_mask))
 
 
 class T5LayerSelfAttention(nn.Cell):
@@ -101,13 +103,16 @@ class T5LayerSelfAttention(nn.Cell):
         self.SelfAttention = T5Attention(config, has_relative_attention_bias, bidirectional)
         self.layer_norm = RMSNorm(config.d_model, eps=config.layer_norm_epsilon)
 
-    def construct(self, x, bias, slots=None, past_key=None, past_value=None):
+    def construct(self, x, mask, score_bias, slots=None, past_key=None, past_value=None):
+        """Encoder (``slots`` None: bidirectional over ``mask``) or causal decoder self-attention."""
         attn = self.SelfAttention
         h = self.layer_norm(x)
-        key, value = attn.heads(attn.k(h)), attn.heads(attn.v(h))
-        if past_key is not None:
-            key, value = write_cache(past_key, key, slots), write_cache(past_value, value, slots)
-        return x + attn(h, bias, key, value), key, value
+        query, key, value = attn.heads(attn.q(h)), attn.heads(attn.k(h)), attn.heads(attn.v(h))
+        if slots is None:
+            out = attention(query, key, value, mask, score_bias=score_bias)
+        else:
+            out, key, value = cached_self_attention(query, key, value, mask, slots, past_key, past_value, score_bias)
+        return x + attn.o(out), key, value
 
 
 class T5LayerCrossAttention(nn.Cell):
@@ -116,8 +121,8 @@ class T5LayerCrossAttention(nn.Cell):
         self.EncDecAttention = T5Attention(config, False, False)
         self.layer_norm = RMSNorm(config.d_model, eps=config.layer_norm_epsilon)
 
-    def construct(self, x, bias, key, value):
-        return x + self.EncDecAttention(self.layer_norm(x), bias, key, value)
+    def construct(self, x, key_mask, key, value):
+        return x + self.EncDecAttention(self.layer_norm(x), key_mask, key, value)
 
 
 class T5DenseActDense(nn.Cell):
@@ -175,28 +180,27 @@ class T5Stack(nn.Cell):
 
     def encode(self, x, attention_mask):
         length = x.shape[1]
-        positions = ops.arange(length).astype(ms.int32)
-        bias = attention_bias(attention_mask, positions, causal=False)
-        bias = bias + self.block[0].layer[0].SelfAttention.position_bias(positions, length)
+        score_bias = self.block[0].layer[0].SelfAttention.position_bias(ops.arange(length).astype(ms.int32))
+        mask = attention_mask.astype(ms.int32)
         for block in self.block:
-            x = block.layer[1](block.layer[0](x, bias)[0])
+            x = block.layer[1](block.layer[0](x, mask, score_bias)[0])
         return self.final_layer_norm(x)
 
-    def decode(self, x, attention_mask, cache_position, cross_bias, cross_kv, cache=None):
-        """T decoder positions at cache slots cache_position..; ``cross_kv`` = per-layer (k, v) of the
-        encoder output; ``cache`` = per-layer self-attention (k, v) of L slots, or None (no cache)."""
+    def decode(self, x, attention_mask, cache_position, encoder_mask, cross_kv, cache=None):
+        """T decoder positions at cache slots cache_position..; ``encoder_mask`` (B, S) marks real encoder
+        positions, ``cross_kv`` = per-layer (k, v) of the encoder output; ``cache`` = per-layer
+        self-attention (k, v) of L slots, or None (no cache)."""
         slots = slot_ids(cache_position, x.shape[1])
-        key_length = attention_mask.shape[1]
-        bias = attention_bias(attention_mask, slots)
-        bias = bias + self.block[0].layer[0].SelfAttention.position_bias(slots, key_length)
+        mask = attention_mask.astype(ms.int32)
+        score_bias = self.block[0].layer[0].SelfAttention.position_bias(slots)
         new_cache = ()
         for i, block in enumerate(self.block):
             if cache is None:
-                x, _, _ = block.layer[0](x, bias)
+                x, _, _ = block.layer[0](x, mask, score_bias, slots)
             else:
-                x, key, value = block.layer[0](x, bias, slots, cache[2 * i], cache[2 * i + 1])
+                x, key, value = block.layer[0](x, mask, score_bias, slots, cache[2 * i], cache[2 * i + 1])
                 new_cache += (key, value)
-            x = block.layer[1](x, cross_bias, cross_kv[2 * i], cross_kv[2 * i + 1])
+            x = block.layer[1](x, encoder_mask, cross_kv[2 * i], cross_kv[2 * i + 1])
             x = block.layer[2](x)
         return self.final_layer_norm(x), new_cache
 
@@ -206,11 +210,6 @@ class T5Stack(nn.Cell):
             attn = block.layer[1].EncDecAttention
             out += (attn.heads(attn.k(encoder_hidden)), attn.heads(attn.v(encoder_hidden)))
         return out
-
-
-def _padding_bias(attention_mask: Tensor) -> Tensor:
-    """(B, 1, 1, S) additive float32 bias hiding padded encoder positions."""
-    return ((1.0 - attention_mask.astype(ms.float32)) * MASK_MIN)[:, None, None, :]
 
 
 class T5ForConditionalGeneration(nn.Cell):
@@ -271,7 +270,7 @@ class T5ForConditionalGeneration(nn.Cell):
             decoder_attention_mask = ops.ones(decoder_inputs_embeds.shape[:2], ms.int32)
         cross_kv = self.decoder.cross_key_values(encoder_hidden)
         hidden, _ = self.decoder.decode(decoder_inputs_embeds, to_tensor(decoder_attention_mask, ms.int32), 0,
-                                        _padding_bias(attention_mask), cross_kv)
+                                        attention_mask, cross_kv)
         logits = self._logits(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels, shift=False)
         return Seq2SeqLMOutput(logits=logits, loss=loss, encoder_last_hidden_state=encoder_hidden)
@@ -290,12 +289,12 @@ class T5ForConditionalGeneration(nn.Cell):
         return self.encoder.encode(inputs_embeds, attention_mask), attention_mask
 
     def init_cache(self, batch_size: int, max_length: int, encoder_hidden: Tensor, attention_mask: Tensor) -> tuple:
-        """Self-attention (k, v) per decoder layer, then cross (k, v) per layer, then the encoder mask bias."""
+        """Self-attention (k, v) per decoder layer, then cross (k, v) per layer, then the encoder mask."""
         cfg = self.config
         shape = (batch_size, cfg.num_heads, max_length, cfg.d_kv)
         dtype = self.shared.weight.dtype
         self_kv = tuple(ops.zeros(shape, dtype) for _ in range(2 * cfg.num_decoder_layers))
-        return self_kv + self.decoder.cross_key_values(encoder_hidden) + (_padding_bias(attention_mask),)
+        return self_kv + self.decoder.cross_key_values(encoder_hidden) + (to_tensor(attention_mask, ms.int32),)
 
     def decode_step(self, input_ids, inputs_embeds, attention_mask, cache_position, *cache):
         if inputs_embeds is None:

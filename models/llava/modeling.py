@@ -24,7 +24,7 @@ from mindspore import Tensor, nn, ops
 
 from models.checkpoint import CheckpointError, TensorRef
 from models.clip_vision import CLIPVisionModel
-from models import build_language_model
+from models import build_language_model, jit
 from models.generation import GenerateOutput, causal_lm_loss, generate, to_numpy, to_tensor
 from models.layers import Linear, gelu
 
@@ -114,7 +114,7 @@ class LlavaForConditionalGeneration(nn.Cell):
             return self.encode_images(pixel_values)
         if self._encode_jit is None:
             self._encode_jit = ms.jit(self.encode_images)
-        return self._encode_jit(pixel_values)
+        return jit.call("llava.vision", self._encode_jit, pixel_values)
 
     def get_image_features(self, pixel_values, **kwargs) -> Tensor:
         """All images/frames of the batch -> their features concatenated in prompt order (F, D)."""
@@ -254,7 +254,7 @@ class PllavaForConditionalGeneration(LlavaForConditionalGeneration):
         if self.use_jit:
             if self._pool_shape != self.pooling_shape:  # the shape is baked into the compiled graph
                 self._pool_jit, self._pool_shape = ms.jit(self.encode_videos), self.pooling_shape
-            features = self._pool_jit(frames, batch)
+            features = jit.call("pllava.vision", self._pool_jit, frames, batch)
         else:
             features = self.encode_videos(frames, batch)
         return features.reshape(-1, features.shape[-1])

@@ -26,7 +26,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from models.generation import GenerateOutput, attention_bias, causal_lm_loss, generate, slot_ids
+from models.generation import GenerateOutput, causal_lm_loss, generate, pad_to_buckets, slot_ids
 from models.layers import Embedding, Linear, RMSNorm
 from models.llama import LlamaDecoderLayer
 from models.qwen2_vl.vision import Qwen2VisionTransformer
@@ -139,14 +139,14 @@ class Qwen2VLTextModel(nn.Cell):
         """T positions (3-D ``positions`` (B, 3, T)) written at ``slots``; the mask covers all key slots."""
         cos, sin = self.rotary(positions)
         cos, sin = cos[:, None].astype(inputs_embeds.dtype), sin[:, None].astype(inputs_embeds.dtype)
-        bias = attention_bias(attention_mask, slots)
+        mask = attention_mask.astype(ms.int32)
         x = inputs_embeds
         new_cache = ()
         for i, layer in enumerate(self.layers):
             if cache is None:
-                x, _, _ = layer(x, cos, sin, bias, slots)
+                x, _, _ = layer(x, cos, sin, mask, slots)
             else:
-                x, key, value = layer(x, cos, sin, bias, slots, cache[2 * i], cache[2 * i + 1])
+                x, key, value = layer(x, cos, sin, mask, slots, cache[2 * i], cache[2 * i + 1])
                 new_cache += (key, value)
         return self.norm(x), new_cache
 
@@ -264,8 +264,8 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         return (logits, table) + new_cache
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, pad_to_multiple_of: int = 1,
-                 return_dict_in_generate: bool = False, **generate_kwargs):
+                 pixel_values_videos=None, video_grid_thw=None, return_dict_in_generate: bool = False,
+                 **generate_kwargs):
         """Prompt ids followed by new tokens (N, S) int64, as transformers' generate.
 
         ``input_ids`` hold the expanded placeholders (one ``<|image_pad|>``/``<|video_pad|>`` per vision
@@ -274,17 +274,13 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         ``pad_token_id``, ``num_beams``, ``do_sample`` ...). With ``return_dict_in_generate`` the
         :class:`GenerateOutput` is returned.
 
-        ``pad_to_multiple_of`` left-pads the prompt to a multiple of that many tokens (masked, so the
-        result is the same): prompts of similar length then share one compiled graph instead of
-        compiling one per length. The returned sequences start at the caller's first column.
+        The prompt is padded here to the generation core's length and batch buckets (before the 3-D
+        positions are computed, so they match), and the padding is cut off the result.
         """
         ids = _numpy(input_ids).astype(np.int64)
         mask = np.ones_like(ids) if attention_mask is None else _numpy(attention_mask).astype(np.int64)
-        extra = -ids.shape[1] % pad_to_multiple_of
-        if extra:
-            pad = self.config.text_config.pad_token_id
-            ids = np.concatenate([np.full((ids.shape[0], extra), pad or 0, np.int64), ids], axis=1)
-            mask = np.concatenate([np.zeros((ids.shape[0], extra), np.int64), mask], axis=1)
+        rows, cols = ids.shape
+        ids, mask = pad_to_buckets(ids, mask, self.config.text_config.pad_token_id or 0)
         embeds = self.embed_inputs(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         positions, deltas = get_rope_index(self.config, ids, mask, _numpy(image_grid_thw), _numpy(video_grid_thw))
         self._prompt_positions = (positions, deltas)
@@ -293,5 +289,8 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
                                            **generate_kwargs)
         finally:
             self._prompt_positions = None
-        out.sequences = out.sequences[:, extra:]
+        per_row = out.sequences.shape[0] // ids.shape[0]
+        out.sequences = out.sequences[:rows * per_row, ids.shape[1] - cols:]
+        if out.sequences_scores is not None:
+            out.sequences_scores = out.sequences_scores[:rows * per_row]
         return out if return_dict_in_generate else out.sequences

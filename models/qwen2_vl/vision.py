@@ -17,6 +17,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from models import jit
+from models.attention import attention
 from models.layers import LayerNorm, Linear, zeros_parameter
 from models.llama import rotate_half
 
@@ -65,7 +67,8 @@ class PatchEmbed(nn.Cell):
 
 
 class VisionAttention(nn.Cell):
-    """Full self-attention inside each block, 2-D rotary on q and k (float32)."""
+    """Full self-attention inside each block (blockwise when a large frame makes it long), 2-D rotary
+    on q and k (float32)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -83,11 +86,7 @@ class VisionAttention(nn.Cell):
         q32, k32 = q.astype(ms.float32), k.astype(ms.float32)
         q = (q32 * cos + rotate_half(q32) * sin).astype(x.dtype).swapaxes(1, 2)
         k = (k32 * cos + rotate_half(k32) * sin).astype(x.dtype).swapaxes(1, 2)
-        v = v.swapaxes(1, 2)
-        scores = ops.matmul(q, k.swapaxes(-1, -2)).astype(ms.float32) * self.scaling
-        probs = ops.softmax(scores, axis=-1).astype(v.dtype)
-        out = ops.matmul(probs, v).swapaxes(1, 2).reshape(n, s, dim)
-        return self.proj(out)
+        return self.proj(attention(q * self.scaling, k, v.swapaxes(1, 2)))
 
 
 class VisionMlp(nn.Cell):
@@ -183,7 +182,9 @@ class Qwen2VisionTransformer(nn.Cell):
         if self.use_jit:
             if self._encode_jit is None:
                 self._encode_jit = ms.jit(self.encode_blocks)
-            encode = self._encode_jit
+
+            def encode(*args):
+                return jit.call("qwen2_vl.vision", self._encode_jit, *args)
         dtype = self.patch_embed.proj.weight.dtype
         outputs: list = [None] * len(blocks)
         for h, w in sorted({(h, w) for _, h, w in blocks}):
