@@ -25,6 +25,9 @@ from pipeline.datasets.metadata import (
     read_progress,
     remove_empty_caption,
     resolve_video_path,
+    row_keys,
+    source_keys,
+    split_timestamps,
     trim_incomplete_record,
     write_csv_atomic,
 )
@@ -272,6 +275,85 @@ def test_difference_intersection_remove_empty_caption():
         remove_empty_caption(captions, "caption")
 
 
+# ---------------------------------------------------------------- row keys
+
+
+def test_row_keys_are_paths_unless_a_row_names_part_of_the_file():
+    table = pd.DataFrame({"path": ["a", "a", "a", "b"], "start": ["", "0", "0", ""], "end": ["", "1", "1.0", ""],
+                          "window": ["", "", "", "2"]})
+    assert row_keys(table) == ["a", ("a", "0", "1", "", ""), ("a", "0", "1.0", "", ""), ("b", "", "", "", "2")]
+    assert row_keys(pd.DataFrame({"path": ["a"], "timestamp": ["(1, 2)"]})) == [("a", "", "", "(1, 2)", "")]
+
+
+def test_segments_of_one_path_merge_separately():
+    columns = ["path", "start", "end", "text", "status", "error"]
+    first = pd.DataFrame([["a", "0", "1", "", "error", "oom"], ["a", "1", "2", "second", "ok", ""],
+                          ["a", "", "", "whole", "ok", ""]], columns=columns)
+    again = pd.DataFrame([["a", "0", "1", "first", "ok", ""], ["a", "1", "2", "", "error", "late"]], columns=columns)
+    merged = merge_tables([first, again])
+    assert [(r["start"], r["end"], r["text"]) for r in rows(merged)] == [("0", "1", "first"), ("1", "2", "second"),
+                                                                        ("", "", "whole")]
+
+
+def test_duplicate_warning_counts_keys_not_paths(tmp_path, caplog):
+    csv = write(tmp_path / "seg.csv", "path,start\na.mp4,0\na.mp4,1\na.mp4,0\n")
+    with caplog.at_level(logging.WARNING, logger="pipeline.datasets.metadata"):
+        read_metadata(csv)
+    (record,) = caplog.records
+    assert "1 duplicate row(s) with the same 'path'/'start'" in record.message
+
+
+WINDOW_COLUMNS = ["path", "start", "end", "segment_start", "segment_end", "window", "num_windows", "text",
+                  "status", "error"]
+
+
+def test_window_rows_know_their_input_row_and_replace_its_error(tmp_path):
+    out = tmp_path / "out.csv"
+    # An earlier run: the input row (a, 10, "") failed before it could be split.
+    write_csv_atomic(pd.DataFrame([["a", "10", "", "10", "", "", "", "", "error", "unreadable"],
+                                   ["a", "0", "5", "0", "5", "", "", "", "error", "bad"]],
+                                  columns=WINDOW_COLUMNS), out)
+    # A retry windowed it (window 1 first, as ranks may finish out of order).
+    write_csv_atomic(pd.DataFrame([["a", "20", "25", "10", "", "1", "2", "later", "ok", ""],
+                                   ["a", "10", "20", "10", "", "0", "2", "earlier", "ok", ""]],
+                                  columns=WINDOW_COLUMNS), part_path(out, 0))
+    table = read_progress(out).table
+    assert source_keys(table) == [("a", "0", "5", "", ""), ("a", "10", "", "", ""), ("a", "10", "", "", "")]
+    assert list(table["error"]) == ["bad", "", ""], "the stale error of the windowed row is gone"
+
+    final = finalize_output(out, order=pd.DataFrame({"path": ["a", "a"], "start": ["10", "0"], "end": ["", "5"]}))
+    assert [(r["window"], r["text"] or r["error"]) for r in rows(final)] == [("0", "earlier"), ("1", "later"),
+                                                                            ("", "bad")]
+
+
+def test_difference_and_intersection_use_row_keys():
+    data = pd.DataFrame({"path": ["a", "a", "b"], "start": ["0", "5", ""], "id": ["1", "2", "3"]})
+    done = pd.DataFrame({"path": ["a", "b"], "start": ["5", ""], "aes": ["4", "6"]})
+    assert list(difference(data, done)["id"]) == ["1"]
+    assert rows(intersection(data, done)) == [{"path": "a", "start": "5", "id": "2", "aes": "4"},
+                                              {"path": "b", "start": "", "id": "3", "aes": "6"}]
+    windows = pd.DataFrame({"path": ["b", "b"], "window": ["0", "1"], "start": ["0", "10"], "text": ["x", "y"]})
+    assert list(difference(data, windows)["id"]) == ["1", "2"], "a windowed output covers its input rows"
+    assert rows(intersection(data, windows)) == [{"path": "b", "start": "", "id": "3", "window": "1",
+                                                  "text": "y"}]
+
+
+def test_split_timestamps_gives_one_row_per_scene():
+    data = pd.DataFrame({"path": ["a", "b", "c"], "id": ["1", "2", "3"],
+                         "timestamp": ["[('00:00:00.000', '00:00:01.500'), ('00:00:01.500', '00:00:04.000')]",
+                                       "('00:00:02.000', '00:00:03.000')", ""]})
+    assert rows(split_timestamps(data)) == [
+        {"path": "a", "id": "1", "timestamp": "('00:00:00.000', '00:00:01.500')"},
+        {"path": "a", "id": "1", "timestamp": "('00:00:01.500', '00:00:04.000')"},
+        {"path": "b", "id": "2", "timestamp": "('00:00:02.000', '00:00:03.000')"},
+        {"path": "c", "id": "3", "timestamp": ""},
+    ]
+    with pytest.raises(MetadataError, match="row 1: timestamp 'soon' is not a list of"):
+        split_timestamps(pd.DataFrame({"path": ["a"], "timestamp": ["soon"]}))
+    with pytest.raises(MetadataError, match="no 'timestamp' column"):
+        split_timestamps(pd.DataFrame({"path": ["a"]}))
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -291,7 +373,7 @@ def test_cli_merge_difference_and_filter(tmp_path):
     assert merge.returncode == 0, merge.stderr
     assert "read 3 rows from out_part0.csv" in merge.stdout
     assert "read 3 rows from out_part1.csv" in merge.stdout
-    assert "dropped 3 duplicate path rows" in merge.stdout
+    assert "dropped 3 duplicate rows (3 unique row keys)" in merge.stdout
     assert "wrote 3 rows to merged/out.csv" in merge.stdout
     assert read_metadata(tmp_path / "merged" / "out.csv").equals(merge_tables([part0, part1]))
 
@@ -325,6 +407,17 @@ def test_cli_error_for_csv_without_path(tmp_path):
 
     missing = datautil("nothing_*.csv", cwd=tmp_path)
     assert missing.returncode == 1 and "no file matches" in missing.stderr
+
+
+def test_cli_split_timestamp(tmp_path):
+    write(tmp_path / "meta_timestamp.csv",
+          'path,timestamp\na.mp4,"[(\'00:00:00.000\', \'00:00:01.000\'), (\'00:00:01.000\', \'00:00:02.000\')]"\n')
+    result = datautil("meta_timestamp.csv", "--split-timestamp", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "split-timestamp: 1 rows became 2 scene rows" in result.stdout
+    assert list(read_metadata(tmp_path / "meta_timestamp_split.csv")["timestamp"]) == [
+        "('00:00:00.000', '00:00:01.000')", "('00:00:01.000', '00:00:02.000')"]
+    assert "--split-timestamp" in datautil("--help", cwd=tmp_path).stdout
 
 
 def test_cli_help_explains_flags(tmp_path):

@@ -39,7 +39,6 @@ CHAT_TEMPLATE = (
 WORDS = "describe the video in detail a red blue green square moves left right what is shown image".split()
 PIXELS = {"min_pixels": 28 * 28, "max_pixels": 56 * 84}
 NEW_TOKENS = 8
-BUCKET = 64  # prompts padded to 64 tokens share compiled graphs across tests
 
 
 def tiny_config(tie: bool = False) -> "transformers.Qwen2VLConfig":
@@ -212,7 +211,7 @@ def test_image_batch_greedy_ids_equal_transformers_one_by_one(pair):
     prompts = [prompt("image", proc.num_tokens(g), words) for g, words in
                zip(grids, [[30, 31, 32], [33], [34, 35, 36, 37, 38, 39]])]
     ids, mask = left_pad(prompts)
-    got = ours.generate(ids, mask, pixel_values=pixels, image_grid_thw=grids, pad_to_multiple_of=BUCKET, **kw)
+    got = ours.generate(ids, mask, pixel_values=pixels, image_grid_thw=grids, **kw)
     offsets = np.cumsum([0] + [int(np.prod(g)) for g in grids])
     for row, single in enumerate(prompts):
         single = np.array([single])
@@ -237,7 +236,7 @@ def test_batched_greedy_equals_one_by_one(pair):
     kw = dict(max_new_tokens=NEW_TOKENS, eos_token_id=[eos, IM_END], pad_token_id=ENDOFTEXT)
     ids, mask = left_pad(prompts)
     batched = ours.generate(ids, mask, pixel_values_videos=np.concatenate(pixels),
-                            video_grid_thw=np.concatenate(grids), pad_to_multiple_of=BUCKET, **kw)[:, ids.shape[1]:]
+                            video_grid_thw=np.concatenate(grids), **kw)[:, ids.shape[1]:]
     assert (batched[0, 4:] == ENDOFTEXT).all(), "row 0 should stop at its EOS and be padded"
     for row, single in enumerate(singles):
         stops = np.flatnonzero(np.isin(single, kw["eos_token_id"]))
@@ -355,3 +354,45 @@ def test_caption_qwen2vl_under_msrun(checkpoint, videos, expected_captions, tmp_
     assert [r["status"] for r in rows] == ["ok"] * 4 + ["error"]
     assert {r["path"]: r["text"] for r in rows[:4]} == expected_captions
     assert "rank 1 of 2" in result.logs
+
+
+def test_visual_token_budget_keeps_fewer_frames_then_lowers_resolution(checkpoint):
+    """At 56x84 a temporal patch is 6 tokens: 40 frames need 120; a budget of 60 keeps 20 frames, a
+    budget of 6 keeps MIN_FRAMES (4) at a lower resolution; every prompt stays inside the context."""
+    from pipeline.captioning.budget import BudgetError
+    from pipeline.captioning.caption_qwen2vl import MIN_FRAMES, Qwen2VLCaptioner
+
+    video = np.stack([np.full((56, 84, 3), i * 6, np.uint8) for i in range(40)])
+    roomy = Qwen2VLCaptioner(str(checkpoint), max_new_tokens=8)
+    assert roomy.budget == 512 - len(roomy.prefix) - len(roomy.suffix) - 8  # the context, under the cap
+    full = roomy.prepare(video)
+    assert (full.num_frames_used, full.visual_tokens) == (40, 120)
+    tight = Qwen2VLCaptioner(str(checkpoint), max_new_tokens=8, max_visual_tokens=60)
+    fewer = tight.prepare(video)
+    assert (fewer.num_frames_used, fewer.visual_tokens, fewer.budget) == (20, 60, 60)
+    kept = fewer.frames[:, 0, 0, 0] // 6
+    assert list(kept) == sorted(set(kept)) and kept[0] < 4 and kept[-1] > 35  # spread over the whole video
+    rows, grid, ids = fewer.inputs
+    assert len(ids) <= 512 - 8 and int(np.prod(grid[0])) // 4 == 60
+    smaller = tight.shrink(fewer)
+    assert (smaller.budget, smaller.visual_tokens) == (30, 30) and smaller.num_frames_used == 10
+    lowres = tight.prepare(video, budget=3)
+    assert lowres.num_frames_used == MIN_FRAMES and lowres.visual_tokens <= 3
+    assert lowres.inputs[1][0, 1] * lowres.inputs[1][0, 2] < 4 * 6  # fewer patches per frame than 56x84
+    with pytest.raises(BudgetError, match="max_visual_tokens"):
+        tight.prepare(video, budget=1)
+    too_big = Qwen2VLCaptioner(str(checkpoint), max_new_tokens=8, max_visual_tokens=10 ** 6)
+    assert too_big.budget == roomy.budget  # never past the context
+
+
+def test_caption_columns_record_the_budget(checkpoint, videos, tmp_path):
+    from pipeline.captioning.caption_qwen2vl import main as qwen_main
+
+    out = tmp_path / "captions.csv"
+    qwen_main([str(videos), "--pretrained_model_name_or_path", str(checkpoint), "--output", str(out),
+               "--bs", "4", "--max_visual_tokens", "12", *CLI])
+    rows = [r for r in read_rows(out) if r["status"] == "ok"]
+    assert len(rows) == 4
+    for row in rows:
+        assert int(row["visual_tokens"]) <= 12 and row["visual_token_budget"] == "12"
+        assert int(row["num_frames_used"]) >= 1

@@ -4,26 +4,33 @@ LLaVA-NeXT (llava-hf/llava-v1.6-*).
 Frames are images: each sampled frame is one ``<image>`` of the prompt (``--num_frames 1``, the
 default, is the middle frame). Every ``<image>`` becomes as many image tokens as the model has
 features for it, as transformers' processors expand it. A batch of videos is one left-padded
-generate call.
+generate call. When the frames would need more than ``--max_visual_tokens`` (default: what the
+context holds after the prompt and the reply), fewer frames, evenly spread, are used; out of
+memory, the runner retries a video once with half the budget (:meth:`LlavaCaptioner.shrink`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from models import from_pretrained
 from models.llava import LlavaNextForConditionalGeneration, PllavaForConditionalGeneration
 from models.llava.processing import ClipFrameProcessor, LlavaNextFrameProcessor
+from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
+                                        uniform_subset)
 from pipeline.captioning.cli import common_parser, main_with
 from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR, ConfigError
 
 BASE_CONFIG = CONFIG_DIR / "captioning" / "llava.yaml"
 IMAGE = "<image>"
+
+logger = logging.getLogger(__name__)
 
 
 def generation_eos(folder: str) -> int | list[int] | None:
@@ -36,9 +43,11 @@ def generation_eos(folder: str) -> int | list[int] | None:
 class LlavaCaptioner:
     """Prepares frames with the checkpoint's image processor; captions a batch in one generate call."""
 
+    extra_columns = BUDGET_COLUMNS
+
     def __init__(self, folder: str, dtype: str = "float32", question: str = "Describe the video in detail",
                  num_frames: int = 1, max_new_tokens: int = 200, num_beams: int = 1,
-                 prompt_template: str = "USER: <image>\n{question} ASSISTANT:"):
+                 prompt_template: str = "USER: <image>\n{question} ASSISTANT:", max_visual_tokens: int | None = None):
         from transformers import AutoTokenizer
 
         self.model = from_pretrained(folder, dtype=dtype)
@@ -47,13 +56,17 @@ class LlavaCaptioner:
         self.frame_spec = FrameSpec(num_frames=num_frames)
         self.processor = self.build_processor(folder)
         self.image_token = self.model.config.image_token_index
-        self.prompt_ids = self.tokenize_prompt(prompt_template.format(question=question))
+        self.prompt_text = prompt_template.format(question=question)
+        self.prompts = {self.images_in_prompt(): self.tokenize_prompt(self.prompt_text, self.images_in_prompt())}
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.model.config.text_config.pad_token_id or 0)
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams)
         eos = generation_eos(folder)
         if eos is not None:
             self.generate_kwargs["eos_token_id"] = eos
+        text_tokens = len(self.prompts[self.images_in_prompt()]) - self.images_in_prompt()
+        self.budget = context_budget(self.model.config.text_config.max_position_embeddings, text_tokens,
+                                     max_new_tokens, max_visual_tokens)
 
     def build_processor(self, folder: str) -> ClipFrameProcessor:
         """The checkpoint's image processor: CLIP's, or LLaVA-NeXT's tiles."""
@@ -66,41 +79,70 @@ class LlavaCaptioner:
         """``<image>`` markers in the prompt: one per frame."""
         return self.num_frames
 
-    def tokenize_prompt(self, prompt: str) -> list[int]:
-        """Prompt ids with one image token per frame (``<image>`` repeated, one per line)."""
+    def tokenize_prompt(self, prompt: str, markers: int) -> list[int]:
+        """Prompt ids with ``markers`` image tokens (``<image>`` repeated, one per line)."""
         if IMAGE not in prompt:
             raise ConfigError(f"the prompt template needs an {IMAGE} marker: {prompt!r}")
-        prompt = prompt.replace(IMAGE, "\n".join([IMAGE] * self.images_in_prompt()), 1)
+        prompt = prompt.replace(IMAGE, "\n".join([IMAGE] * markers), 1)
         ids = self.tokenizer(prompt)["input_ids"]
         found = sum(i == self.image_token for i in ids)
-        if found != self.images_in_prompt():
-            raise ConfigError(f"the tokenizer turned {self.images_in_prompt()} {IMAGE} markers into {found} "
+        if found != markers:
+            raise ConfigError(f"the tokenizer turned {markers} {IMAGE} markers into {found} "
                              f"image tokens ({self.image_token}); it must know {IMAGE} as one special token")
         return ids
 
     def expand(self, counts: Sequence[int]) -> list[int]:
-        """The prompt with its k-th image token repeated counts[k] times."""
+        """The prompt for ``len(counts)`` images with its k-th image token repeated counts[k] times."""
+        markers = len(counts)
+        if markers not in self.prompts:
+            self.prompts[markers] = self.tokenize_prompt(self.prompt_text, markers)
         counts = iter(counts)
         out: list[int] = []
-        for i in self.prompt_ids:
+        for i in self.prompts[markers]:
             out += [i] * next(counts) if i == self.image_token else [i]
         return out
 
-    def prepare(self, frames: np.ndarray) -> Any:
-        return self.processor(frames)
+    def tokens_per_frame(self, frame: np.ndarray) -> int:
+        if isinstance(self.model, LlavaNextForConditionalGeneration):
+            return self.model.image_token_count(frame.shape[:2])
+        return self.model.image_token_count()
 
-    def model_inputs(self, batch: Sequence[Any]) -> tuple[list[list[int]], dict]:
+    def prepare(self, frames: np.ndarray, budget: int | None = None) -> PreparedVideo:
+        """Frames -> pixel inputs, with as many frames (evenly spread) as ``budget`` tokens allow."""
+        budget = budget or self.budget
+        per_frame = self.tokens_per_frame(frames[0])
+        keep = min(len(frames), budget // per_frame)
+        if keep < 1:
+            raise BudgetError(f"one frame needs {per_frame} visual tokens, more than the budget of {budget}; "
+                              "raise --max_visual_tokens or --max_new_tokens less")
+        if keep < len(frames):
+            logger.info("%d frames need %d visual tokens, budget %d: keeping %d frames",
+                        len(frames), len(frames) * per_frame, budget, keep)
+            frames = frames[uniform_subset(len(frames), keep)]
+        return PreparedVideo(self.processor(frames), frames, budget, keep, keep * per_frame)
+
+    def shrink(self, video: PreparedVideo) -> PreparedVideo | None:
+        """The same video at half its budget (after running out of memory), or None when nothing fits."""
+        try:
+            smaller = self.prepare(video.frames, max(1, video.budget // 2))
+        except BudgetError:
+            return None
+        return smaller if smaller.visual_tokens < video.visual_tokens else None
+
+    def model_inputs(self, batch: Sequence[PreparedVideo]) -> tuple[list[list[int]], dict]:
         """Per-video prompt ids and the model's pixel inputs for a batch of prepared videos."""
         if isinstance(self.model, LlavaNextForConditionalGeneration):
-            sizes = np.concatenate([s for _, s in batch])
-            tiles = max(p.shape[1] for p, _ in batch)
-            pixels = np.concatenate([np.pad(p, ((0, 0), (0, tiles - p.shape[1])) + ((0, 0),) * 3) for p, _ in batch])
-            prompts = [self.expand([self.model.image_token_count(s) for s in video_sizes]) for _, video_sizes in batch]
+            sizes = np.concatenate([video.inputs[1] for video in batch])
+            tiles = max(video.inputs[0].shape[1] for video in batch)
+            pixels = np.concatenate([np.pad(p, ((0, 0), (0, tiles - p.shape[1])) + ((0, 0),) * 3)
+                                     for p, _ in (video.inputs for video in batch)])
+            prompts = [self.expand([self.model.image_token_count(s) for s in video.inputs[1]]) for video in batch]
             return prompts, dict(pixel_values=pixels, image_sizes=sizes)
         count = self.model.image_token_count()
-        return [self.expand([count] * self.num_frames)] * len(batch), dict(pixel_values=np.stack(batch))
+        prompts = [self.expand([count] * video.num_frames_used) for video in batch]
+        return prompts, dict(pixel_values=np.concatenate([video.inputs for video in batch]))
 
-    def generate(self, batch: Sequence[Any]) -> list[str]:
+    def generate(self, batch: Sequence[PreparedVideo]) -> list[dict]:
         prompts, pixels = self.model_inputs(batch)
         length = max(len(p) for p in prompts)
         input_ids = np.full((len(prompts), length), self.pad_id, np.int64)
@@ -110,13 +152,16 @@ class LlavaCaptioner:
             mask[row, length - len(prompt):] = 1
         ids = self.model.generate(input_ids=input_ids, attention_mask=mask, **pixels, **self.generate_kwargs)
         texts = self.tokenizer.batch_decode(ids[:, length:], skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return [{"text": text.strip(), **video.columns()} for text, video in zip(texts, batch)]
 
 
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt_template", help="the prompt around the question: {question} and one <image> marker "
                                              "(replaced by the frames); match the checkpoint's chat format")
     p.add_argument("--num_beams", type=int, help="beam search width (1: greedy)")
+    p.add_argument("--max_visual_tokens", type=int,
+                   help="most image tokens per video (default: what the checkpoint's context holds after the "
+                        "prompt and --max_new_tokens, at most 24576); a video that needs more keeps fewer frames")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +181,8 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> LlavaCaptioner:
         raise FileNotFoundError("--pretrained_model_name_or_path is required: a local LLaVA checkpoint folder")
     captioner = LlavaCaptioner(args.pretrained_model_name_or_path, dtype, question=args.question,
                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
-                               num_beams=args.num_beams, prompt_template=args.prompt_template)
+                               num_beams=args.num_beams, prompt_template=args.prompt_template,
+                               max_visual_tokens=args.max_visual_tokens)
     if isinstance(captioner.model, PllavaForConditionalGeneration):
         raise ConfigError("this checkpoint is PLLaVA: use pipeline/captioning/caption_pllava.py")
     return captioner

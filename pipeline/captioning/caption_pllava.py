@@ -15,6 +15,7 @@ import numpy as np
 
 from models.llava import PllavaForConditionalGeneration
 from models.llava.processing import PllavaFrameProcessor
+from pipeline.captioning.budget import PreparedVideo
 from pipeline.captioning.caption_llava import LlavaCaptioner, add_generation_flags
 from pipeline.captioning.cli import common_parser, main_with
 from pipeline.captioning.runner import RunSummary
@@ -37,6 +38,11 @@ class PllavaCaptioner(LlavaCaptioner):
     def __init__(self, folder: str, dtype: str = "float32", pooling_shape: Sequence[int] | None = None, **kwargs):
         self.pooling_shape = pooling_shape
         super().__init__(folder, dtype, **kwargs)
+        tokens = self.model.image_token_count(self.num_frames)
+        if tokens > self.budget:
+            raise ConfigError(f"--pooling_shape {'-'.join(map(str, self.model.pooling_shape))} gives {tokens} "
+                              f"visual tokens, more than the budget of {self.budget} (the context after the prompt "
+                              "and --max_new_tokens, or --max_visual_tokens); choose a smaller pooling shape")
 
     def build_processor(self, folder: str) -> PllavaFrameProcessor:
         if not isinstance(self.model, PllavaForConditionalGeneration):
@@ -50,9 +56,18 @@ class PllavaCaptioner(LlavaCaptioner):
         """One ``<image>`` for the whole video, as PLLaVA's prompts have."""
         return 1
 
-    def model_inputs(self, batch: Sequence[np.ndarray]) -> tuple[list[list[int]], dict]:
+    def prepare(self, frames: np.ndarray, budget: int | None = None) -> PreparedVideo:
+        """All ``num_frames`` frames: the pooled token count is fixed by ``pooling_shape`` (checked at start)."""
+        return PreparedVideo(self.processor(frames), frames, self.budget, len(frames),
+                             self.model.image_token_count(self.num_frames))
+
+    def shrink(self, video: PreparedVideo) -> None:
+        """Pooled videos cannot shrink per video (the pooling shape is compiled for the run)."""
+        return None
+
+    def model_inputs(self, batch: Sequence[PreparedVideo]) -> tuple[list[list[int]], dict]:
         prompt = self.expand([self.model.image_token_count(self.num_frames)])
-        return [prompt] * len(batch), dict(pixel_values=np.stack(batch))
+        return [prompt] * len(batch), dict(pixel_values=np.stack([video.inputs for video in batch]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +87,8 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> PllavaCaptioner:
         raise FileNotFoundError("--pretrained_model_name_or_path is required: a local PLLaVA checkpoint folder")
     return PllavaCaptioner(args.pretrained_model_name_or_path, dtype, pooling_shape=args.pooling_shape,
                            question=args.question, num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
-                           num_beams=args.num_beams, prompt_template=args.prompt_template)
+                           num_beams=args.num_beams, prompt_template=args.prompt_template,
+                           max_visual_tokens=args.max_visual_tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> RunSummary:

@@ -5,10 +5,16 @@ to ``--height`` x ``--width``; the question goes through the checkpoint's chat t
 video entry, whose ``<|video_pad|>`` is expanded to one token per merged vision patch
 (grid_t * grid_h * grid_w / 4). A batch of videos is one left-padded greedy generate call that
 stops each row at the checkpoint's EOS tokens (``<|im_end|>``, ``<|endoftext|>``).
+
+A video whose frames would need more than ``--max_visual_tokens`` (default: what the context
+holds, see ``pipeline.captioning.budget``) keeps fewer frames, evenly spread (a lower frame rate),
+down to ``MIN_FRAMES``; only then is the resolution lowered. Out of memory, the runner retries a
+video once at half its budget (:meth:`Qwen2VLCaptioner.shrink`).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -16,20 +22,27 @@ import numpy as np
 
 from models import from_pretrained
 from models.qwen2_vl.processing import Qwen2VLVisionProcessor
+from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
+                                        uniform_subset)
 from pipeline.captioning.cli import common_parser, main_with
 from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR
 
 BASE_CONFIG = CONFIG_DIR / "captioning" / "qwen2vl.yaml"
 VIDEO_PAD = "<|video_pad|>"
+MIN_FRAMES = 4  # fewest frames a budget may leave (two temporal patches) before the resolution drops
+
+logger = logging.getLogger(__name__)
 
 
 class Qwen2VLCaptioner:
     """Prepares (patch rows, grid, prompt ids) per video in worker threads; captions a batch in one call."""
 
+    extra_columns = BUDGET_COLUMNS
+
     def __init__(self, folder: str, dtype: str = "float32", question: str = "Describe the video in detail",
                  fps: float = 4.0, num_frames: int | None = None, max_frames: int = 768, height: int = 448,
-                 width: int = 672, max_new_tokens: int = 200, pad_to_multiple_of: int = 64):
+                 width: int = 672, max_new_tokens: int = 200, max_visual_tokens: int | None = None):
         from transformers import AutoTokenizer, GenerationConfig
 
         self.model = from_pretrained(folder, dtype=dtype)
@@ -53,22 +66,62 @@ class Qwen2VLCaptioner:
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         pad = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
-        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=self.pad_id,
-                                    pad_to_multiple_of=pad_to_multiple_of)
+        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=self.pad_id)
+        max_positions = self.model.config.text_config.max_position_embeddings
+        self.budget = context_budget(max_positions, len(self.prefix) + len(self.suffix), max_new_tokens,
+                                     max_visual_tokens)
 
-    def prepare(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        rows, grid = self.processor.video(frames)
-        tokens = [self.model.config.video_token_id] * self.processor.num_tokens(grid[0])
-        return rows, grid, self.prefix + tokens + self.suffix
+    def fit(self, frames: np.ndarray, budget: int) -> tuple[np.ndarray, int | None]:
+        """Frames and per-frame pixel limit that keep the video within ``budget`` tokens: fewer frames
+        first (down to MIN_FRAMES), then a lower resolution. Raises BudgetError when nothing fits."""
+        proc = self.processor
+        count, height, width = frames.shape[:3]
+        t, h, w = proc.video_grid(count, height, width)
+        per_group = h * w // proc.merge_size ** 2
+        groups = max(budget // per_group, -(-min(count, MIN_FRAMES) // proc.temporal_patch_size))
+        if groups < t:
+            keep = min(count, groups * proc.temporal_patch_size)
+            logger.info("video of %d frames needs %d visual tokens, budget %d: keeping %d frames",
+                        count, t * per_group, budget, keep)
+            frames = frames[uniform_subset(count, keep)]
+            t = groups
+        if t * per_group <= budget:
+            return frames, None
+        unit = (proc.patch_size * proc.merge_size) ** 2
+        max_pixels = budget // t * unit
+        if max_pixels:
+            t, h, w = proc.video_grid(len(frames), height, width, max_pixels)
+        if not max_pixels or t * h * w // proc.merge_size ** 2 > budget:
+            raise BudgetError(f"the video cannot fit {budget} visual tokens even with {len(frames)} frames at the "
+                              "smallest resolution; raise --max_visual_tokens or shorten the clip (--window_seconds)")
+        logger.info("lowering the resolution to %dx%d to fit %d frames in %d tokens",
+                    h * proc.patch_size, w * proc.patch_size, len(frames), budget)
+        return frames, max_pixels
 
-    def generate(self, batch: Sequence[tuple[np.ndarray, np.ndarray, list[int]]]) -> list[str]:
-        width = max(len(ids) for _, _, ids in batch)
-        input_ids = np.array([[self.pad_id] * (width - len(ids)) + ids for _, _, ids in batch], np.int64)
-        mask = np.array([[0] * (width - len(ids)) + [1] * len(ids) for _, _, ids in batch], np.int64)
-        out = self.model.generate(input_ids, mask, pixel_values_videos=np.concatenate([b[0] for b in batch]),
-                                  video_grid_thw=np.concatenate([b[1] for b in batch]), **self.generate_kwargs)
+    def prepare(self, frames: np.ndarray, budget: int | None = None) -> PreparedVideo:
+        budget = budget or self.budget
+        frames, max_pixels = self.fit(frames, budget)
+        rows, grid = self.processor.video(frames, max_pixels)
+        tokens = self.processor.num_tokens(grid[0])
+        ids = self.prefix + [self.model.config.video_token_id] * tokens + self.suffix
+        return PreparedVideo((rows, grid, ids), frames, budget, len(frames), tokens)
+
+    def shrink(self, video: PreparedVideo) -> PreparedVideo | None:
+        """The same video at half its budget (after running out of memory), or None when nothing fits."""
+        try:
+            return self.prepare(video.frames, max(1, video.budget // 2))
+        except BudgetError:
+            return None
+
+    def generate(self, batch: Sequence[PreparedVideo]) -> list[dict]:
+        inputs = [video.inputs for video in batch]
+        width = max(len(ids) for _, _, ids in inputs)
+        input_ids = np.array([[self.pad_id] * (width - len(ids)) + ids for _, _, ids in inputs], np.int64)
+        mask = np.array([[0] * (width - len(ids)) + [1] * len(ids) for _, _, ids in inputs], np.int64)
+        out = self.model.generate(input_ids, mask, pixel_values_videos=np.concatenate([b[0] for b in inputs]),
+                                  video_grid_thw=np.concatenate([b[1] for b in inputs]), **self.generate_kwargs)
         texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return [{"text": text.strip(), **video.columns()} for text, video in zip(texts, batch)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_frames", type=int, help="at most this many frames per video with --fps sampling")
     p.add_argument("--height", type=int, help="frame height before patching (a multiple of 28 avoids a resize)")
     p.add_argument("--width", type=int, help="frame width before patching (a multiple of 28 avoids a resize)")
-    p.add_argument("--pad_to_multiple_of", type=int,
-                   help="left-pad prompts to a multiple of this many tokens so similar lengths share one "
-                        "compiled graph (1: no padding)")
+    p.add_argument("--max_visual_tokens", type=int,
+                   help="most vision tokens per video (default: what the checkpoint's context holds after the "
+                        "prompt and --max_new_tokens, at most 24576); a video that needs more keeps fewer "
+                        "frames, then a lower resolution")
     return p
 
 
@@ -94,7 +148,7 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> Qwen2VLCaptioner:
     return Qwen2VLCaptioner(args.pretrained_model_name_or_path, dtype, question=args.question, fps=args.fps,
                             num_frames=args.num_frames, max_frames=args.max_frames, height=args.height,
                             width=args.width, max_new_tokens=args.max_new_tokens,
-                            pad_to_multiple_of=args.pad_to_multiple_of)
+                            max_visual_tokens=args.max_visual_tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> RunSummary:

@@ -27,7 +27,9 @@ def common_parser(description: str, epilog: str = "") -> argparse.ArgumentParser
     p = argparse.ArgumentParser(description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="CSV of videos: a 'path' column (absolute, or relative to the CSV's folder "
-                                 "or --video_root); every other column is kept in the output")
+                                 "or --video_root); optional 'start'/'end' (seconds, either may be empty) or "
+                                 "'timestamp' (Open-Sora's \"('00:00:01.000', '00:00:05.500')\") caption only "
+                                 "that segment; every other column is kept in the output")
     p.add_argument("--config", help="YAML file of option: value pairs (e.g. configs/captioning/*.yaml); "
                                     "flags given on the command line override it")
     p.add_argument("--video_root", help="folder that relative paths in the CSV are resolved against "
@@ -48,6 +50,13 @@ def common_parser(description: str, epilog: str = "") -> argparse.ArgumentParser
                              "fails, an earlier good caption is kept)")
     p.add_argument("--retry_errors", action="store_true",
                    help="also redo rows recorded with status=error (by default they are kept as they are)")
+    p.add_argument("--window_seconds", type=float,
+                   help="split each video (or each row's start/end or timestamp segment) into windows of this "
+                        "many seconds, each captioned as one output row with window, num_windows, start and end "
+                        "columns (an input's own start/end move to segment_start/segment_end); default: off")
+    p.add_argument("--window_min_seconds", type=float,
+                   help="a last window shorter than this joins the window before it (default: half of "
+                        "--window_seconds)")
     p.add_argument("--num_workers", type=int, default=2,
                    help="threads decoding videos ahead of the model")
     p.add_argument("--seed", type=int, default=0, help="random seed (sampling decoders, frame sampling)")
@@ -76,7 +85,7 @@ def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespa
         summary = run(captioner, RunOptions(
             input=args.input, output=args.output, video_root=args.video_root, bs=args.bs,
             num_workers=args.num_workers, overwrite=args.overwrite, retry_errors=args.retry_errors,
-            seed=args.seed))
+            seed=args.seed, window_seconds=args.window_seconds, window_min_seconds=args.window_min_seconds))
     except (ConfigError, MetadataError, CheckpointError, RunError, OSError) as exc:
         sys.exit(f"error: {exc}")
     if summary.failed and not summary.done:

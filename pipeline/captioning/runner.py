@@ -10,6 +10,19 @@ flight; a video that cannot be read, or a batch the model fails on, becomes rows
 with ``status=error`` and the run goes on. ``--overwrite`` sets the old output aside
 as ``<stem>.prev.csv`` and folds it back in at the merge, so a crashed overwrite run
 resumes like any other.
+
+Segments and windows. A row may name part of its file (``start``/``end`` or
+``timestamp``, see ``metadata.row_segment``); only that part is sampled. With
+``window_seconds`` every input row is split into windows (``video.split_windows``),
+each one output row with ``window``, ``num_windows``, ``start`` and ``end``; an input's
+own ``start``/``end`` move to ``segment_start``/``segment_end`` so each window row still
+names its input row. Window rows are keyed like any row, so resume works per window.
+To tell that an input row is finished without probing its video again, every window
+row records ``num_windows``: the recorded windows of an input row, the end of its last
+one and the window settings give the complete list of its window keys, and the row is
+done when all of them are recorded (an input row with an explicit end needs no probe
+at all). Only input rows with work left are probed, in the worker threads of the rank
+that owns them; sharding deals out those input rows, the same on every rank.
 """
 from __future__ import annotations
 
@@ -21,27 +34,49 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from models import jit
 from pipeline import distributed
 from pipeline.datasets.metadata import (
+    CAPTION_COLUMN,
+    END_COLUMN,
+    ERROR_COLUMN,
+    KEY_COLUMNS,
+    NUM_WINDOWS_COLUMN,
     RESULT_COLUMNS,
+    SEGMENT_END_COLUMN,
+    SEGMENT_START_COLUMN,
+    START_COLUMN,
+    STATUS_COLUMN,
+    STATUS_ERROR,
+    STATUS_OK,
+    WINDOW_COLUMN,
     Progress,
+    RowKey,
     finalize_output,
     find_part_files,
+    format_seconds,
     merge_csvs,
     part_path,
     read_metadata,
     read_progress,
     resolve_video_path,
+    row_key,
+    row_keys,
+    row_segment,
+    source_keys,
 )
-from pipeline.datasets.video import check_sampling_args, sample_frames
+from pipeline.datasets.video import check_sampling_args, probe_duration, sample_frames, split_windows
 
 logger = logging.getLogger(__name__)
+
+WINDOW_COLUMNS = (WINDOW_COLUMN, NUM_WINDOWS_COLUMN, START_COLUMN, END_COLUMN)
+Span = tuple[float, float | None]  # seconds; end None: the file's end
 
 
 @dataclass(frozen=True)
@@ -56,15 +91,29 @@ class FrameSpec:
 
 
 class Captioner(Protocol):
-    """What a model family provides; the runner does everything else."""
+    """What a model family provides; the runner does everything else.
+
+    Optional: ``extra_columns`` (tuple of output column names, default none), filled
+    from ``generate`` results given as dicts; and ``shrink(inputs) -> inputs | None``,
+    the same video re-prepared at half its visual-token budget (None: cannot shrink
+    further), which the runner uses to retry a video that ran out of memory.
+    """
 
     frame_spec: FrameSpec
 
     def prepare(self, frames: np.ndarray) -> Any:
         """Turn (T,H,W,3) uint8 RGB frames into this model's per-video inputs (runs in a worker thread)."""
 
-    def generate(self, batch: Sequence[Any]) -> list[str]:
-        """Caption a batch of prepared inputs, one string per video."""
+    def generate(self, batch: Sequence[Any]) -> list[str | dict]:
+        """Caption a batch of prepared inputs: per video a caption, or a dict of "text" and extra columns."""
+
+
+@dataclass(frozen=True)
+class Windowing:
+    """Split every input row into windows of ``seconds``; a last one shorter than ``min_seconds`` joins the one before."""
+
+    seconds: float
+    min_seconds: float
 
 
 @dataclass
@@ -77,6 +126,14 @@ class RunOptions:
     overwrite: bool = False
     retry_errors: bool = False
     seed: int = 0
+    window_seconds: float | None = None
+    window_min_seconds: float | None = None  # default: window_seconds / 2
+
+    def windowing(self) -> Windowing | None:
+        if self.window_seconds is None:
+            return None
+        low = self.window_seconds / 2 if self.window_min_seconds is None else self.window_min_seconds
+        return Windowing(self.window_seconds, low)
 
 
 @dataclass
@@ -90,6 +147,8 @@ class RunSummary:
     decode_seconds: float = 0.0
     decode_wait_seconds: float = 0.0
     model_seconds: float = 0.0
+    compiled_graphs: int = 0
+    compile_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -102,16 +161,107 @@ def default_output(input_csv: str | Path) -> Path:
     return path.with_name(f"{path.stem}_caption.csv")
 
 
-def rows_to_do(data: pd.DataFrame, progress: Progress, retry_errors: bool) -> pd.DataFrame:
-    """Rows of ``data`` without a recorded result (error rows count as recorded unless retried)."""
+# ----------------------------------------------------------------------------- windows
+
+def has_segment_columns(columns: Sequence[str]) -> bool:
+    """Whether an input's own start/end must move to segment_start/segment_end in windowed output."""
+    return START_COLUMN in columns or END_COLUMN in columns
+
+
+def _with_segment(record: Mapping[str, str], segment_columns: bool) -> dict[str, str]:
+    """The input cells, with the input's own start/end copied to segment_start/segment_end."""
+    row = dict(record)
+    if segment_columns:
+        row[SEGMENT_START_COLUMN] = record.get(START_COLUMN, "")
+        row[SEGMENT_END_COLUMN] = record.get(END_COLUMN, "")
+    return row
+
+
+def window_rows(record: Mapping[str, str], spans: Sequence[tuple[float, float]],
+                segment_columns: bool) -> list[dict[str, str]]:
+    """The output cells (results aside) of an input row's windows: every input column plus the window's."""
+    base = _with_segment(record, segment_columns)
+    return [{**base, WINDOW_COLUMN: str(i), NUM_WINDOWS_COLUMN: str(len(spans)),
+             START_COLUMN: format_seconds(begin), END_COLUMN: format_seconds(end)}
+            for i, (begin, end) in enumerate(spans)]
+
+
+def whole_row(record: Mapping[str, str], segment_columns: bool) -> dict[str, str]:
+    """A windowed run's row for an input row it could not split (its error row): the input row's own key."""
+    return {**_with_segment(record, segment_columns), WINDOW_COLUMN: "", NUM_WINDOWS_COLUMN: ""}
+
+
+def _recorded_windows(table: pd.DataFrame) -> dict[RowKey, dict[str, tuple[str, str]]]:
+    """Per input row (source key): window number -> (num_windows, end) of its recorded window rows."""
+    found: dict[RowKey, dict[str, tuple[str, str]]] = {}
+    if WINDOW_COLUMN not in table.columns or not len(table):
+        return found
+    blank = [""] * len(table)
+    counts = table[NUM_WINDOWS_COLUMN] if NUM_WINDOWS_COLUMN in table.columns else blank
+    ends = table[END_COLUMN] if END_COLUMN in table.columns else blank
+    for source, window, count, end in zip(source_keys(table), table[WINDOW_COLUMN], counts, ends):
+        if window:
+            found.setdefault(source, {})[window] = (count, end)
+    return found
+
+
+def _recorded_end(windows: Mapping[str, tuple[str, str]]) -> float | None:
+    """Where an input row's recorded windows say it ends: the end of window num_windows - 1."""
+    counts = {count for count, _ in windows.values()}
+    if len(counts) != 1:
+        return None
+    count = counts.pop()
+    if not count.isdigit() or str(int(count) - 1) not in windows:
+        return None
+    try:
+        return float(windows[str(int(count) - 1)][1])
+    except ValueError:
+        return None
+
+
+def _windows_complete(record: Mapping[str, str], recorded: Mapping[str, tuple[str, str]] | None,
+                      finished: frozenset[RowKey], windowing: Windowing, segment_columns: bool) -> bool:
+    """Whether every window of an input row is recorded, decided without opening its video."""
+    try:
+        segment = row_segment(record)
+    except ValueError:
+        return False
+    begin, end = segment or (0.0, None)
+    if end is None:
+        end = _recorded_end(recorded) if recorded else None
+        if end is None:
+            return False
+    spans = split_windows(begin, end, windowing.seconds, windowing.min_seconds)
+    return all(row_key(row) in finished for row in window_rows(record, spans, segment_columns))
+
+
+def rows_to_do(data: pd.DataFrame, progress: Progress, retry_errors: bool,
+               windowing: Windowing | None = None) -> pd.DataFrame:
+    """Rows of ``data`` without a recorded result (error rows count as recorded unless retried).
+
+    With windowing, an input row is done when all its windows are recorded (see the
+    module docstring) or when the row itself failed before it could be split.
+    """
     finished = progress.done if retry_errors else progress.done | progress.failed
-    return data[~data["path"].isin(finished)]
+    keys = row_keys(data)
+    if windowing is None:
+        todo = [key not in finished for key in keys]
+    else:
+        failed = frozenset() if retry_errors else progress.failed
+        recorded = _recorded_windows(progress.table)
+        segment_columns = has_segment_columns(data.columns)
+        todo = [key not in failed and not _windows_complete(record, recorded.get(key), finished, windowing,
+                                                           segment_columns)
+                for key, record in zip(keys, data.to_dict("records"))]
+    return data[np.array(todo, dtype=bool)]
 
 
 def shard(rows: pd.DataFrame, rank: int, world_size: int) -> pd.DataFrame:
     """Round-robin shard: disjoint, covers every row, no padding duplicates."""
     return rows.iloc[rank::world_size]
 
+
+# ----------------------------------------------------------------------------- output
 
 class PartWriter:
     """Appends finished rows to this rank's part file and forces them to disk."""
@@ -141,60 +291,222 @@ def _error_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
 
 
-class _Loader:
-    """Decodes and prepares videos in worker threads, a bounded window ahead of the model."""
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
 
-    def __init__(self, captioner: Captioner, paths: list[str], num_workers: int, window: int):
+
+def _carried_columns(exc: BaseException | None) -> dict[str, str]:
+    """Extra-column values an error knows (e.g. the budget that ran out of memory), as cells."""
+    carried = getattr(exc, "columns", None)
+    return {name: _cell(value) for name, value in dict(carried).items()} if carried else {}
+
+
+@dataclass
+class _Result:
+    """One video's outcome: the caption and extra columns, or the error."""
+
+    text: str = ""
+    columns: dict[str, str] = field(default_factory=dict)
+    error: BaseException | None = None
+
+    def row(self, cells: Mapping[str, str]) -> dict[str, str]:
+        ok = self.error is None
+        return {**cells, **self.columns, CAPTION_COLUMN: self.text, STATUS_COLUMN: STATUS_OK if ok else STATUS_ERROR,
+                ERROR_COLUMN: "" if ok else _error_message(self.error)}
+
+
+def _failure(exc: BaseException) -> _Result:
+    return _Result(columns=_carried_columns(exc), error=exc)
+
+
+def _parse_output(output: Any, extra_columns: Sequence[str]) -> _Result:
+    """A captioner's answer for one video: a caption, or a dict of "text" and declared extra columns."""
+    if isinstance(output, str):
+        return _Result(text=output)
+    if isinstance(output, Mapping) and isinstance(output.get("text"), str):
+        undeclared = sorted(set(output) - {"text", *extra_columns})
+        if undeclared:
+            return _Result(error=RuntimeError(f"captioner returned undeclared column(s) {undeclared}; "
+                                              f"add them to its extra_columns"))
+        return _Result(text=output["text"], columns={name: _cell(output.get(name)) for name in extra_columns})
+    return _Result(error=RuntimeError(f"captioner returned {type(output).__name__} for a video; "
+                                      f"expected a caption string or a dict with a 'text' string"))
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+class OutOfMemoryError(RuntimeError):
+    """A video ran out of memory and could not be captioned smaller; ``columns`` are extra cells it knows."""
+
+    def __init__(self, message: str, columns: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.columns = dict(columns or {})
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MindSpore's "Memory not enough" (CPU), any "out of memory" message (devices), or Python's MemoryError."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "memory not enough" in text or "out of memory" in text
+
+
+def _generate_one(captioner: Captioner, inputs: Any, extra_columns: Sequence[str]) -> _Result:
+    outputs = captioner.generate([inputs])
+    if len(outputs) != 1:
+        raise RuntimeError(f"captioner returned {len(outputs)} captions for 1 video")
+    return _parse_output(outputs[0], extra_columns)
+
+
+def _retry_smaller(captioner: Captioner, inputs: Any, first: BaseException, extra_columns: Sequence[str]) -> _Result:
+    """After one video ran out of memory: caption it once more at half its budget, if the captioner can shrink it."""
+    shrink = getattr(captioner, "shrink", None)
+    if shrink is None or not is_out_of_memory(first):
+        return _failure(first)
+    try:
+        smaller = shrink(inputs)
+    except Exception as exc:  # noqa: BLE001 - a failed shrink costs only this row
+        return _failure(OutOfMemoryError(f"out of memory ({_error_message(first)}), and shrinking the input "
+                                         f"failed: {_error_message(exc)}", _carried_columns(exc)))
+    if smaller is None:
+        return _failure(OutOfMemoryError(f"out of memory and the input cannot be shrunk further: "
+                                         f"{_error_message(first)}", _carried_columns(first)))
+    logger.warning("out of memory on one video (%s); retrying it at half its visual-token budget",
+                   _error_message(first))
+    try:
+        return _generate_one(captioner, smaller, extra_columns)
+    except Exception as second:  # noqa: BLE001
+        if is_out_of_memory(second):
+            return _failure(OutOfMemoryError(
+                f"out of memory at both attempts, at the full and at half the visual-token budget: "
+                f"{_error_message(first)}; then {_error_message(second)}", _carried_columns(second)))
+        return _failure(second)
+
+
+def _caption_batch(captioner: Captioner, inputs: list[Any], extra_columns: Sequence[str] = ()) -> list[_Result]:
+    """Caption a batch; if the batch fails, retry each video alone so one bad input costs one row,
+    and a video alone that runs out of memory once more at half its budget."""
+    try:
+        outputs = captioner.generate(inputs)
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"captioner returned {len(outputs)} captions for {len(inputs)} videos")
+    except Exception as exc:  # noqa: BLE001
+        if len(inputs) == 1:
+            return [_retry_smaller(captioner, inputs[0], exc, extra_columns)]
+        logger.warning("batch of %d failed (%s); retrying one video at a time", len(inputs), _error_message(exc))
+        return [_caption_batch(captioner, [x], extra_columns)[0] for x in inputs]
+    return [_parse_output(output, extra_columns) for output in outputs]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@dataclass
+class _Item:
+    """One output row to produce: its cells (results aside), the file and span to sample, or why it cannot be."""
+
+    cells: dict[str, str]
+    path: str
+    span: Span | None = None
+    error: BaseException | None = None
+
+
+class _Planner:
+    """Turns an input row into the output rows still to do: the row itself, or its unrecorded windows."""
+
+    def __init__(self, windowing: Windowing | None, finished: frozenset[RowKey], csv_dir: Path,
+                 video_root: str | None, segment_columns: bool):
+        self.windowing = windowing
+        self.finished = finished
+        self.csv_dir = csv_dir
+        self.video_root = video_root
+        self.segment_columns = segment_columns
+
+    def plan(self, record: dict[str, str]) -> list[_Item]:
+        """Runs in a worker thread: a windowed row may need its video's duration."""
+        path = resolve_video_path(record["path"], self.csv_dir, self.video_root)
+        cells = record if self.windowing is None else whole_row(record, self.segment_columns)
+        try:
+            segment = row_segment(record)
+            if self.windowing is None:
+                return [_Item(cells, path, segment)]
+            return self._windows(record, path, segment)
+        except Exception as exc:  # noqa: BLE001 - a bad segment or unreadable video is this row's error
+            return [_Item(cells, path, error=exc)]
+
+    def _windows(self, record: dict[str, str], path: str, segment: Span | None) -> list[_Item]:
+        begin, end = segment or (0.0, None)
+        if end is None:
+            end = probe_duration(path)  # 0 for a still image, which is one window
+            if begin >= end and (begin, end) != (0.0, 0.0):
+                raise ValueError(f"segment start {begin:g} s is at or after the end of the video ({end:g} s); "
+                                 f"fix the row's start")
+        spans = split_windows(begin, end, self.windowing.seconds, self.windowing.min_seconds)
+        rows = window_rows(record, spans, self.segment_columns)
+        # A zero-length span is a still image: sample the file itself.
+        return [_Item(row, path, (b, e) if e > b else None)
+                for row, (b, e) in zip(rows, spans) if row_key(row) not in self.finished]
+
+
+class _Loader:
+    """Plans input rows and decodes their items in worker threads, a bounded number ahead of the model."""
+
+    def __init__(self, captioner: Captioner, planner: _Planner, records: list[dict[str, str]],
+                 num_workers: int, lookahead: int):
         self.captioner = captioner
-        self.paths = paths
+        self.planner = planner
+        self.records = records
         self.pool = ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="decode")
-        self.window = max(1, window)
+        self.lookahead = max(1, lookahead)
         self.decode_seconds = 0.0
 
-    def _load(self, path: str) -> tuple[Any, BaseException | None, float]:
+    def _items(self) -> Iterator[_Item]:
+        """Every item in input order; plans (probes) run in the pool a few rows ahead."""
+        plans: deque[Future] = deque()
+        records = iter(self.records)
+        while True:
+            while len(plans) < self.lookahead:
+                record = next(records, None)
+                if record is None:
+                    break
+                plans.append(self.pool.submit(self.planner.plan, record))
+            if not plans:
+                return
+            yield from plans.popleft().result()
+
+    def _load(self, item: _Item) -> tuple[_Item, Any, BaseException | None, float]:
+        if item.error is not None:
+            return item, None, item.error, 0.0
         start = time.perf_counter()
         try:
             spec = self.captioner.frame_spec
-            frames, _ = sample_frames(path, num_frames=spec.num_frames, sampling=spec.sampling,
-                                      fps=spec.fps, height=spec.height, width=spec.width)
-            return self.captioner.prepare(frames), None, time.perf_counter() - start
+            begin, end = item.span if item.span is not None else (None, None)
+            frames, _ = sample_frames(item.path, num_frames=spec.num_frames, sampling=spec.sampling,
+                                      fps=spec.fps, height=spec.height, width=spec.width, start=begin, end=end)
+            return item, self.captioner.prepare(frames), None, time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 - any failure becomes an error row
-            return None, exc, time.perf_counter() - start
+            return item, None, exc, time.perf_counter() - start
 
-    def __iter__(self) -> Iterator[tuple[Any, BaseException | None]]:
+    def __iter__(self) -> Iterator[tuple[_Item, Any, BaseException | None]]:
         pending: deque[Future] = deque()
-        todo = iter(self.paths)
+        items = self._items()
         try:
-            for path in todo:
-                pending.append(self.pool.submit(self._load, path))
-                if len(pending) >= self.window:
+            for item in items:
+                pending.append(self.pool.submit(self._load, item))
+                if len(pending) >= self.lookahead:
                     break
             while pending:
-                inputs, exc, seconds = pending.popleft().result()
+                item, inputs, exc, seconds = pending.popleft().result()
                 self.decode_seconds += seconds
-                next_path = next(todo, None)
-                if next_path is not None:
-                    pending.append(self.pool.submit(self._load, next_path))
-                yield inputs, exc
+                next_item = next(items, None)
+                if next_item is not None:
+                    pending.append(self.pool.submit(self._load, next_item))
+                yield item, inputs, exc
         finally:
             for fut in pending:
                 fut.cancel()
+            items.close()
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _caption_batch(captioner: Captioner, inputs: list[Any]) -> list[tuple[str, BaseException | None]]:
-    """Caption a batch; if the batch fails, retry each video alone so one bad input costs one row."""
-    try:
-        captions = captioner.generate(inputs)
-        if len(captions) != len(inputs):
-            raise RuntimeError(f"captioner returned {len(captions)} captions for {len(inputs)} videos")
-        return [(c, None) for c in captions]
-    except Exception as exc:  # noqa: BLE001
-        if len(inputs) == 1:
-            return [("", exc)]
-        logger.warning("batch of %d failed (%s); retrying one video at a time", len(inputs), _error_message(exc))
-        return [_caption_batch(captioner, [x])[0] for x in inputs]
-
+# ----------------------------------------------------------------------------- the run
 
 def previous_output(output: Path) -> Path:
     """Where an --overwrite run keeps the old output until its own merge (so a crash loses nothing)."""
@@ -203,6 +515,14 @@ def previous_output(output: Path) -> Path:
 
 class RunError(ValueError):
     """A setting that cannot work; raised before any row is touched."""
+
+
+def extra_columns_of(captioner: Captioner) -> tuple[str, ...]:
+    """The captioner's declared extra output columns (none unless it has ``extra_columns``)."""
+    columns = tuple(getattr(captioner, "extra_columns", ()) or ())
+    if not all(isinstance(c, str) and c for c in columns) or len(set(columns)) != len(columns):
+        raise RunError(f"the captioner's extra_columns must be distinct non-empty names, got {columns!r}")
+    return columns
 
 
 def _check_options(captioner: Captioner, opts: RunOptions) -> None:
@@ -216,17 +536,50 @@ def _check_options(captioner: Captioner, opts: RunOptions) -> None:
         check_sampling_args(spec.num_frames, spec.sampling, spec.fps)
     except ValueError as exc:
         raise RunError(f"frame sampling: {exc}") from exc
+    _check_windowing(opts)
 
 
-def _read_input(path: str) -> pd.DataFrame:
+def _check_windowing(opts: RunOptions) -> None:
+    if opts.window_seconds is None:
+        if opts.window_min_seconds is not None:
+            raise RunError("--window_min_seconds needs --window_seconds; give both or neither")
+        return
+    if not opts.window_seconds > 0:
+        raise RunError(f"--window_seconds must be positive (got {opts.window_seconds})")
+    low = opts.windowing().min_seconds
+    if not 0 <= low <= opts.window_seconds:
+        raise RunError(f"--window_min_seconds must be between 0 and --window_seconds "
+                       f"({opts.window_seconds:g}), got {low:g}")
+
+
+def _output_columns(data: pd.DataFrame, windowing: Windowing | None, extra: Sequence[str]) -> list[str]:
+    """The part files' header: input columns, window columns, results, then the captioner's extra columns."""
+    columns = list(data.columns)
+    if windowing is not None:
+        added = [SEGMENT_START_COLUMN, SEGMENT_END_COLUMN] if has_segment_columns(columns) else []
+        columns += [c for c in (*added, *WINDOW_COLUMNS) if c not in columns]
+    clashing = [c for c in extra if c in columns or c in RESULT_COLUMNS]
+    if clashing:
+        raise RunError(f"the captioner's extra column(s) {clashing} clash with input or output columns; "
+                       f"rename those input columns")
+    return [*columns, *RESULT_COLUMNS, *extra]
+
+
+def _read_input(path: str, windowing: Windowing | None) -> pd.DataFrame:
     data = read_metadata(path)
     clashing = [c for c in RESULT_COLUMNS if c in data.columns]
     if clashing:
         logger.warning("%s: input column(s) %s are replaced by the captioner's output columns", path, clashing)
-    return data.drop(columns=clashing).drop_duplicates("path")
+    reserved = [c for c in (WINDOW_COLUMN, NUM_WINDOWS_COLUMN, SEGMENT_START_COLUMN, SEGMENT_END_COLUMN)
+                if c in data.columns]
+    if windowing is not None and reserved:
+        raise RunError(f"{path}: column(s) {reserved} are written by --window_seconds (is this a windowed "
+                       f"output?); drop or rename them, or run without --window_seconds")
+    key_columns = [c for c in KEY_COLUMNS if c in data.columns]
+    return data.drop(columns=clashing).drop_duplicates(key_columns)
 
 
-def _start(output: Path, order: pd.Series, overwrite: bool) -> None:
+def _start(output: Path, order: list[RowKey], overwrite: bool) -> None:
     """Rank 0's set-up before anyone reads: fold an earlier run's parts in, or set the old output aside."""
     if overwrite:
         for part in find_part_files(output):
@@ -237,7 +590,7 @@ def _start(output: Path, order: pd.Series, overwrite: bool) -> None:
         finalize_output(output, order=order)
 
 
-def _finish(output: Path, order: pd.Series) -> pd.DataFrame:
+def _finish(output: Path, order: list[RowKey]) -> pd.DataFrame:
     """Rank 0's merge once every rank has finished; an --overwrite run's old rows stay where new ones failed."""
     prev = previous_output(output)
     if prev.is_file():
@@ -250,65 +603,89 @@ def _finish(output: Path, order: pd.Series) -> pd.DataFrame:
     return merged
 
 
+class _Session:
+    """One rank's captioning loop: batches decoded items, captions them, writes rows, counts."""
+
+    def __init__(self, captioner: Captioner, writer: PartWriter, summary: RunSummary, bar: tqdm, bs: int):
+        self.captioner = captioner
+        self.extra = extra_columns_of(captioner)
+        self.writer = writer
+        self.summary = summary
+        self.bar = bar
+        self.bs = bs
+        self.batch: list[tuple[dict[str, str], Any]] = []
+
+    def add(self, item: _Item, inputs: Any, exc: BaseException | None) -> None:
+        if exc is not None:
+            self._write([_failure(exc).row(item.cells)])
+            return
+        self.batch.append((item.cells, inputs))
+        if len(self.batch) == self.bs:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        model_start = time.perf_counter()
+        results = _caption_batch(self.captioner, [inputs for _, inputs in self.batch], self.extra)
+        self.summary.model_seconds += time.perf_counter() - model_start
+        self._write([result.row(cells) for (cells, _), result in zip(self.batch, results)])
+        self.batch = []
+
+    def _write(self, rows: list[dict[str, str]]) -> None:
+        self.writer.write(rows)
+        for row in rows:
+            ok = row[STATUS_COLUMN] == STATUS_OK
+            self.summary.done += ok
+            self.summary.failed += not ok
+            if not ok:
+                self.summary.errors.append(row[ERROR_COLUMN])
+        self.bar.update(len(rows))
+
+
 def run(captioner: Captioner, opts: RunOptions) -> RunSummary:
     """Caption every row of ``opts.input`` not yet captioned in ``opts.output``."""
     info = distributed.setup()
     started = time.perf_counter()
+    graphs_before, compile_before = jit.COMPILES.snapshot()
     _check_options(captioner, opts)
+    windowing = opts.windowing()
     output = Path(opts.output) if opts.output else default_output(opts.input)
     output.parent.mkdir(parents=True, exist_ok=True)
-    data = _read_input(opts.input)
-    columns = [*data.columns, *RESULT_COLUMNS]
+    data = _read_input(opts.input, windowing)
+    columns = _output_columns(data, windowing, extra_columns_of(captioner))
+    order = row_keys(data)
     meet = distributed.FileBarrier(output.parent)
 
     # Nobody reads before rank 0 has tidied up, and nobody writes before everyone has read.
     if info.is_main:
-        _start(output, data["path"], opts.overwrite)
+        _start(output, order, opts.overwrite)
     meet.wait("started")
-    todo = rows_to_do(data, read_progress(output), opts.retry_errors)  # after --overwrite: nothing recorded
+    progress = read_progress(output)  # after --overwrite: nothing recorded
+    todo = rows_to_do(data, progress, opts.retry_errors, windowing)
     meet.wait("read")
 
     mine = shard(todo, info.rank, info.world_size)
     summary = RunSummary(output=output, total_rows=len(data), skipped=len(data) - len(todo))
-    csv_dir = Path(opts.input).resolve().parent
-    paths = [resolve_video_path(p, csv_dir, opts.video_root) for p in mine["path"]]
-    records = mine.to_dict("records")
+    finished = progress.done if opts.retry_errors else progress.done | progress.failed
+    planner = _Planner(windowing, finished, Path(opts.input).resolve().parent, opts.video_root,
+                       has_segment_columns(data.columns))
     writer = PartWriter(part_path(output, info.rank), columns)
-    loader = _Loader(captioner, paths, opts.num_workers, window=opts.bs + opts.num_workers)
+    loader = _Loader(captioner, planner, mine.to_dict("records"), opts.num_workers,
+                     lookahead=opts.bs + opts.num_workers)
     loaded = iter(loader)
-    bar = tqdm(total=len(records), desc=f"caption rank {info.rank}", unit="video",
-               disable=None if info.is_main else True)
+    bar = tqdm(total=len(mine) if windowing is None else None, desc=f"caption rank {info.rank}",
+               unit="video" if windowing is None else "window", disable=None if info.is_main else True)
+    session = _Session(captioner, writer, summary, bar, opts.bs)
     try:
-        batch_rows: list[dict] = []
-        batch_inputs: list[Any] = []
-        for i, record in enumerate(records):
+        while True:
             wait_start = time.perf_counter()
-            inputs, exc = next(loaded)
+            loaded_item = next(loaded, None)
             summary.decode_wait_seconds += time.perf_counter() - wait_start
-            if exc is not None:
-                writer.write([{**record, "text": "", "status": "error", "error": _error_message(exc)}])
-                summary.failed += 1
-                summary.errors.append(_error_message(exc))
-                bar.update(1)
-            else:
-                batch_rows.append(record)
-                batch_inputs.append(inputs)
-            if batch_rows and (len(batch_rows) == opts.bs or i == len(records) - 1):
-                model_start = time.perf_counter()
-                results = _caption_batch(captioner, batch_inputs)
-                summary.model_seconds += time.perf_counter() - model_start
-                rows = []
-                for row, (caption, err) in zip(batch_rows, results):
-                    ok = err is None
-                    rows.append({**row, "text": caption, "status": "ok" if ok else "error",
-                                 "error": "" if ok else _error_message(err)})
-                    summary.done += ok
-                    summary.failed += not ok
-                    if not ok:
-                        summary.errors.append(_error_message(err))
-                writer.write(rows)
-                bar.update(len(rows))
-                batch_rows, batch_inputs = [], []
+            if loaded_item is None:
+                break
+            session.add(*loaded_item)
+        session.flush()
     finally:
         loaded.close()  # cancels queued decodes at once, also on an exception or Ctrl-C
         bar.close()
@@ -318,19 +695,22 @@ def run(captioner: Captioner, opts: RunOptions) -> RunSummary:
     # Each rank leaves once its part is on disk; rank 0 waits for all of them and merges.
     if info.is_main:
         meet.wait("finished")
-        merged = _finish(output, data["path"])
+        merged = _finish(output, order)
         meet.remove()
         logger.info("merged %d rows into %s", len(merged), output)
     else:
         meet.arrive("finished")
     summary.seconds = time.perf_counter() - started
+    graphs, compile_seconds = jit.COMPILES.snapshot()
+    summary.compiled_graphs, summary.compile_seconds = graphs - graphs_before, compile_seconds - compile_before
     _log_summary(summary, info)
     return summary
 
 
 def _log_summary(s: RunSummary, info: distributed.DistInfo) -> None:
     logger.info(
-        "rank %d: %d rows in the CSV, %d skipped (already done), %d captioned, %d failed; "
-        "%.2f videos/s; decode %.1fs in workers (model waited %.1fs), model %.1fs; output %s",
+        "rank %d: %d rows in the CSV, %d skipped (already done), %d output rows captioned, %d failed; "
+        "%.2f rows/s; decode %.1fs in workers (model waited %.1fs), model %.1fs (%d graphs compiled, their "
+        "first calls %.1fs); output %s",
         info.rank, s.total_rows, s.skipped, s.done, s.failed, s.videos_per_second,
-        s.decode_seconds, s.decode_wait_seconds, s.model_seconds, s.output)
+        s.decode_seconds, s.decode_wait_seconds, s.model_seconds, s.compiled_graphs, s.compile_seconds, s.output)

@@ -1,8 +1,8 @@
-"""``datautil``: merge, difference, intersection and caption filtering of metadata CSVs.
+"""``datautil``: merge, scene splitting, difference, intersection and caption filtering of metadata CSVs.
 
 Flags follow Open-Sora's ``tools/datasets/datautil.py`` so existing habits carry over,
-but every column is kept as text, duplicate paths keep their last successful row and
-the output is written atomically.
+but every column is kept as text, duplicate row keys (see ``pipeline.datasets.metadata``)
+keep their last successful row and the output is written atomically.
 """
 
 from __future__ import annotations
@@ -25,13 +25,16 @@ from pipeline.datasets.metadata import (
     merge_tables,
     read_table,
     remove_empty_caption,
+    split_timestamps,
     write_csv_atomic,
 )
 
 EPILOG = """\
 examples:
-  merge part files of a captioning run (duplicate paths keep their last 'ok' row):
+  merge part files of a captioning run (duplicate row keys keep their last 'ok' row):
     datautil out.csv 'out_part*.csv' --output out.csv
+  one row per scene of Open-Sora's scene_detect output, to caption each scene:
+    datautil meta_timestamp.csv --split-timestamp --output scenes.csv
   rows still to caption:
     datautil meta.csv --difference out.csv --output remaining.csv
   keep rows present in both, adding the other file's extra columns:
@@ -42,7 +45,7 @@ examples:
 Without --output the result goes next to the first input as
 <first input stem>_<steps>.csv, e.g. meta_merged.csv, meta_difference.csv,
 out_noempty.csv (steps: merged when there are several inputs or no other step,
-then difference, intersection, noempty). Exit status is 1 on bad input.
+then split, difference, intersection, noempty). Exit status is 1 on bad input.
 """
 
 
@@ -70,6 +73,8 @@ def default_output(inputs: Sequence[str], args: argparse.Namespace) -> str:
     steps = []
     if len(inputs) > 1:
         steps.append("merged")
+    if args.split_timestamp:
+        steps.append("split")
     if args.difference:
         steps.append("difference")
     if args.intersection:
@@ -90,7 +95,7 @@ def _read_side_table(pattern: str) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
-    """Apply the requested steps in a fixed order: merge, difference, intersection, noempty."""
+    """Apply the requested steps in a fixed order: merge, split, difference, intersection, noempty."""
     inputs = expand_inputs(args.input)
     tables = []
     for path in inputs:
@@ -98,7 +103,15 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         print(f"read {len(tables[-1])} rows from {path}")
     total = sum(len(table) for table in tables)
     data = merge_tables(tables)
-    print(f"dropped {total - len(data)} duplicate path rows ({len(data)} unique paths)")
+    print(f"dropped {total - len(data)} duplicate rows ({len(data)} unique row keys)")
+
+    if args.split_timestamp:
+        before = len(data)
+        try:
+            data = split_timestamps(data)
+        except MetadataError as exc:
+            raise MetadataError(f"--split-timestamp: {exc}") from None
+        print(f"split-timestamp: {before} rows became {len(data)} scene rows")
 
     if args.difference:
         before = len(data)
@@ -135,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         "input",
         nargs="+",
         help="input CSV files or quoted glob patterns, e.g. meta.csv 'out_part*.csv'. Several "
-        "inputs are concatenated; a path seen more than once keeps its last row with "
-        "status 'ok', or its last row if none is ok; paths keep first-seen order",
+        "inputs are concatenated; a row key (path, plus start/end/timestamp/window where "
+        "present) seen more than once keeps its last row with status 'ok', or its last row "
+        "if none is ok; keys keep first-seen order",
     )
     parser.add_argument(
         "--output",
@@ -144,15 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: <first input stem>_<steps>.csv next to the first input",
     )
     parser.add_argument(
+        "--split-timestamp",
+        action="store_true",
+        help="one row per scene of a 'timestamp' cell that lists several, as Open-Sora's "
+        "scene_detect writes \"[('00:00:00.000', '00:00:04.000'), ...]\"; each row then "
+        "holds one scene, which the captioners caption without cutting the file",
+    )
+    parser.add_argument(
         "--difference",
         metavar="DONE_CSV",
-        help="drop rows whose path appears in DONE_CSV (any status), e.g. "
-        "--difference out.csv to list what is left to caption",
+        help="drop rows whose row key appears in DONE_CSV (any status; a windowed output "
+        "covers each input row it has a window of), e.g. --difference out.csv to list what "
+        "is left to caption",
     )
     parser.add_argument(
         "--intersection",
         metavar="OTHER_CSV",
-        help="keep only rows whose path appears in OTHER_CSV and add OTHER_CSV's columns that "
+        help="keep only rows whose row key appears in OTHER_CSV and add OTHER_CSV's columns that "
         "the input lacks, e.g. --intersection scores.csv",
     )
     parser.add_argument(

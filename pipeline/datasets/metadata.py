@@ -1,24 +1,32 @@
 """CSV metadata: read and validate video lists, resolve paths, part files, merge and resume.
 
 Every cell is kept as a string, so ids such as ``007``, empty captions and values such
-as ``1.50`` go through the pipeline unchanged. Rows are identified by their raw ``path``
-value as written in the CSV (not the resolved file path), so resume and merge work no
-matter where the videos live.
+as ``1.50`` go through the pipeline unchanged.
+
+Row keys. A row is identified by its raw cells as written in the CSV (not the resolved
+file path), so resume and merge work no matter where the videos live: by ``path`` alone
+when the row names the whole file, else by ``(path, start, end, timestamp, window)`` (a
+segment or window of it; missing columns count as empty). So several rows may share a
+path, and a table without those columns behaves exactly as when rows were keyed by
+path. A window row (``window`` set) also knows the input row it came from, its source
+key (see ``source_keys``).
 
 Result rows carry ``text`` (caption), ``status`` (``ok`` or ``error``) and ``error``. When
-a path has several rows (a retried error, a re-run, the final output merged again with
-its parts), the last ``ok`` row wins; a path without any ``ok`` row keeps its last row.
+a key has several rows (a retried error, a re-run, the final output merged again with
+its parts), the last ``ok`` row wins; a key without any ``ok`` row keeps its last row.
 """
 
 from __future__ import annotations
 
+import ast
 import io
 import logging
+import math
 import os
 import re
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +42,18 @@ ERROR_COLUMN = "error"
 RESULT_COLUMNS = (CAPTION_COLUMN, STATUS_COLUMN, ERROR_COLUMN)
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+START_COLUMN = "start"
+END_COLUMN = "end"
+TIMESTAMP_COLUMN = "timestamp"
+WINDOW_COLUMN = "window"
+NUM_WINDOWS_COLUMN = "num_windows"
+# A windowed run writes each window's times to start/end; an input's own start/end move here.
+SEGMENT_START_COLUMN = "segment_start"
+SEGMENT_END_COLUMN = "segment_end"
+KEY_COLUMNS = (PATH_COLUMN, START_COLUMN, END_COLUMN, TIMESTAMP_COLUMN, WINDOW_COLUMN)
 
 StrPath = str | os.PathLike
+RowKey = str | tuple[str, ...]  # a bare path, or the cells of KEY_COLUMNS
 
 
 class MetadataError(ValueError):
@@ -47,8 +65,151 @@ class Progress:
     """What earlier runs already wrote for one output: the merged rows and their outcome."""
 
     table: pd.DataFrame
-    done: frozenset[str]
-    failed: frozenset[str]
+    done: frozenset[RowKey]
+    failed: frozenset[RowKey]
+
+
+# ----------------------------------------------------------------------------- row keys
+
+def _canonical(cells: tuple[str, ...]) -> RowKey:
+    """A bare path when the row names the whole file, so path-keyed callers keep working."""
+    return cells if any(cells[1:]) else cells[0]
+
+
+def row_key(row: Mapping[str, object]) -> RowKey:
+    """The key of one row given as a mapping of column to cell (see the module docstring)."""
+    return _canonical(tuple(str(row.get(col, "")) for col in KEY_COLUMNS))
+
+
+def _column(table: pd.DataFrame, column: str) -> Sequence[str]:
+    return table[column].to_numpy() if column in table.columns else [""] * len(table)
+
+
+def row_keys(table: pd.DataFrame) -> list[RowKey]:
+    """Every row's key, in table order."""
+    return [_canonical(cells) for cells in zip(*(_column(table, col) for col in KEY_COLUMNS))]
+
+
+def source_keys(table: pd.DataFrame) -> list[RowKey]:
+    """The key of the input row each row stands for: a window row's parent, any other row itself.
+
+    A window row's parent has the row's path and timestamp and, where the input had its
+    own start/end, the ``segment_start``/``segment_end`` the windowed run moved them to.
+    """
+    path, start, end, timestamp, window = (_column(table, col) for col in KEY_COLUMNS)
+    seg_start, seg_end = _column(table, SEGMENT_START_COLUMN), _column(table, SEGMENT_END_COLUMN)
+    return [_canonical((p, ss, se, t, "")) if w else _canonical((p, s, e, t, w))
+            for p, s, e, t, w, ss, se in zip(path, start, end, timestamp, window, seg_start, seg_end)]
+
+
+def _key_columns(df: pd.DataFrame) -> list[str]:
+    return [col for col in KEY_COLUMNS if col in df.columns]
+
+
+# ----------------------------------------------------------------------------- segments
+
+_CLOCK = re.compile(r"(?:(\d+):)?(\d+):(\d+(?:\.\d*)?)")
+
+
+def parse_time(text: str, what: str) -> float:
+    """Seconds from a cell: plain seconds ("12.5") or a timecode ("00:01:02.500", "1:02.5")."""
+    text = text.strip()
+    match = _CLOCK.fullmatch(text)
+    if match:
+        hours, minutes, seconds = match.groups()
+        value = int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds)
+    else:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} {text!r} is not a time; write seconds >= 0 (e.g. 12.5) or HH:MM:SS.mmm")
+    return value
+
+
+def format_seconds(value: float) -> str:
+    """Seconds as a plain cell: at most millisecond precision, no trailing zeros ("12.5", "10")."""
+    text = f"{value:.3f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def _literal(cell: str) -> object:
+    try:
+        return ast.literal_eval(cell)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+def _is_pair(value: object) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and not isinstance(value[0], (tuple, list))
+
+
+def parse_timestamp(cell: str) -> tuple[float, float]:
+    """(start, end) seconds from an Open-Sora style ``timestamp`` cell.
+
+    Accepts one pair, "('00:00:01.000', '00:00:05.500')" or "(1.0, 5.5)", and a list
+    holding one pair (what Open-Sora's scene_detect writes for a one-scene video).
+    """
+    value = _literal(cell)
+    if isinstance(value, list) and len(value) != 1 and all(_is_pair(v) for v in value):
+        raise ValueError(f"timestamp holds {len(value)} scenes, not one; split them into one row per "
+                         f"scene first (datautil meta.csv --split-timestamp --output scenes.csv)")
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not _is_pair(value):
+        raise ValueError(f"timestamp {cell[:80]!r} is not a (start, end) pair such as "
+                         f"\"('00:00:01.000', '00:00:05.500')\"")
+    start, end = (parse_time(str(v), "timestamp time") for v in value)
+    return start, end
+
+
+def row_segment(row: Mapping[str, object]) -> tuple[float, float | None] | None:
+    """The part of its file a row names: None for the whole file, else (start, end), end None for the file's end.
+
+    From ``timestamp``, or from ``start``/``end`` (either may be empty: the file's start
+    or end); a window row of a windowed output names its window's ``start``/``end``.
+    Raises ValueError, naming the cells and the fix, for unreadable times, both kinds
+    given at once, or an end not after the start.
+    """
+    start, end, timestamp, window = (str(row.get(col, "")).strip()
+                                     for col in (START_COLUMN, END_COLUMN, TIMESTAMP_COLUMN, WINDOW_COLUMN))
+    if timestamp and not window:
+        if start or end:
+            raise ValueError("the row has both a timestamp and start/end; keep only one of them")
+        begin, finish = parse_timestamp(timestamp)
+    elif not start and not end:
+        return None
+    else:
+        begin = parse_time(start, "start") if start else 0.0
+        finish = parse_time(end, "end") if end else None
+    if finish is not None and finish <= begin:
+        raise ValueError(f"segment end {finish:g} s is not after its start {begin:g} s; fix the row's "
+                         f"{'timestamp' if timestamp else 'start/end'}")
+    return begin, finish
+
+
+def _scenes(cell: str, row: int) -> list[str]:
+    """The scenes of one ``timestamp`` cell, each as a one-pair cell in Open-Sora's notation."""
+    value = _literal(cell)
+    if _is_pair(value):
+        return [cell]
+    if not isinstance(value, list) or not all(_is_pair(v) for v in value):
+        raise MetadataError(f"row {row}: timestamp {cell[:80]!r} is not a list of (start, end) pairs")
+    return [str(tuple(scene)) for scene in value]
+
+
+def split_timestamps(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per scene of list-valued ``timestamp`` cells (Open-Sora's scene_detect puts a video's
+    scenes in one cell); other columns are repeated, an empty cell stays one whole-video row."""
+    if TIMESTAMP_COLUMN not in df.columns:
+        raise MetadataError(f"no '{TIMESTAMP_COLUMN}' column to split; columns found: {list(df.columns)}")
+    records = []
+    for row, record in enumerate(df.to_dict("records"), start=1):
+        cell = str(record[TIMESTAMP_COLUMN]).strip()
+        for scene in _scenes(cell, row) if cell else [cell]:
+            records.append({**record, TIMESTAMP_COLUMN: scene})
+    return pd.DataFrame(records, columns=df.columns)
 
 
 def _parse_csv(source: StrPath | io.BytesIO, label: str) -> pd.DataFrame:
@@ -98,11 +259,12 @@ def _validate(df: pd.DataFrame, label: str, required: Sequence[str]) -> pd.DataF
 def _warn_duplicates(df: pd.DataFrame, label: str) -> None:
     if PATH_COLUMN not in df.columns:
         return
-    dup = df[PATH_COLUMN].duplicated()
+    columns = _key_columns(df)
+    dup = df.duplicated(subset=columns)
     if dup.any():
         logger.warning(
-            "%s: %d duplicate '%s' value(s), e.g. %r; later steps keep one row per path",
-            label, int(dup.sum()), PATH_COLUMN, df.loc[dup, PATH_COLUMN].iloc[0],
+            "%s: %d duplicate row(s) with the same %s, e.g. %r; later steps keep one row per key",
+            label, int(dup.sum()), "/".join(f"'{col}'" for col in columns), df.loc[dup, PATH_COLUMN].iloc[0],
         )
 
 
@@ -113,7 +275,7 @@ def read_metadata(
 
     A header-only file gives an empty table (valid for merging; nothing to caption).
     A missing, 0-byte or unparseable file, a missing required column or an empty
-    ``path`` value raise MetadataError. Duplicate paths only log a warning.
+    ``path`` value raise MetadataError. Duplicate row keys only log a warning.
     """
     label = os.fspath(csv_path)
     if not os.path.exists(label):
@@ -197,11 +359,11 @@ def find_part_files(output: StrPath) -> list[Path]:
 
 
 def merge_tables(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Concatenate tables and keep one row per path: the last ``ok`` row, else the last row.
+    """Concatenate tables and keep one row per row key: the last ``ok`` row, else the last row.
 
-    Columns are the union in first-seen order, cells a table lacks become "". Paths
+    Columns are the union in first-seen order, cells a table lacks become "". Keys
     keep the order in which they first appear. Without a ``status`` column no row
-    counts as ok, so simply the last row per path is kept.
+    counts as ok, so simply the last row per key is kept.
     """
     columns: list[str] = []
     for table in tables:
@@ -214,12 +376,12 @@ def merge_tables(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
     data = pd.concat(parts, ignore_index=True).fillna("")
     ok = (data[STATUS_COLUMN] == STATUS_OK).to_numpy() if STATUS_COLUMN in data.columns \
         else np.zeros(len(data), bool)
-    # One pass, no helper columns (so no user column can collide): a dict keeps each path
+    # One pass, no helper columns (so no user column can collide): a dict keeps each key
     # at its first-seen position while the row it points to moves to the last ok (else last) row.
-    kept: dict[str, int] = {}
-    for row, path in enumerate(data[PATH_COLUMN].to_numpy()):
-        if ok[row] or path not in kept or not ok[kept[path]]:
-            kept[path] = row
+    kept: dict[RowKey, int] = {}
+    for row, key in enumerate(row_keys(data)):
+        if ok[row] or key not in kept or not ok[kept[key]]:
+            kept[key] = row
     return data.iloc[list(kept.values())][columns].reset_index(drop=True)
 
 
@@ -307,11 +469,29 @@ def read_table(path: StrPath) -> pd.DataFrame:
     return read_metadata(path, warn_duplicates=False)
 
 
-def read_progress(output: StrPath) -> Progress:
-    """Merge the final output (if present) and all its part files, and say which paths are settled.
+def drop_superseded_errors(table: pd.DataFrame) -> pd.DataFrame:
+    """Drop whole-row error rows of input rows that now have window rows.
 
-    ``done``: paths with an ``ok`` row. ``failed``: paths whose kept row has status
-    ``error`` (a re-run may retry them). Paths absent from both still need captioning.
+    A video whose probe failed has one error row; once a retry windows it, that row
+    would contradict its windows.
+    """
+    if WINDOW_COLUMN not in table.columns or STATUS_COLUMN not in table.columns:
+        return table
+    windowed = (table[WINDOW_COLUMN] != "").to_numpy()
+    if not windowed.any():
+        return table
+    parents = {key for key, is_window in zip(source_keys(table), windowed) if is_window}
+    stale = np.array([not is_window and status == STATUS_ERROR and key in parents
+                      for key, is_window, status in zip(row_keys(table), windowed, table[STATUS_COLUMN])],
+                     dtype=bool)
+    return table[~stale].reset_index(drop=True)
+
+
+def read_progress(output: StrPath) -> Progress:
+    """Merge the final output (if present) and all its part files, and say which row keys are settled.
+
+    ``done``: keys with an ``ok`` row. ``failed``: keys whose kept row has status
+    ``error`` (a re-run may retry them). Keys absent from both still need captioning.
     """
     tables = []
     out = Path(output)
@@ -321,59 +501,81 @@ def read_progress(output: StrPath) -> Progress:
         table = _read_part(part)
         if table is not None:
             tables.append(table)
-    merged = merge_tables(tables)
-    status = merged[STATUS_COLUMN] if STATUS_COLUMN in merged.columns else pd.Series("", index=merged.index)
-    paths = merged[PATH_COLUMN]
+    merged = drop_superseded_errors(merge_tables(tables))
+    status = _column(merged, STATUS_COLUMN)
+    keys = row_keys(merged)
     return Progress(
         table=merged,
-        done=frozenset(paths[status == STATUS_OK]),
-        failed=frozenset(paths[status == STATUS_ERROR]),
+        done=frozenset(key for key, st in zip(keys, status) if st == STATUS_OK),
+        failed=frozenset(key for key, st in zip(keys, status) if st == STATUS_ERROR),
     )
 
 
-def finalize_output(output: StrPath, order: Sequence[str] | None = None, remove_parts: bool = True) -> pd.DataFrame:
+def _sorted_like(merged: pd.DataFrame, order: pd.DataFrame | Iterable[RowKey]) -> pd.DataFrame:
+    """Rows in the order of ``order``'s keys (a row not in it by its source key), then by window."""
+    order_keys = row_keys(order) if isinstance(order, pd.DataFrame) else list(order)
+    rank = {key: i for i, key in enumerate(dict.fromkeys(order_keys))}
+    missing = len(rank)
+    ranks = [rank.get(key, rank.get(source, missing))
+             for key, source in zip(row_keys(merged), source_keys(merged))]
+    windows = [int(w) if str(w).isdigit() else -1 for w in _column(merged, WINDOW_COLUMN)]
+    return merged.iloc[np.lexsort((windows, ranks))].reset_index(drop=True)
+
+
+def finalize_output(output: StrPath, order: pd.DataFrame | Iterable[RowKey] | None = None,
+                    remove_parts: bool = True) -> pd.DataFrame:
     """Merge the final output and its part files into the final output atomically.
 
-    ``order`` (e.g. the input's path column) sorts rows like the input; paths not in
-    it follow in first-seen order. Part files are deleted only after the write. Call
-    it when no rank writes anymore (after a barrier). Running it again is harmless.
+    ``order`` (the input table, or its row keys, e.g. paths) sorts rows like the input,
+    the windows of one input row by window number; rows not in it follow in first-seen
+    order. Part files are deleted only after the write. Call it when no rank writes
+    anymore (after a barrier). Running it again is harmless.
     """
     parts = find_part_files(output)
     merged = read_progress(output).table
     if order is not None:
-        rank = {path: i for i, path in enumerate(dict.fromkeys(order))}
-        key = merged[PATH_COLUMN].map(rank).fillna(len(rank))
-        merged = merged.iloc[key.argsort(kind="stable")].reset_index(drop=True)
+        merged = _sorted_like(merged, order)
     write_csv_atomic(merged, output)
     if remove_parts:
         _remove_files(parts, keep=output)
     return merged
 
 
-def _path_values(other: pd.DataFrame | Iterable[str]) -> set[str]:
+def _recorded_keys(other: pd.DataFrame | Iterable[RowKey]) -> set[RowKey]:
+    """Keys a table has rows for, its windows' input rows included; or the given keys (bare paths too)."""
     if isinstance(other, pd.DataFrame):
         if PATH_COLUMN not in other.columns:
             raise MetadataError(f"table has no '{PATH_COLUMN}' column; columns found: {list(other.columns)}")
-        return set(other[PATH_COLUMN])
+        return set(row_keys(other)) | set(source_keys(other))
     return set(other)
 
 
-def difference(data: pd.DataFrame, done: pd.DataFrame | Iterable[str]) -> pd.DataFrame:
-    """Rows of data whose path is not in done (a table or path values), in data's order."""
-    return data[~data[PATH_COLUMN].isin(_path_values(done))].reset_index(drop=True)
+def difference(data: pd.DataFrame, done: pd.DataFrame | Iterable[RowKey]) -> pd.DataFrame:
+    """Rows of data whose key is not in done (a table, or keys such as paths), in data's order.
+
+    A windowed ``done`` table covers every input row it has at least one window of.
+    """
+    recorded = _recorded_keys(done)
+    return data[np.array([key not in recorded for key in row_keys(data)], dtype=bool)].reset_index(drop=True)
 
 
 def intersection(data: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
-    """Rows of data whose path is also in other, with other's extra columns joined on.
+    """Rows of data whose key is also in other, with other's extra columns joined on.
 
     As in Open-Sora: data's rows, order and values win for shared columns; columns
-    only other has are added (from other's last row for a path, so no row is doubled).
+    only other has are added (from other's last row for a key, so no row is doubled;
+    a window row also stands for its input row).
     """
     if PATH_COLUMN not in other.columns:
         raise MetadataError(f"table has no '{PATH_COLUMN}' column; columns found: {list(other.columns)}")
     extra = [col for col in other.columns if col not in data.columns]
-    right = other.drop_duplicates(PATH_COLUMN, keep="last")[[PATH_COLUMN, *extra]]
-    return data.merge(right, on=PATH_COLUMN, how="inner", sort=False).reset_index(drop=True)
+    last: dict[RowKey, int] = {}
+    for row, (key, source) in enumerate(zip(row_keys(other), source_keys(other))):
+        last[key] = last[source] = row
+    picks = [last.get(key) for key in row_keys(data)]
+    left = data[np.array([pick is not None for pick in picks], dtype=bool)].reset_index(drop=True)
+    right = other.iloc[[pick for pick in picks if pick is not None]][extra].reset_index(drop=True)
+    return pd.concat([left, right], axis=1)
 
 
 def remove_empty_caption(df: pd.DataFrame, column: str = CAPTION_COLUMN) -> pd.DataFrame:

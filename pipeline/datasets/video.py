@@ -9,7 +9,12 @@ the requested one (seen on test videos whose frames carry their own index). deco
 timestamps), so "auto" checks them and decodes such files sequentially with PyAV instead.
 PyAV is also the fallback whenever decord cannot open or decode a file.
 
-Frame index ``i`` always means the ``i``-th frame a sequential decode produces. Every
+Frame index ``i`` always means the ``i``-th frame a sequential decode produces. Time
+segments (``start``/``end`` in seconds) map to those indices through a ``Timeline``: each
+frame starts at the backend's own timestamp, counted from the first frame, where the
+backend has usable ones (decord on most files, PyAV where its times increase), else at
+``i / fps``; a segment holds the frames whose centre lies in ``[start, end)``, so
+adjacent segments share no frame and together hold every frame. Every
 failure (missing, empty, truncated beyond use, corrupt, undecodable) surfaces as
 ``VideoReadError`` naming the file; a truncated file whose beginning is still readable
 (e.g. an AVI cut short) yields the frames of that beginning, as players do.
@@ -18,9 +23,11 @@ failure (missing, empty, truncated beyond use, corrupt, undecodable) surfaces as
 from __future__ import annotations
 
 import logging
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import cv2
 import numpy as np
@@ -31,8 +38,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SAMPLINGS = ("uniform", "headtail")
 BACKENDS = ("auto", "decord", "pyav")
 
-# (frames the backend can deliver, the video's frame rate) -> indices to read
-Selector = Callable[[int, float], np.ndarray]
+BackendResult = TypeVar("BackendResult")
 Transform = Callable[[np.ndarray], np.ndarray]  # (N, H, W, 3) -> (N, H', W', 3), applied per decoded chunk
 
 
@@ -43,6 +49,119 @@ class VideoReadError(Exception):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"cannot read video {self.path}: {problem}")
+
+
+class SegmentError(VideoReadError):
+    """A time segment that does not fit its video; the message names the file, the segment and the fix."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        super().__init__(path, problem)
+        self.args = (f"video {self.path}: {problem}",)
+
+
+# ----------------------------------------------------------------------------- time
+
+def _increasing(starts: np.ndarray) -> bool:
+    """Usable timestamps: present (decord reports missing ones as huge negatives) and strictly increasing."""
+    return bool(len(starts) and np.all(starts >= 0) and np.all(np.diff(starts) > 0))
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """When each decodable frame starts (seconds from the first frame) and the stream's frame rate.
+
+    ``starts`` is None when the video has neither usable timestamps nor a frame rate, so
+    no time can be placed in it.
+    """
+
+    count: int
+    fps: float
+    starts: np.ndarray | None
+
+    @classmethod
+    def build(cls, count: int, fps: float, stamps: Any = None) -> Timeline:
+        """Use the backend's timestamps when they fit ``count`` and increase, else ``i / fps``."""
+        if stamps is not None:
+            stamps = np.asarray(stamps, dtype=np.float64)
+            if len(stamps) == count and _increasing(stamps):
+                return cls(count, fps, stamps - stamps[0])
+        if fps > 0:
+            return cls(count, fps, np.arange(count, dtype=np.float64) / fps)
+        return cls(count, fps, None)
+
+    def _starts(self, path: Path) -> np.ndarray:
+        if self.starts is None or self.count == 0:
+            raise SegmentError(path, "it has neither frame timestamps nor a frame rate, so a time "
+                                     "segment cannot be placed in it; leave start/end empty")
+        return self.starts
+
+    def _last_length(self, starts: np.ndarray) -> float:
+        """How long the last frame shows: one frame period, or the last gap when the rate is unknown."""
+        if self.fps > 0:
+            return 1.0 / self.fps
+        return float(starts[-1] - starts[-2]) if len(starts) > 1 else 0.0
+
+    def duration(self, path: Path) -> float:
+        """Seconds from the first frame's start to the last frame's end."""
+        starts = self._starts(path)
+        return float(starts[-1]) + self._last_length(starts)
+
+    def frame_range(self, path: Path, start: float, end: float | None) -> tuple[int, int]:
+        """``[lo, hi)``: the frames whose centre lies in ``[start, end)`` (``end`` None: the video's end).
+
+        Boundaries on frame starts (as timecodes made from frame counts are) are half a
+        frame from any centre, so rounding in the timestamps cannot move a frame across;
+        a boundary exactly on a centre may fall either way. An end past the video's end by
+        up to one frame is the end (timecodes are rounded); beyond that, a start after
+        the last frame's centre, or a segment holding no frame centre is a SegmentError.
+        """
+        starts = self._starts(path)
+        length = self._last_length(starts)
+        duration = float(starts[-1]) + length
+        shown = f"segment {start:g}-{end:g} s" if end is not None else f"segment from {start:g} s to the end"
+        centres = starts + np.diff(np.append(starts, duration)) / 2
+        lo = int(np.searchsorted(centres, start, side="left"))
+        if lo == self.count:
+            raise SegmentError(path, f"{shown} starts after the video's last frame (the video lasts "
+                                     f"{duration:g} s); fix the row's start/end or timestamp")
+        if end is not None and end > duration + length:
+            raise SegmentError(path, f"{shown} ends after the end of the video ({duration:g} s); "
+                                     f"fix the row's start/end or timestamp")
+        hi = self.count if end is None else int(np.searchsorted(centres, end, side="left"))
+        if hi <= lo:
+            raise SegmentError(path, f"{shown} holds no frame (frames are about {length:g} s apart); widen it")
+        return lo, hi
+
+
+def check_segment_args(start: float | None, end: float | None) -> None:
+    """Reject segments that no video can satisfy, before any file is opened."""
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"segment {name} must be a finite number of seconds >= 0, got {value}")
+    if start is not None and end is not None and end <= start:
+        raise ValueError(f"segment end {end:g} s is not after its start {start:g} s")
+
+
+def split_windows(start: float, end: float, seconds: float, min_seconds: float) -> list[tuple[float, float]]:
+    """Consecutive windows of ``seconds`` covering ``[start, end)``.
+
+    A last window shorter than ``min_seconds`` joins the one before it, so no window is
+    a sliver; a span shorter than one window is one window. Window ``i`` starts at
+    ``start + i * seconds`` (not a running sum, so the times are the same on every run)
+    and the last ends exactly at ``end``. An empty span (a still image) is one empty window.
+    """
+    if not seconds > 0 or min_seconds < 0:
+        raise ValueError(f"window seconds must be > 0 and min seconds >= 0, got {seconds} and {min_seconds}")
+    eps = 1e-9 * max(1.0, abs(end))
+    full = math.floor((end - start) / seconds + eps)
+    rest = end - start - full * seconds
+    count = full + 1 if full == 0 or (rest > eps and rest >= min_seconds) else full
+    edges = [start + i * seconds for i in range(count)] + [end]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+# (the video's frame timeline) -> indices to read
+Selector = Callable[[Timeline], np.ndarray]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -160,17 +279,28 @@ def _open_decord(path: Path) -> Any:
     return decord.VideoReader(str(path), num_threads=1)
 
 
+def _decord_starts(reader: Any) -> np.ndarray:
+    count = len(reader)
+    return reader.get_frame_timestamp(np.arange(count))[:, 0] if count else np.zeros(0)
+
+
 def decord_timestamps_reliable(reader: Any) -> bool:
     """Say whether decord's per-frame start times exist and strictly increase.
 
     decord seeks by these timestamps; where the container gives none (AVI + MPEG-4 part 2
     with B-frames, e.g. XviD) they come back hugely negative and seeking goes wrong.
     """
-    count = len(reader)
-    if count == 0:
-        return False
-    starts = reader.get_frame_timestamp(np.arange(count))[:, 0]
-    return bool(np.all(starts >= 0) and np.all(np.diff(starts) > 0))
+    return _increasing(_decord_starts(reader))
+
+
+def _open_decord_timeline(path: Path, check_timestamps: bool) -> tuple[Any, Timeline] | None:
+    """decord's reader and timeline, or None when its random access cannot be trusted here."""
+    reader = _open_decord(path)
+    starts = _decord_starts(reader)
+    if check_timestamps and not _increasing(starts):
+        logger.debug("%s: decord timestamps missing or unordered, using PyAV", path)
+        return None
+    return reader, Timeline.build(len(reader), reader.get_avg_fps(), starts)
 
 
 DECODE_CHUNK = 32  # frames decoded at full size at once; each chunk is resized before the next
@@ -179,15 +309,20 @@ DECODE_CHUNK = 32  # frames decoded at full size at once; each chunk is resized 
 def _read_decord(path: Path, select: Selector, check_timestamps: bool, transform: Transform
                  ) -> tuple[np.ndarray, np.ndarray] | None:
     """Frames via decord, or None when decord's random access cannot be trusted here."""
-    reader = _open_decord(path)
-    if check_timestamps and not decord_timestamps_reliable(reader):
-        logger.debug("%s: decord timestamps missing or unordered, using PyAV", path)
+    opened = _open_decord_timeline(path, check_timestamps)
+    if opened is None:
         return None
-    indices = select(len(reader), reader.get_avg_fps())
+    reader, timeline = opened
+    indices = select(timeline)
     unique, inverse = np.unique(indices, return_inverse=True)
     chunks = [transform(reader.get_batch(unique[i:i + DECODE_CHUNK].tolist()).asnumpy())
               for i in range(0, len(unique), DECODE_CHUNK)]
     return np.concatenate(chunks)[inverse], indices
+
+
+def _decord_timeline(path: Path, check_timestamps: bool) -> Timeline | None:
+    opened = _open_decord_timeline(path, check_timestamps)
+    return None if opened is None else opened[1]
 
 
 # ----------------------------------------------------------------------------- PyAV
@@ -203,8 +338,8 @@ def _pyav_frames(path: Path) -> Iterator[Any]:
             yield frame
 
 
-def _pyav_probe(path: Path) -> tuple[int, float]:
-    """Count decodable frames by decoding (headers lie, e.g. XviD) and read the frame rate."""
+def _pyav_probe(path: Path) -> Timeline:
+    """Count decodable frames by decoding (headers lie, e.g. XviD), with their times and the frame rate."""
     import av
 
     with av.open(str(path)) as container:
@@ -212,15 +347,16 @@ def _pyav_probe(path: Path) -> tuple[int, float]:
             raise VideoReadError(path, "no video stream")
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or 0
-        count = sum(1 for _ in container.decode(stream))
-    return count, float(rate)
+        times = [frame.time for frame in container.decode(stream)]
+    stamps = None if any(t is None for t in times) else times
+    return Timeline.build(len(times), float(rate), stamps)
 
 
 def _read_pyav(path: Path, select: Selector, transform: Transform) -> tuple[np.ndarray, np.ndarray]:
-    count, rate = _pyav_probe(path)
-    if count == 0:
+    timeline = _pyav_probe(path)
+    if timeline.count == 0:
         raise VideoReadError(path, "no decodable frames")
-    indices = select(count, rate)
+    indices = select(timeline)
     wanted = {int(i) for i in indices}
     last = max(wanted)
     picked: dict[int, np.ndarray] = {}
@@ -255,15 +391,15 @@ def _check_file(path: Path) -> None:
         raise VideoReadError(path, "file is empty (0 bytes)")
 
 
-def _decode(path: Path, select: Selector, backend: str, transform: Transform
-            ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Run the chosen backend(s); return (transformed) frames, indices and the backend that served them."""
+def _with_backends(path: Path, backend: str, via_decord: Callable[[], BackendResult | None],
+                   via_pyav: Callable[[], BackendResult]) -> tuple[BackendResult, str]:
+    """Run decord first (unless told otherwise), PyAV where decord declines or fails; name the one that served."""
     decord_error: Exception | None = None
     if backend in ("auto", "decord"):
         try:
-            result = _read_decord(path, select, check_timestamps=backend == "auto", transform=transform)
+            result = via_decord()
             if result is not None:
-                return result[0], result[1], "decord"
+                return result, "decord"
         except VideoReadError:
             raise
         except Exception as exc:  # decord raises bare RuntimeError/DECORDError subclasses
@@ -272,7 +408,7 @@ def _decode(path: Path, select: Selector, backend: str, transform: Transform
             decord_error = exc
             logger.debug("%s: decord failed (%s), trying PyAV", path, exc)
     try:
-        frames, indices = _read_pyav(path, select, transform)
+        return via_pyav(), "pyav"
     except VideoReadError:
         raise
     except Exception as exc:  # av.error.FFmpegError and friends
@@ -280,14 +416,29 @@ def _decode(path: Path, select: Selector, backend: str, transform: Transform
         if decord_error is not None:
             detail = f"decord failed: {decord_error}; {detail}"
         raise VideoReadError(path, detail) from exc
-    return frames, indices, "pyav"
+
+
+def _decode(path: Path, select: Selector, backend: str, transform: Transform
+            ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Run the chosen backend(s); return (transformed) frames, indices and the backend that served them."""
+    (frames, indices), used = _with_backends(
+        path, backend,
+        lambda: _read_decord(path, select, check_timestamps=backend == "auto", transform=transform),
+        lambda: _read_pyav(path, select, transform))
+    return frames, indices, used
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
 
 
 def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
                   sampling: str = "uniform", fps: float | None = None,
                   height: int | None = None, width: int | None = None,
                   rng: np.random.Generator | int | None = None,
-                  backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+                  backend: str = "auto", start: float | None = None,
+                  end: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read sampled frames of a video as uint8 RGB (T, H, W, 3) plus their int64 indices.
 
     sampling: "uniform" takes the centre frame of ``num_frames`` equal segments
@@ -300,27 +451,35 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
     (Qwen2-VL's temporal patch of 2) rounds it itself. ``num_frames=None`` without fps
     reads every frame. A video shorter than requested repeats indices (still sorted), so
     T is always the requested count. height/width resize (one alone keeps the aspect).
+    start/end (seconds from the first frame; None: the video's start or end) restrict
+    all of this to that segment, without cutting the file: the frames whose centre lies
+    in ``[start, end)`` (see ``Timeline.frame_range``); indices stay those of the whole
+    video. A segment outside the video or holding no frame raises SegmentError.
     A still image (.jpg .jpeg .png .bmp .webp) is a one-frame video: T copies of it
-    (one copy under fps sampling), indices all 0. Frames are decoded in chunks and
-    resized chunk by chunk, so memory stays at the output size plus one chunk.
+    (one copy under fps sampling), indices all 0; it has no segments. Frames are decoded
+    in chunks and resized chunk by chunk, so memory stays at the output size plus one chunk.
     backend: "auto" (decord, PyAV where decord is unreliable or fails), "decord", "pyav".
     Raises VideoReadError for any unreadable file, ValueError for bad arguments.
     """
     check_sampling_args(num_frames, sampling, fps)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    check_segment_args(start, end)
+    _check_backend(backend)
     path = Path(path)
     _check_file(path)
+    whole = start is None and end is None
 
-    def select(num_available: int, video_fps: float) -> np.ndarray:
-        if fps is not None and video_fps <= 0:
+    def select(timeline: Timeline) -> np.ndarray:
+        if fps is not None and timeline.fps <= 0:
             raise VideoReadError(path, "no frame rate, so fps sampling is impossible")
-        return select_indices(num_available, num_frames, sampling, fps, video_fps, rng)
+        lo, hi = (0, timeline.count) if whole else timeline.frame_range(path, start or 0.0, end)
+        return select_indices(hi - lo, num_frames, sampling, fps, timeline.fps, rng) + lo
 
     def transform(frames: np.ndarray) -> np.ndarray:
         return resize_frames(frames, height, width)
 
     if path.suffix.lower() in IMAGE_SUFFIXES:
+        if not whole:
+            raise SegmentError(path, "a still image has no time segments; leave start/end empty")
         image = transform(_read_image(path)[None])
         count = 1 if num_frames is None or fps is not None else num_frames  # fps: a still has no duration
         frames = np.repeat(image, count, axis=0)
@@ -331,13 +490,30 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
     return np.ascontiguousarray(frames), indices
 
 
+def probe_duration(path: str | os.PathLike, backend: str = "auto") -> float:
+    """The video's length in seconds (as segments count it), without decoding frames where decord serves.
+
+    decord reads it from the container's index; PyAV, where "auto" falls back to it,
+    decodes the stream once to count frames. A still image lasts 0 s.
+    """
+    _check_backend(backend)
+    path = Path(path)
+    _check_file(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return 0.0
+    timeline, _ = _with_backends(path, backend, lambda: _decord_timeline(path, backend == "auto"),
+                                 lambda: _pyav_probe(path))
+    if timeline.count == 0:
+        raise VideoReadError(path, "no decodable frames")
+    return timeline.duration(path)
+
+
 def video_info(path: str | os.PathLike, backend: str = "auto") -> dict[str, Any]:
     """Frame count, frame rate, size and the backend that ``sample_frames`` would use.
 
     ``num_frames`` is what that backend can actually deliver (PyAV counts by decoding).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    _check_backend(backend)
     path = Path(path)
     _check_file(path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -346,8 +522,8 @@ def video_info(path: str | os.PathLike, backend: str = "auto") -> dict[str, Any]
                 "width": image.shape[1], "backend": "image"}
     seen: dict[str, Any] = {}
 
-    def select(num_available: int, video_fps: float) -> np.ndarray:
-        seen.update(num_frames=num_available, fps=float(video_fps))
+    def select(timeline: Timeline) -> np.ndarray:
+        seen.update(num_frames=timeline.count, fps=float(timeline.fps))
         return np.zeros(1, dtype=np.int64)
 
     frames, _, used = _decode(path, select, backend, transform=lambda frames: frames)
