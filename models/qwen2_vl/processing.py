@@ -92,10 +92,20 @@ class Qwen2VLVisionProcessor:
         rows, grids = zip(*(self._patchify(image[None], self.image_pixels) for image in images))
         return np.concatenate(rows), np.asarray(grids, np.int64)
 
-    def video(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(T, H, W, 3) frames of one video -> (``pixel_values_videos``, ``video_grid_thw`` (1, 3) int64)."""
-        rows, grid = self._patchify(frames, self.video_pixels)
+    def video(self, frames: np.ndarray, max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(T, H, W, 3) frames of one video -> (``pixel_values_videos``, ``video_grid_thw`` (1, 3) int64).
+
+        ``max_pixels`` lowers the per-frame pixel limit below the configured one (a token budget)."""
+        low, high = self.video_pixels
+        rows, grid = self._patchify(frames, (low, high if max_pixels is None else min(high, max_pixels)))
         return rows, np.asarray([grid], np.int64)
+
+    def video_grid(self, num_frames: int, height: int, width: int, max_pixels: int | None = None) -> tuple[int, int, int]:
+        """The grid (t, h, w) :meth:`video` gives for ``num_frames`` frames of height x width, without the pixels."""
+        low, high = self.video_pixels
+        p, tp = self.patch_size, self.temporal_patch_size
+        h, w = smart_resize(height, width, p * self.merge_size, low, high if max_pixels is None else min(high, max_pixels))
+        return -(-num_frames // tp), h // p, w // p
 
     def num_tokens(self, grid_thw) -> int:
         """Language-model tokens (placeholders) one image or video of this grid becomes."""
