@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from mindspore import Tensor, nn
 
-from models.blip2.vision import attention
+from models.attention import attention
 from models.layers import LayerNorm, Linear, gelu
 
 if TYPE_CHECKING:
@@ -46,9 +46,7 @@ class Blip2QFormerMultiHeadAttention(nn.Cell):
         q = self._heads(self.query(hidden_states))
         k = self._heads(self.key(kv_states))
         v = self._heads(self.value(kv_states))
-        out = attention(q, k, v, self.head_dim**-0.5)
-        b, _, n, _ = out.shape
-        return out.transpose(0, 2, 1, 3).reshape(b, n, self.num_heads * self.head_dim)
+        return attention(q * self.head_dim**-0.5, k, v)
 
 
 class Blip2QFormerSelfOutput(nn.Cell):

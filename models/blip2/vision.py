@@ -11,22 +11,15 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Optional
 
-import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from models.attention import attention
 from models.checkpoint import TensorRef
 from models.layers import LayerNorm, Linear, gelu, zeros_parameter
 
 if TYPE_CHECKING:
     from transformers import Blip2VisionConfig
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """softmax(q k^T * scale) v over (B, heads, L, Dh); softmax runs in float32 for fp16 safety."""
-    scores = ops.BatchMatMul(transpose_b=True)(q, k) * scale
-    probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(v.dtype)
-    return ops.BatchMatMul()(probs, v)
 
 
 class Blip2PatchEmbedding(nn.Cell):
@@ -89,8 +82,7 @@ class Blip2Attention(nn.Cell):
     def construct(self, hidden_states: Tensor) -> Tensor:
         b, n, d = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(b, n, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2], self.scale)
-        return self.projection(out.transpose(0, 2, 1, 3).reshape(b, n, d))
+        return self.projection(attention(qkv[0] * self.scale, qkv[1], qkv[2]))
 
 
 class Blip2MLP(nn.Cell):

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from models import attention
 from models.checkpoint import CheckpointError
 from pipeline import distributed
 from pipeline.captioning.runner import Captioner, RunError, RunOptions, RunSummary, run
@@ -65,6 +66,10 @@ def common_parser(description: str, epilog: str = "") -> argparse.ArgumentParser
                         "binds its local device")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="model weights and compute dtype (default: float32 on CPU, bfloat16 on Ascend)")
+    p.add_argument("--attention_block_size", type=int, default=attention.DEFAULT_BLOCK_SIZE,
+                   help="query/key block length of the tiled attention used for long prompts and large "
+                        f"frames (default {attention.DEFAULT_BLOCK_SIZE}; smaller uses less memory, larger "
+                        "runs faster on CPU)")
     return p
 
 
@@ -79,6 +84,10 @@ def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespa
     try:
         args = parse_with_config(parser, argv, base_config)
         info = distributed.setup(args.device)
+        try:
+            attention.set_block_size(args.attention_block_size)
+        except ValueError as exc:
+            raise ConfigError(f"--attention_block_size: {exc}") from exc
         random.seed(args.seed)
         np.random.seed(args.seed)
         captioner = build(args, resolve_dtype(args, info.device))
