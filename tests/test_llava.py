@@ -242,3 +242,23 @@ def test_caption_llava_under_msrun(llava, videos, tmp_path):
     assert sorted(r["clip_id"] for r in rows) == ["bad", "c00", "c01", "c02", "c03"]
     assert [r["status"] for r in rows] == ["ok"] * 4 + ["error"]
     assert "rank 1 of 2" in result.logs
+
+
+def test_visual_token_budget_keeps_fewer_frames(llava, videos, tmp_path):
+    """A budget of two frames' image tokens keeps 2 of 4 frames; one below a frame's count is an error row."""
+    from models import from_pretrained
+
+    _, _, folder = llava
+    per_frame = from_pretrained(str(folder)).image_token_count()
+    out = tmp_path / "budget.csv"
+    common = [str(videos), "--pretrained_model_name_or_path", str(folder), "--num_frames", "4", "--bs", "4", *GEN]
+    llava_main(common + ["--output", str(out), "--max_visual_tokens", str(2 * per_frame + 1)])
+    rows = read_rows(out)[:4]
+    assert [r["status"] for r in rows] == ["ok"] * 4 and all(r["text"] for r in rows)
+    assert {(r["num_frames_used"], r["visual_tokens"], r["visual_token_budget"]) for r in rows} == {
+        ("2", str(2 * per_frame), str(2 * per_frame + 1))}
+    tiny = tmp_path / "tiny.csv"
+    with pytest.raises(SystemExit):  # every row fails: the run says so
+        llava_main(common + ["--output", str(tiny), "--max_visual_tokens", str(per_frame - 1)])
+    errors = [r["error"] for r in read_rows(tiny)]
+    assert all("visual tokens, more than the budget" in e for e in errors[:4])

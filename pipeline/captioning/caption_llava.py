@@ -114,7 +114,7 @@ class LlavaCaptioner:
         keep = min(len(frames), budget // per_frame)
         if keep < 1:
             raise BudgetError(f"one frame needs {per_frame} visual tokens, more than the budget of {budget}; "
-                              "raise --max_visual_tokens or --max_new_tokens less")
+                              "raise --max_visual_tokens, or lower --max_new_tokens when the context is the limit")
         if keep < len(frames):
             logger.info("%d frames need %d visual tokens, budget %d: keeping %d frames",
                         len(frames), len(frames) * per_frame, budget, keep)
