@@ -62,14 +62,40 @@ _scores_of = ops.BatchMatMul(transpose_b=True)  # q k^T: 5-10x faster on CPU tha
 _weighted = ops.BatchMatMul()
 
 
+_CAUSAL: dict = {}
+
+
+def _causal_visibility(rows: int, cols: int, offset: int) -> Tensor:
+    """(1, 1, 1, rows, cols) float32 constant: 1 where key j may be seen by query i (j <= i + offset).
+    Built once per tile shape: building it from aranges costs more than the tile's product."""
+    key = (rows, cols, offset)
+    if key not in _CAUSAL:
+        _CAUSAL[key] = Tensor(np.tri(rows, cols, offset, dtype=np.float32)[None, None, None])
+    return _CAUSAL[key]
+
+
+_TILE_BIAS: dict = {}
+
+
+def _causal_tile_bias(shape: tuple, group: int, offset: int) -> Tensor:
+    """The causal bias already at a tile's score shape (B, Hkv, group*rows, cols), kept for the last
+    shape asked: adding an equal-shape tensor is many times faster on CPU than any broadcast."""
+    key = (tuple(shape), group, offset)
+    if key not in _TILE_BIAS:
+        _TILE_BIAS.clear()
+        b, kv_heads, grouped, cols = shape
+        rows = grouped // group
+        hidden = (1.0 - np.tri(rows, cols, offset, dtype=np.float32)) * MASK_MIN
+        _TILE_BIAS[key] = Tensor(np.ascontiguousarray(np.broadcast_to(np.tile(hidden, (group, 1)), shape), np.float32))
+    return _TILE_BIAS[key]
+
+
 def _visibility_bias(key_mask, causal: bool, q0: int, q1: int, k0: int, k1: int) -> Optional[Tensor]:
     """Additive bias (B or 1, 1, 1, q, k) hiding padded keys and, with ``causal``, keys after the query;
     None when every key is visible. Padding and causality form one mask, so no score gets MASK_MIN twice."""
     visible = None
     if causal and k1 - 1 > q0:  # some key in the block lies after some query
-        q_pos = ops.arange(q0, q1).astype(ms.int32)[:, None]
-        k_pos = ops.arange(k0, k1).astype(ms.int32)[None, :]
-        visible = (q_pos >= k_pos).astype(ms.float32)[None, None, None]
+        visible = _causal_visibility(q1 - q0, k1 - k0, q0 - k0)
     if key_mask is not None:
         keep = key_mask[:, k0:k1].astype(ms.float32)[:, None, None, None, :]
         if visible is not None:
@@ -89,6 +115,10 @@ def _scores(q: Tensor, key: Tensor, key_mask, causal: bool, score_bias, q0: int,
     b, kv_heads = q.shape[:2]
     rows, n = q1 - q0, k1 - k0
     scores = _scores_of(q, key[:, :, k0:k1]).astype(ms.float32)
+    if key_mask is None and score_bias is None:
+        if causal and k1 - 1 > q0:
+            scores = scores + _causal_tile_bias(scores.shape, group, q0 - k0)
+        return scores
     full = (b, kv_heads, group, rows, n)
     bias = _visibility_bias(key_mask, causal, q0, q1, k0, k1)
     if score_bias is not None:

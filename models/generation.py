@@ -15,9 +15,10 @@ A model plugs in by implementing this small protocol (all tensors batch-first):
   filled slots including the new ones; returns float32 logits (B, V) of the last position and the cache.
 
 Because every shape is static, ``decode_step`` compiles once under ``ms.jit`` (once for the prompt
-length and once for T=1) instead of once per generated token. Prompt lengths and batch sizes are
-rounded up to geometric buckets (:func:`bucket_length`, :func:`bucket_batch`: left padding and
-filler rows whose mask is all zero), so a dataset of many prompt lengths compiles a few graphs.
+length and once for T=1) instead of once per generated token. Batch sizes, short prompt lengths
+and cache lengths are rounded up to geometric buckets (:func:`bucket_length`, :func:`bucket_batch`:
+filler rows whose mask is all zero, left padding), so a dataset of many prompt lengths compiles a
+few graphs. Prompts longer than one attention block run op by op (no graph) and unpadded.
 A multi-token ``decode_step`` is always a prompt written at slot 0 (see ``models.attention``).
 
 Return contract (same as transformers 4.56 ``generate``):
@@ -100,9 +101,12 @@ def bucket_batch(batch: int) -> int:
 
 
 def pad_to_buckets(ids: Optional[np.ndarray], mask: np.ndarray, pad_id: int) -> tuple[Optional[np.ndarray], np.ndarray]:
-    """Left-pad ``ids``/``mask`` (B, T) to the bucket length and add filler rows (mask all zero)."""
+    """Add filler rows (mask all zero) up to the batch bucket and, for a prompt short enough to run
+    compiled, left-pad it to the length bucket. Longer prompts run op by op, so padding would only
+    cost work; their cache length is bucketed instead (see ``_start``)."""
     batch, length = mask.shape
-    rows, cols = bucket_batch(batch) - batch, bucket_length(length) - length
+    cols = bucket_length(length) - length if length <= attention.block_size() else 0
+    rows = bucket_batch(batch) - batch
     mask = np.pad(mask, ((0, rows), (cols, 0)))
     if ids is not None:
         ids = np.pad(ids, ((0, rows), (cols, 0)), constant_values=pad_id)
@@ -345,8 +349,8 @@ def _start(model, input_ids, inputs_embeds, attention_mask, prefix, max_new_toke
     """Build the session and run the prompt (decoder-only) or the encoder and the start token."""
     ids = None if inputs_embeds is not None else Tensor(input_ids.astype(np.int32))
     embeds = to_tensor(inputs_embeds)
-    if not model.is_encoder_decoder:
-        session = _Session(model, attention_mask.shape[1] + max_new_tokens, use_jit)
+    if not model.is_encoder_decoder:  # a bucketed cache length bounds the decoding step's graphs
+        session = _Session(model, bucket_length(attention_mask.shape[1]) + max_new_tokens, use_jit)
         return session, session.prefill(ids, embeds, attention_mask)
     session = _Session(model, 1 + max_new_tokens, use_jit)
     state = session.encode(ids, embeds, attention_mask)

@@ -3,8 +3,8 @@
 Attention in Qwen2-VL's vision tower never crosses a temporal slice: transformers builds
 ``cu_seqlens`` with one block per (image or video, temporal patch) of ``grid_h * grid_w``
 patches. So a block is a natural batch row: blocks of the same (h, w) are stacked into
-(n_blocks, h*w, D) and run together in chunks of a power of two (at most ``max_blocks``, which
-bounds memory) blocks, the last one zero-padded: static shapes, so ``ms.jit`` compiles a few
+(n_blocks, h*w, D) and run together in chunks of a power of two blocks (at most ``max_blocks``,
+fewer for large frames: ``chunk_limit`` bounds the memory a compiled chunk holds), the last one zero-padded: static shapes, so ``ms.jit`` compiles a few
 graphs per frame size instead of one per video length.
 
 Parameter names equal transformers' ``Qwen2VisionTransformerPretrainedModel``.
@@ -17,13 +17,15 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from models import jit
-from models.attention import attention
+from models import attention as attn, jit
 from models.layers import LayerNorm, Linear, zeros_parameter
 from models.llama import rotate_half
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+
+SCORE_LIMIT = 1 << 26  # attention scores per compiled chunk (256 MB in float32): compiled graphs keep them all
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -86,7 +88,7 @@ class VisionAttention(nn.Cell):
         q32, k32 = q.astype(ms.float32), k.astype(ms.float32)
         q = (q32 * cos + rotate_half(q32) * sin).astype(x.dtype).swapaxes(1, 2)
         k = (k32 * cos + rotate_half(k32) * sin).astype(x.dtype).swapaxes(1, 2)
-        return self.proj(attention(q * self.scaling, k, v.swapaxes(1, 2)))
+        return self.proj(attn.attention(q * self.scaling, k, v.swapaxes(1, 2)))
 
 
 class VisionMlp(nn.Cell):
@@ -148,6 +150,13 @@ class Qwen2VisionTransformer(nn.Cell):
         self.inv_freq = 1.0 / (np.float32(10000.0) ** exponents)
         self._encode_jit = None
 
+    def chunk_limit(self, patches: int) -> int:
+        """Blocks encoded together: at most ``max_blocks``, and a power of two whose attention scores
+        (blocks x heads x patches x min(patches, attention block)) stay under SCORE_LIMIT floats."""
+        per_block = self.config.num_heads * patches * min(patches, attn.block_size())
+        fits = max(1, SCORE_LIMIT // per_block)
+        return min(self.max_blocks, 1 << (fits.bit_length() - 1))
+
     def rotary(self, h: int, w: int) -> tuple[Tensor, Tensor]:
         """cos/sin (h*w, head_dim) of the 2-D (row, column) rotary for one block, in merger order."""
         m = self.merge_size
@@ -189,7 +198,7 @@ class Qwen2VisionTransformer(nn.Cell):
         outputs: list = [None] * len(blocks)
         for h, w in sorted({(h, w) for _, h, w in blocks}):
             members = [i for i, b in enumerate(blocks) if b[1:] == (h, w)]
-            size = min(self.max_blocks, 1 << (len(members) - 1).bit_length())  # few distinct shapes
+            size = min(self.chunk_limit(h * w), 1 << (len(members) - 1).bit_length())  # few distinct shapes
             cos, sin = self.rotary(h, w)
             for first in range(0, len(members), size):
                 chunk = members[first:first + size]
