@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
-SCORE_LIMIT = 1 << 26  # attention scores per compiled chunk (256 MB in float32): compiled graphs keep them all
+SCORE_LIMIT = 1 << 24  # attention scores per compiled chunk (64 MB in float32): compiled graphs keep them all
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -69,8 +69,8 @@ class PatchEmbed(nn.Cell):
 
 
 class VisionAttention(nn.Cell):
-    """Full self-attention inside each block (blockwise when a large frame makes it long), 2-D rotary
-    on q and k (float32)."""
+    """Full self-attention inside each block, 2-D rotary on q and k (float32). Dense on CPU, where the
+    chunking in :meth:`Qwen2VisionTransformer.chunk_limit` bounds its memory; the fused kernel on Ascend."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -88,7 +88,7 @@ class VisionAttention(nn.Cell):
         q32, k32 = q.astype(ms.float32), k.astype(ms.float32)
         q = (q32 * cos + rotate_half(q32) * sin).astype(x.dtype).swapaxes(1, 2)
         k = (k32 * cos + rotate_half(k32) * sin).astype(x.dtype).swapaxes(1, 2)
-        return self.proj(attn.attention(q * self.scaling, k, v.swapaxes(1, 2)))
+        return self.proj(attn.attention(q * self.scaling, k, v.swapaxes(1, 2), tiles=False))
 
 
 class VisionMlp(nn.Cell):
@@ -152,8 +152,8 @@ class Qwen2VisionTransformer(nn.Cell):
 
     def chunk_limit(self, patches: int) -> int:
         """Blocks encoded together: at most ``max_blocks``, and a power of two whose attention scores
-        (blocks x heads x patches x min(patches, attention block)) stay under SCORE_LIMIT floats."""
-        per_block = self.config.num_heads * patches * min(patches, attn.block_size())
+        (blocks x heads x patches x patches) stay under SCORE_LIMIT floats where one block allows."""
+        per_block = self.config.num_heads * patches * patches
         fits = max(1, SCORE_LIMIT // per_block)
         return min(self.max_blocks, 1 << (fits.bit_length() - 1))
 

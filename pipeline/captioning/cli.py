@@ -68,8 +68,7 @@ def common_parser(description: str, epilog: str = "") -> argparse.ArgumentParser
                    help="model weights and compute dtype (default: float32 on CPU, bfloat16 on Ascend)")
     p.add_argument("--attention_block_size", type=int, default=attention.DEFAULT_BLOCK_SIZE,
                    help="query/key block length of the tiled attention used for long prompts and large "
-                        f"frames (default {attention.DEFAULT_BLOCK_SIZE}; smaller uses less memory, larger "
-                        "runs faster on CPU)")
+                        f"frames (default {attention.DEFAULT_BLOCK_SIZE}; smaller uses less memory)")
     return p
 
 
