@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from pipeline.captioning.caption_colour import ColourCaptioner
-from pipeline.captioning.runner import RunError, RunOptions, is_out_of_memory, run
+from pipeline.captioning.results import is_out_of_memory
+from pipeline.captioning.runner import RunError, RunOptions, run
 from tests.colour_captioner import BudgetCaptioner
 from tests.video_factory import write_index_video
 

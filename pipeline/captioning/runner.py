@@ -13,16 +13,11 @@ resumes like any other.
 
 Segments and windows. A row may name part of its file (``start``/``end`` or
 ``timestamp``, see ``metadata.row_segment``); only that part is sampled. With
-``window_seconds`` every input row is split into windows (``video.split_windows``),
-each one output row with ``window``, ``num_windows``, ``start`` and ``end``; an input's
-own ``start``/``end`` move to ``segment_start``/``segment_end`` so each window row still
-names its input row. Window rows are keyed like any row, so resume works per window.
-To tell that an input row is finished without probing its video again, every window
-row records ``num_windows``: the recorded windows of an input row, the end of its last
-one and the window settings give the complete list of its window keys, and the row is
-done when all of them are recorded (an input row with an explicit end needs no probe
-at all). Only input rows with work left are probed, in the worker threads of the rank
-that owns them; sharding deals out those input rows, the same on every rank.
+``window_seconds`` every input row becomes window rows (``pipeline.captioning.windows``),
+keyed like any row, so resume works per window. Only input rows with work left are
+probed for their duration, in the worker threads of the rank that owns them; sharding
+deals out those input rows, the same on every rank. Captioner answers become rows, and
+out-of-memory videos are retried smaller, in ``pipeline.captioning.results``.
 """
 from __future__ import annotations
 
@@ -34,7 +29,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,24 +38,19 @@ from tqdm import tqdm
 from models import jit
 from pipeline import distributed
 from pipeline.datasets.metadata import (
-    CAPTION_COLUMN,
-    END_COLUMN,
     ERROR_COLUMN,
     KEY_COLUMNS,
     NUM_WINDOWS_COLUMN,
     RESULT_COLUMNS,
     SEGMENT_END_COLUMN,
     SEGMENT_START_COLUMN,
-    START_COLUMN,
     STATUS_COLUMN,
-    STATUS_ERROR,
     STATUS_OK,
     WINDOW_COLUMN,
     Progress,
     RowKey,
     finalize_output,
     find_part_files,
-    format_seconds,
     merge_csvs,
     part_path,
     read_metadata,
@@ -69,13 +59,14 @@ from pipeline.datasets.metadata import (
     row_key,
     row_keys,
     row_segment,
-    source_keys,
 )
+from pipeline.captioning.results import caption_batch, failure
+from pipeline.captioning.windows import (WINDOW_COLUMNS, Windowing, has_segment_columns, recorded_windows, whole_row,
+                                         window_rows, windows_complete)
 from pipeline.datasets.video import check_sampling_args, probe_duration, sample_frames, split_windows
 
 logger = logging.getLogger(__name__)
 
-WINDOW_COLUMNS = (WINDOW_COLUMN, NUM_WINDOWS_COLUMN, START_COLUMN, END_COLUMN)
 Span = tuple[float, float | None]  # seconds; end None: the file's end
 
 
@@ -106,14 +97,6 @@ class Captioner(Protocol):
 
     def generate(self, batch: Sequence[Any]) -> list[str | dict]:
         """Caption a batch of prepared inputs: per video a caption, or a dict of "text" and extra columns."""
-
-
-@dataclass(frozen=True)
-class Windowing:
-    """Split every input row into windows of ``seconds``; a last one shorter than ``min_seconds`` joins the one before."""
-
-    seconds: float
-    min_seconds: float
 
 
 @dataclass
@@ -161,80 +144,6 @@ def default_output(input_csv: str | Path) -> Path:
     return path.with_name(f"{path.stem}_caption.csv")
 
 
-# ----------------------------------------------------------------------------- windows
-
-def has_segment_columns(columns: Sequence[str]) -> bool:
-    """Whether an input's own start/end must move to segment_start/segment_end in windowed output."""
-    return START_COLUMN in columns or END_COLUMN in columns
-
-
-def _with_segment(record: Mapping[str, str], segment_columns: bool) -> dict[str, str]:
-    """The input cells, with the input's own start/end copied to segment_start/segment_end."""
-    row = dict(record)
-    if segment_columns:
-        row[SEGMENT_START_COLUMN] = record.get(START_COLUMN, "")
-        row[SEGMENT_END_COLUMN] = record.get(END_COLUMN, "")
-    return row
-
-
-def window_rows(record: Mapping[str, str], spans: Sequence[tuple[float, float]],
-                segment_columns: bool) -> list[dict[str, str]]:
-    """The output cells (results aside) of an input row's windows: every input column plus the window's."""
-    base = _with_segment(record, segment_columns)
-    return [{**base, WINDOW_COLUMN: str(i), NUM_WINDOWS_COLUMN: str(len(spans)),
-             START_COLUMN: format_seconds(begin), END_COLUMN: format_seconds(end)}
-            for i, (begin, end) in enumerate(spans)]
-
-
-def whole_row(record: Mapping[str, str], segment_columns: bool) -> dict[str, str]:
-    """A windowed run's row for an input row it could not split (its error row): the input row's own key."""
-    return {**_with_segment(record, segment_columns), WINDOW_COLUMN: "", NUM_WINDOWS_COLUMN: ""}
-
-
-def _recorded_windows(table: pd.DataFrame) -> dict[RowKey, dict[str, tuple[str, str]]]:
-    """Per input row (source key): window number -> (num_windows, end) of its recorded window rows."""
-    found: dict[RowKey, dict[str, tuple[str, str]]] = {}
-    if WINDOW_COLUMN not in table.columns or not len(table):
-        return found
-    blank = [""] * len(table)
-    counts = table[NUM_WINDOWS_COLUMN] if NUM_WINDOWS_COLUMN in table.columns else blank
-    ends = table[END_COLUMN] if END_COLUMN in table.columns else blank
-    for source, window, count, end in zip(source_keys(table), table[WINDOW_COLUMN], counts, ends):
-        if window:
-            found.setdefault(source, {})[window] = (count, end)
-    return found
-
-
-def _recorded_end(windows: Mapping[str, tuple[str, str]]) -> float | None:
-    """Where an input row's recorded windows say it ends: the end of window num_windows - 1."""
-    counts = {count for count, _ in windows.values()}
-    if len(counts) != 1:
-        return None
-    count = counts.pop()
-    if not count.isdigit() or str(int(count) - 1) not in windows:
-        return None
-    try:
-        return float(windows[str(int(count) - 1)][1])
-    except ValueError:
-        return None
-
-
-def _windows_complete(record: Mapping[str, str], recorded: Mapping[str, tuple[str, str]] | None,
-                      finished: frozenset[RowKey], windowing: Windowing, segment_columns: bool) -> bool:
-    """Whether every window of an input row is recorded, decided without opening its video."""
-    try:
-        segment = row_segment(record)
-    except ValueError:
-        return False
-    begin, end = segment or (0.0, None)
-    if end is None:
-        end = _recorded_end(recorded) if recorded else None
-        if end is None:
-            return False
-    spans = split_windows(begin, end, windowing.seconds, windowing.min_seconds)
-    return all(row_key(row) in finished for row in window_rows(record, spans, segment_columns))
-
-
 def rows_to_do(data: pd.DataFrame, progress: Progress, retry_errors: bool,
                windowing: Windowing | None = None) -> pd.DataFrame:
     """Rows of ``data`` without a recorded result (error rows count as recorded unless retried).
@@ -248,9 +157,9 @@ def rows_to_do(data: pd.DataFrame, progress: Progress, retry_errors: bool,
         todo = [key not in finished for key in keys]
     else:
         failed = frozenset() if retry_errors else progress.failed
-        recorded = _recorded_windows(progress.table)
+        recorded = recorded_windows(progress.table)
         segment_columns = has_segment_columns(data.columns)
-        todo = [key not in failed and not _windows_complete(record, recorded.get(key), finished, windowing,
+        todo = [key not in failed and not windows_complete(record, recorded.get(key), finished, windowing,
                                                            segment_columns)
                 for key, record in zip(keys, data.to_dict("records"))]
     return data[np.array(todo, dtype=bool)]
@@ -285,115 +194,6 @@ class PartWriter:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _error_message(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
-
-
-def _cell(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def _carried_columns(exc: BaseException | None) -> dict[str, str]:
-    """Extra-column values an error knows (e.g. the budget that ran out of memory), as cells."""
-    carried = getattr(exc, "columns", None)
-    return {name: _cell(value) for name, value in dict(carried).items()} if carried else {}
-
-
-@dataclass
-class _Result:
-    """One video's outcome: the caption and extra columns, or the error."""
-
-    text: str = ""
-    columns: dict[str, str] = field(default_factory=dict)
-    error: BaseException | None = None
-
-    def row(self, cells: Mapping[str, str]) -> dict[str, str]:
-        ok = self.error is None
-        return {**cells, **self.columns, CAPTION_COLUMN: self.text, STATUS_COLUMN: STATUS_OK if ok else STATUS_ERROR,
-                ERROR_COLUMN: "" if ok else _error_message(self.error)}
-
-
-def _failure(exc: BaseException) -> _Result:
-    return _Result(columns=_carried_columns(exc), error=exc)
-
-
-def _parse_output(output: Any, extra_columns: Sequence[str]) -> _Result:
-    """A captioner's answer for one video: a caption, or a dict of "text" and declared extra columns."""
-    if isinstance(output, str):
-        return _Result(text=output)
-    if isinstance(output, Mapping) and isinstance(output.get("text"), str):
-        undeclared = sorted(set(output) - {"text", *extra_columns})
-        if undeclared:
-            return _Result(error=RuntimeError(f"captioner returned undeclared column(s) {undeclared}; "
-                                              f"add them to its extra_columns"))
-        return _Result(text=output["text"], columns={name: _cell(output.get(name)) for name in extra_columns})
-    return _Result(error=RuntimeError(f"captioner returned {type(output).__name__} for a video; "
-                                      f"expected a caption string or a dict with a 'text' string"))
-
-
-# ----------------------------------------------------------------------------- out of memory
-
-class OutOfMemoryError(RuntimeError):
-    """A video ran out of memory and could not be captioned smaller; ``columns`` are extra cells it knows."""
-
-    def __init__(self, message: str, columns: Mapping[str, Any] | None = None):
-        super().__init__(message)
-        self.columns = dict(columns or {})
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """MindSpore's "Memory not enough" (CPU), any "out of memory" message (devices), or Python's MemoryError."""
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or "memory not enough" in text or "out of memory" in text
-
-
-def _generate_one(captioner: Captioner, inputs: Any, extra_columns: Sequence[str]) -> _Result:
-    outputs = captioner.generate([inputs])
-    if len(outputs) != 1:
-        raise RuntimeError(f"captioner returned {len(outputs)} captions for 1 video")
-    return _parse_output(outputs[0], extra_columns)
-
-
-def _retry_smaller(captioner: Captioner, inputs: Any, first: BaseException, extra_columns: Sequence[str]) -> _Result:
-    """After one video ran out of memory: caption it once more at half its budget, if the captioner can shrink it."""
-    shrink = getattr(captioner, "shrink", None)
-    if shrink is None or not is_out_of_memory(first):
-        return _failure(first)
-    try:
-        smaller = shrink(inputs)
-    except Exception as exc:  # noqa: BLE001 - a failed shrink costs only this row
-        return _failure(OutOfMemoryError(f"out of memory ({_error_message(first)}), and shrinking the input "
-                                         f"failed: {_error_message(exc)}", _carried_columns(exc)))
-    if smaller is None:
-        return _failure(OutOfMemoryError(f"out of memory and the input cannot be shrunk further: "
-                                         f"{_error_message(first)}", _carried_columns(first)))
-    logger.warning("out of memory on one video (%s); retrying it at half its visual-token budget",
-                   _error_message(first))
-    try:
-        return _generate_one(captioner, smaller, extra_columns)
-    except Exception as second:  # noqa: BLE001
-        if is_out_of_memory(second):
-            return _failure(OutOfMemoryError(
-                f"out of memory at both attempts, at the full and at half the visual-token budget: "
-                f"{_error_message(first)}; then {_error_message(second)}", _carried_columns(second)))
-        return _failure(second)
-
-
-def _caption_batch(captioner: Captioner, inputs: list[Any], extra_columns: Sequence[str] = ()) -> list[_Result]:
-    """Caption a batch; if the batch fails, retry each video alone so one bad input costs one row,
-    and a video alone that runs out of memory once more at half its budget."""
-    try:
-        outputs = captioner.generate(inputs)
-        if len(outputs) != len(inputs):
-            raise RuntimeError(f"captioner returned {len(outputs)} captions for {len(inputs)} videos")
-    except Exception as exc:  # noqa: BLE001
-        if len(inputs) == 1:
-            return [_retry_smaller(captioner, inputs[0], exc, extra_columns)]
-        logger.warning("batch of %d failed (%s); retrying one video at a time", len(inputs), _error_message(exc))
-        return [_caption_batch(captioner, [x], extra_columns)[0] for x in inputs]
-    return [_parse_output(output, extra_columns) for output in outputs]
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -617,7 +417,7 @@ class _Session:
 
     def add(self, item: _Item, inputs: Any, exc: BaseException | None) -> None:
         if exc is not None:
-            self._write([_failure(exc).row(item.cells)])
+            self._write([failure(exc).row(item.cells)])
             return
         self.batch.append((item.cells, inputs))
         if len(self.batch) == self.bs:
@@ -627,7 +427,7 @@ class _Session:
         if not self.batch:
             return
         model_start = time.perf_counter()
-        results = _caption_batch(self.captioner, [inputs for _, inputs in self.batch], self.extra)
+        results = caption_batch(self.captioner, [inputs for _, inputs in self.batch], self.extra)
         self.summary.model_seconds += time.perf_counter() - model_start
         self._write([result.row(cells) for (cells, _), result in zip(self.batch, results)])
         self.batch = []

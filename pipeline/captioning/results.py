@@ -1,0 +1,125 @@
+"""A captioner's answers turned into output rows, and the out-of-memory retry at half the budget.
+
+``generate`` may answer per video with a caption or a dict of "text" plus its declared extra
+columns. A failed batch is retried one video at a time, so one bad input costs one row; a video
+that runs out of memory alone is retried once through the captioner's ``shrink``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from pipeline.datasets.metadata import CAPTION_COLUMN, ERROR_COLUMN, STATUS_COLUMN, STATUS_ERROR, STATUS_OK
+
+if TYPE_CHECKING:
+    from pipeline.captioning.runner import Captioner
+
+logger = logging.getLogger(__name__)
+
+
+def error_message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _carried_columns(exc: BaseException | None) -> dict[str, str]:
+    """Extra-column values an error knows (e.g. the budget that ran out of memory), as cells."""
+    carried = getattr(exc, "columns", None)
+    return {name: _cell(value) for name, value in dict(carried).items()} if carried else {}
+
+
+@dataclass
+class Result:
+    """One video's outcome: the caption and extra columns, or the error."""
+
+    text: str = ""
+    columns: dict[str, str] = field(default_factory=dict)
+    error: BaseException | None = None
+
+    def row(self, cells: Mapping[str, str]) -> dict[str, str]:
+        ok = self.error is None
+        return {**cells, **self.columns, CAPTION_COLUMN: self.text, STATUS_COLUMN: STATUS_OK if ok else STATUS_ERROR,
+                ERROR_COLUMN: "" if ok else error_message(self.error)}
+
+
+def failure(exc: BaseException) -> Result:
+    return Result(columns=_carried_columns(exc), error=exc)
+
+
+def _parse_output(output: Any, extra_columns: Sequence[str]) -> Result:
+    """A captioner's answer for one video: a caption, or a dict of "text" and declared extra columns."""
+    if isinstance(output, str):
+        return Result(text=output)
+    if isinstance(output, Mapping) and isinstance(output.get("text"), str):
+        undeclared = sorted(set(output) - {"text", *extra_columns})
+        if undeclared:
+            return Result(error=RuntimeError(f"captioner returned undeclared column(s) {undeclared}; "
+                                              f"add them to its extra_columns"))
+        return Result(text=output["text"], columns={name: _cell(output.get(name)) for name in extra_columns})
+    return Result(error=RuntimeError(f"captioner returned {type(output).__name__} for a video; "
+                                      f"expected a caption string or a dict with a 'text' string"))
+
+
+class OutOfMemoryError(RuntimeError):
+    """A video ran out of memory and could not be captioned smaller; ``columns`` are extra cells it knows."""
+
+    def __init__(self, message: str, columns: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.columns = dict(columns or {})
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MindSpore's "Memory not enough" (CPU), any "out of memory" message (devices), or Python's MemoryError."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "memory not enough" in text or "out of memory" in text
+
+
+def _generate_one(captioner: Captioner, inputs: Any, extra_columns: Sequence[str]) -> Result:
+    outputs = captioner.generate([inputs])
+    if len(outputs) != 1:
+        raise RuntimeError(f"captioner returned {len(outputs)} captions for 1 video")
+    return _parse_output(outputs[0], extra_columns)
+
+
+def _retry_smaller(captioner: Captioner, inputs: Any, first: BaseException, extra_columns: Sequence[str]) -> Result:
+    """After one video ran out of memory: caption it once more at half its budget, if the captioner can shrink it."""
+    shrink = getattr(captioner, "shrink", None)
+    if shrink is None or not is_out_of_memory(first):
+        return failure(first)
+    try:
+        smaller = shrink(inputs)
+    except Exception as exc:  # noqa: BLE001 - a failed shrink costs only this row
+        return failure(OutOfMemoryError(f"out of memory ({error_message(first)}), and shrinking the input "
+                                         f"failed: {error_message(exc)}", _carried_columns(exc)))
+    if smaller is None:
+        return failure(OutOfMemoryError(f"out of memory and the input cannot be shrunk further: "
+                                         f"{error_message(first)}", _carried_columns(first)))
+    logger.warning("out of memory on one video (%s); retrying it at half its visual-token budget",
+                   error_message(first))
+    try:
+        return _generate_one(captioner, smaller, extra_columns)
+    except Exception as second:  # noqa: BLE001
+        if is_out_of_memory(second):
+            return failure(OutOfMemoryError(
+                f"out of memory at both attempts, at the full and at half the visual-token budget: "
+                f"{error_message(first)}; then {error_message(second)}", _carried_columns(second)))
+        return failure(second)
+
+
+def caption_batch(captioner: Captioner, inputs: list[Any], extra_columns: Sequence[str] = ()) -> list[Result]:
+    """Caption a batch; if the batch fails, retry each video alone so one bad input costs one row,
+    and a video alone that runs out of memory once more at half its budget."""
+    try:
+        outputs = captioner.generate(inputs)
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"captioner returned {len(outputs)} captions for {len(inputs)} videos")
+    except Exception as exc:  # noqa: BLE001
+        if len(inputs) == 1:
+            return [_retry_smaller(captioner, inputs[0], exc, extra_columns)]
+        logger.warning("batch of %d failed (%s); retrying one video at a time", len(inputs), error_message(exc))
+        return [caption_batch(captioner, [x], extra_columns)[0] for x in inputs]
+    return [_parse_output(output, extra_columns) for output in outputs]
