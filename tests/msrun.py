@@ -1,4 +1,4 @@
-"""Run a script under msrun on CPU from a test, and never leave its workers behind."""
+"""Run a script under msrun on CPU from a test, and never leave its workers behind; kill a run mid-way."""
 from __future__ import annotations
 
 import os
@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,3 +43,17 @@ def run_msrun(script: Path, args: list[str], cwd: Path, workers: int = 2, timeou
     problems = [line for line in (stdout + logs).splitlines()
                 if any(word in line for word in ("ERROR", "Error", "Traceback", "exit"))]
     return MsrunResult(proc.returncode, logs, "\n".join(problems[-40:]))
+
+
+def count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def kill_when_written(cmd: list[str], cwd: Path, env: dict, part: Path, lines: int) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as ``part`` holds ``lines`` lines (or after 120 s)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and count_lines(part) < lines:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +13,7 @@ import pytest
 from pipeline.captioning.runner import rows_to_do, shard
 from pipeline.datasets.metadata import Progress
 from pipeline.datasets.video import sample_frames
-from tests.msrun import run_msrun
+from tests.msrun import count_lines, kill_when_written, run_msrun
 from tests.colour_captioner import colour_caption, main as colour_main
 from tests.video_factory import write_corrupt, write_empty, write_index_video
 
@@ -51,10 +49,6 @@ def read_rows(path: Path) -> list[dict]:
 def expected_caption(folder: Path, rel: str) -> str:
     frames, _ = sample_frames(str(folder / rel), num_frames=4)
     return colour_caption(frames)
-
-
-def count_lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def test_shard_is_disjoint_and_complete():
@@ -177,13 +171,7 @@ def test_kill_and_resume_loses_nothing(tmp_path):
     part = tmp_path / "meta_caption_part0.csv"
     first_log, second_log = tmp_path / "calls1.txt", tmp_path / "calls2.txt"
     cmd = [sys.executable, str(SCRIPT), str(csv_path), "--bs", "2", "--device", "CPU"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(CAPTION_CALL_LOG=str(first_log), CAPTION_SLEEP="0.5"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and count_lines(part) < 5:  # header + 4 rows
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(cmd, ROOT, _env(CAPTION_CALL_LOG=str(first_log), CAPTION_SLEEP="0.5"), part, 5)  # header + 4 rows
     finished = read_rows(part)
     assert 4 <= len(finished) < n, "the kill should land mid-run"
     assert not out.exists()
@@ -256,14 +244,8 @@ def test_interrupted_overwrite_resumes_and_keeps_old_rows(tmp_path, monkeypatch)
     old = read_rows(out)
     # An --overwrite run killed after its first batch: the old output is set aside, not lost.
     cmd = [sys.executable, str(SCRIPT), str(csv_path), "--bs", "2", "--device", "CPU", "--overwrite"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(CAPTION_SLEEP="0.5"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     part = tmp_path / "meta_caption_part0.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and count_lines(part) < 3:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(cmd, ROOT, _env(CAPTION_SLEEP="0.5"), part, 3)
     assert not out.exists() and (tmp_path / "meta_caption.prev.csv").exists()
     redone = {r["path"] for r in read_rows(part)}
     log = tmp_path / "calls.txt"

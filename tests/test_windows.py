@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +14,7 @@ from pipeline.captioning import runner
 from pipeline.datasets.metadata import format_seconds, write_csv_atomic
 from pipeline.datasets.video import sample_frames, split_windows
 from tests.colour_captioner import colour_caption, main as colour_main
-from tests.msrun import run_msrun
+from tests.msrun import count_lines, kill_when_written, run_msrun
 from tests.video_factory import write_image, write_index_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,10 +184,6 @@ def test_a_windowed_output_is_no_windowed_input(tmp_path):
     assert "['window', 'num_windows']" in str(err.value) and "run without --window_seconds" in str(err.value)
 
 
-def count_lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 def expected_windows(folder: Path, frames: list[int]) -> set[tuple[str, str]]:
     found = set()
     for i, count in enumerate(frames):
@@ -205,13 +199,8 @@ def test_kill_mid_run_then_resume_gives_every_window_once(tmp_path):
     first_log, second_log = tmp_path / "calls1.txt", tmp_path / "calls2.txt"
     cmd = [sys.executable, str(SCRIPT), str(csv_path), "--bs", "2", "--device", "CPU", "--window_seconds", "1"]
     env = dict(os.environ)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "CAPTION_CALL_LOG": str(first_log), "CAPTION_SLEEP": "0.5"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and count_lines(part) < 7:  # header + 6 windows
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(cmd, ROOT, {**env, "CAPTION_CALL_LOG": str(first_log), "CAPTION_SLEEP": "0.5"}, part,
+                      7)  # header + 6 windows
     finished = read_rows(part)
     expected = expected_windows(tmp_path, frames)
     assert 6 <= len(finished) < len(expected), "the kill should land mid-run"
