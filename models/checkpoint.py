@@ -1,9 +1,10 @@
-"""Load Hugging Face safetensors checkpoints into MindSpore Cells by parameter name.
+"""Load Hugging Face checkpoints (safetensors, or PyTorch .bin) into MindSpore Cells by parameter name.
 
 One loader for every model family. A folder holds ``config.json`` and either
-``model.safetensors`` or shards listed in ``model.safetensors.index.json``. Tensors
-are read lazily, one at a time (``safetensors`` numpy backend; bfloat16, which numpy
-lacks, is widened to float32 from the raw bytes), so peak memory stays near the
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``, or, where only
+those were published, PyTorch's ``pytorch_model.bin`` or its shards (read without torch,
+by ``models.torch_checkpoint``). Tensors are read lazily, one at a time (bfloat16, which
+numpy lacks, is widened to float32 from the raw bytes), so peak memory stays near the
 model's own size.
 
 Every parameter must be filled and every tensor consumed, otherwise
@@ -40,6 +41,8 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn
 from safetensors import safe_open
 
+from models.torch_checkpoint import TORCH_SUFFIXES, TorchCheckpointError, read_state_dict
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -73,32 +76,63 @@ def read_config(folder: str | Path) -> dict:
             f"No config.json in {folder}: expected a Hugging Face model folder with config.json "
             "and model.safetensors (or model.safetensors.index.json and its shards)."
         )
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from the published checkpoint") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def load_tokenizer(folder: str | Path):
+    """The folder's transformers tokenizer, or one CheckpointError that names the folder and the problem."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"No tokenizer in {folder}: expected one of {', '.join(TOKENIZER_FILES)} "
+                              f"(with tokenizer_config.json); copy them from the published checkpoint")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for broken tokenizer files
+        raise CheckpointError(f"cannot load the tokenizer in {folder}: {type(exc).__name__}: {exc}") from exc
+
+
+def _listed_shards(index: Path) -> list[Path]:
+    try:
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index} is not a valid shard index ({exc}); restore it from the checkpoint") from exc
+    absent = [n for n in names if not (index.parent / n).is_file()]
+    if absent:
+        raise CheckpointError(f"{index} lists shards missing from {index.parent}: {', '.join(absent)}")
+    return [index.parent / n for n in names]
 
 
 def weight_files(folder: str | Path) -> list[Path]:
-    """The safetensors files of a folder: the shards of the index, or ``model.safetensors``."""
+    """The weight files of a folder: safetensors (the shards of the index, or ``model.safetensors``),
+    else PyTorch ``pytorch_model.bin`` or the shards of ``pytorch_model.bin.index.json``."""
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        absent = [n for n in names if not (folder / n).is_file()]
-        if absent:
-            raise CheckpointError(f"{index} lists shards missing from {folder}: {', '.join(absent)}")
-        return [folder / n for n in names]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    shards = sorted(folder.glob("model-*-of-*.safetensors"))
-    if shards:
-        return shards
-    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
-    hint = f" Found {', '.join(others)}: convert them to safetensors." if others else ""
+    for stem in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / f"{stem}.index.json").is_file():
+            return _listed_shards(folder / f"{stem}.index.json")
+        if (folder / stem).is_file():
+            return [folder / stem]
+    for pattern in ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin"):
+        shards = sorted(folder.glob(pattern))
+        if shards:
+            return shards
+    others = sorted(p.name for p in folder.glob("*.pt*"))
+    hint = f" Found {', '.join(others)}: a training file is loaded by its own path." if others else ""
     raise CheckpointError(
-        f"No weights in {folder}: expected model.safetensors or model.safetensors.index.json "
-        f"with its model-0000x-of-0000y.safetensors shards.{hint}"
+        f"No weights in {folder}: expected model.safetensors or pytorch_model.bin, or their "
+        f"*.index.json with its shards.{hint}"
     )
 
 
@@ -116,12 +150,31 @@ def _bf16_reader(path: Path, start: int, shape: tuple[int, ...]) -> Callable[[],
     return read
 
 
+def _open_torch(path: Path) -> dict[str, TensorRef]:
+    try:
+        return {name: TensorRef(t.shape, t.read) for name, t in read_state_dict(path).items()}
+    except TorchCheckpointError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
 def open_checkpoint(folder: str | Path) -> dict[str, TensorRef]:
-    """All tensors of a folder's safetensors files as lazy references."""
+    """All tensors of a folder's weight files (or of one weight file) as lazy references."""
     tensors: dict[str, TensorRef] = {}
-    for path in weight_files(folder):
-        handle = safe_open(str(path), framework="np")
-        data_start, header = _header(path)
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else weight_files(folder)
+    for path in files:
+        if path.suffix in TORCH_SUFFIXES:
+            for name, ref in _open_torch(path).items():
+                if name in tensors:
+                    raise CheckpointError(f"Tensor {name} appears in more than one file of {folder}")
+                tensors[name] = ref
+            continue
+        try:
+            handle = safe_open(str(path), framework="np")
+            data_start, header = _header(path)
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type is not importable
+            raise CheckpointError(f"{path} is damaged or incomplete ({exc}); a download cut short? "
+                                  f"Fetch the file again") from exc
         for name, info in header.items():
             if name == "__metadata__":
                 continue

@@ -1,0 +1,182 @@
+"""PyTorch .bin/.pth/.pt checkpoints read without torch: equal to torch.load, refusing code, lazily."""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import io
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models import from_pretrained
+from models.checkpoint import CheckpointError, open_checkpoint
+from models.convert import main as convert_main
+from models.torch_checkpoint import TorchCheckpointError, read_state_dict
+from pipeline.captioning.caption_blip2 import main as blip2_main
+from tests.tiny_models import OPT, save_tiny_blip2
+from tests.video_factory import write_caption_clips
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _state_dict() -> collections.OrderedDict:
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=gen)
+    shared = torch.arange(40, dtype=torch.int64)
+    return collections.OrderedDict(
+        fp32=base,
+        view_offset=base[2:5, 1:7],  # shares base's storage, starts inside it
+        transposed=base.t(),  # strides (1, 8)
+        stepped=base[:, ::3],
+        fp16=torch.randn(3, 5, generator=gen).half(),
+        bf16=torch.randn(4, 4, generator=gen).bfloat16(),
+        int64=shared[5:15].view(2, 5),
+        int64_again=shared,
+        flags=torch.tensor([True, False, True]),
+        scalar=torch.tensor(3.5),
+        empty=torch.zeros(0, 4),
+        param=torch.nn.Parameter(torch.randn(2, 3, generator=gen)),
+    )
+
+
+def test_reader_equals_torch_load_on_every_tensor(tmp_path):
+    path = tmp_path / "weights.bin"
+    torch.save(_state_dict(), path)
+    expected = torch.load(path, weights_only=True)
+    got = read_state_dict(path)
+    assert list(got) == list(expected)
+    for name, tensor in expected.items():
+        array = got[name].read()
+        assert array.shape == tuple(tensor.shape), name
+        assert array.dtype == _as_numpy(tensor.detach()).dtype, name
+        np.testing.assert_array_equal(array, _as_numpy(tensor.detach()), err_msg=name)
+    # Views of one storage share it: one memory map, read only when asked.
+    assert got["view_offset"].storage is got["fp32"].storage and got["int64"].storage is got["int64_again"].storage
+
+
+def test_training_file_uses_its_model_entry(tmp_path):
+    path = tmp_path / "finetune.pth"
+    model = _state_dict()
+    optimizer = {"state": {0: {"exp_avg": torch.ones(3), "step": 7}}, "param_groups": [{"lr": 1e-4}]}
+    torch.save({"model": model, "optimizer": optimizer, "config": {"run": {"seed": 42, "amp": True, "x": None}},
+                "scaler": {"scale": 65536.0}, "epoch": 3}, path)
+    got = read_state_dict(path)
+    assert list(got) == list(model)
+    np.testing.assert_array_equal(got["bf16"].read(), model["bf16"].float().numpy())
+
+
+def test_pickles_naming_other_globals_are_refused_and_never_run(tmp_path):
+    path = tmp_path / "extra.pth"
+    torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(TorchCheckpointError, match="argparse.Namespace"):
+        read_state_dict(path)
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.bin"
+    with zipfile.ZipFile(evil, "w") as archive:
+        archive.writestr("evil/data.pkl", pickle.dumps({"w": Payload()}, protocol=2))
+    with pytest.raises(TorchCheckpointError, match="io.open|builtins.open"):
+        read_state_dict(evil)
+    assert not marker.exists()
+
+
+def test_damaged_and_legacy_files_are_named(tmp_path):
+    good = tmp_path / "good.bin"
+    torch.save({"w": torch.ones(1000)}, good)
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(TorchCheckpointError, match="cut.bin"):
+        read_state_dict(cut)
+    legacy = tmp_path / "legacy.pt"
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buffer, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(buffer.getvalue())
+    with pytest.raises(TorchCheckpointError, match="legacy"):
+        read_state_dict(legacy)
+
+
+@pytest.fixture(scope="module")
+def bin_model(tmp_path_factory) -> tuple[Path, Path]:
+    """The same tiny BLIP-2 saved as safetensors and, as kpyu/video-blip-* publishes, as .bin shards only."""
+    reference = save_tiny_blip2(tmp_path_factory.mktemp("blip2_safetensors"), OPT)
+    shards = tmp_path_factory.mktemp("blip2_bin")
+    from transformers import Blip2ForConditionalGeneration
+
+    Blip2ForConditionalGeneration.from_pretrained(reference).save_pretrained(
+        shards, safe_serialization=False, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (shards / name).write_bytes((reference / name).read_bytes())
+    assert (shards / "pytorch_model.bin.index.json").is_file() and not list(shards.glob("*.safetensors"))
+    return reference, shards
+
+
+def test_sharded_bin_folder_loads_like_safetensors(bin_model):
+    reference, shards = bin_model
+    ours = {name: ref.read() for name, ref in open_checkpoint(shards).items()}
+    theirs = {name: ref.read() for name, ref in open_checkpoint(reference).items()}
+    # torch.save keeps the tied head (a view of the embedding); safetensors drops it.
+    assert set(ours) - set(theirs) == {"language_model.lm_head.weight"} and set(theirs) <= set(ours)
+    for name in theirs:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    from_pretrained(shards)  # every parameter filled, nothing left over
+
+
+def test_bin_only_folder_captions_like_safetensors(bin_model, tmp_path):
+    reference, shards = bin_model
+    (tmp_path / "videos").mkdir()
+    videos = write_caption_clips(tmp_path / "videos")
+    texts = []
+    for folder in (reference, shards):
+        out = tmp_path / f"{folder.name}.csv"
+        blip2_main([str(videos), "--pretrained_model_name_or_path", str(folder), "--output", str(out),
+                    "--num_frames", "2", "--max_new_tokens", "5", "--num_beams", "2", "--min_new_tokens", "1"])
+        with open(out, newline="") as f:
+            texts.append([r["text"] for r in csv.DictReader(f)])
+    assert texts[0] == texts[1] and any(texts[0])
+
+
+def test_convert_writes_safetensors_that_torch_reads_back(bin_model, tmp_path):
+    _, shards = bin_model
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for path in shards.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    written = convert_main([str(folder)])
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in written if p.suffix == ".safetensors"}
+    for source in sorted(folder.glob("pytorch_model-*.bin")):
+        target = folder / source.name.replace("pytorch_model-", "model-").replace(".bin", ".safetensors")
+        expected = torch.load(source, weights_only=True)
+        converted = load_file(target)
+        assert set(converted) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(converted[name], tensor), name
+
+    single = tmp_path / "weights.pth"
+    torch.save({"model": _state_dict(), "epoch": 1}, single)
+    convert_main([str(single)])
+    converted = load_file(tmp_path / "weights.safetensors")
+    for name, tensor in _state_dict().items():
+        assert converted[name].dtype == tensor.dtype and torch.equal(converted[name], tensor.detach()), name
+    with pytest.raises(SystemExit, match="exists already"):
+        convert_main([str(single)])
+
+
+def test_folder_without_weights_names_what_it_expects(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        open_checkpoint(tmp_path)
