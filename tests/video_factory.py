@@ -9,7 +9,10 @@ it reads only the centre of each bar, so compression ringing at bar edges does n
 matter. This lets a test assert that a reader returned exactly the frames it claims.
 
 Videos are encoded by the ffmpeg command line from raw RGB on stdin; tests that need
-ffmpeg or a particular encoder are skipped when it is missing.
+ffmpeg or a particular encoder are skipped when it is missing. Helpers also make the
+awkward cases readers meet: variable frame rates, rotation/flip display matrices, edit
+lists (``remux``), large frames (``write_test_pattern``), cut files and junk after the
+last frame; ``ffmpeg_decode`` gives what ffmpeg itself displays, to compare against.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -159,17 +164,131 @@ def write_index_video(path: str | os.PathLike, num_frames: int, codec: str = "h2
     return path
 
 
-def decoded_indices(path: str | os.PathLike) -> list[int]:
+def decoded_indices(path: str | os.PathLike, stop_at_error: bool = False) -> list[int]:
     """Barcodes of every frame in decode order, by a plain sequential PyAV decode.
 
     This is the ground truth a random-access reader must agree with: position ``i`` of
-    the result is what a correct reader returns for frame index ``i``.
+    the result is what a correct reader returns for frame index ``i``. ``stop_at_error``
+    ends at the first decode error instead of raising (a cut file, trailing garbage).
     """
     import av
 
+    found: list[int] = []
     with av.open(str(path)) as container:
-        return [read_index(frame.to_ndarray(format="rgb24"))
-                for frame in container.decode(video=0)]
+        try:
+            for frame in container.decode(video=0):
+                found.append(read_index(frame.to_ndarray(format="rgb24")))
+        except av.error.FFmpegError:
+            if not stop_at_error:
+                raise
+    return found
+
+
+def _run_ffmpeg(args: list[str], stdin: bytes | None = None) -> bytes:
+    """Run ffmpeg quietly and return its stdout; skips the calling test when ffmpeg is missing."""
+    exe = ffmpeg_path()
+    if exe is None:
+        _skip("ffmpeg is not installed")
+    result = subprocess.run([exe, "-hide_banner", "-loglevel", "error", "-y", *args], input=stdin,
+                            capture_output=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ffmpeg {' '.join(args)} failed: {result.stderr.decode(errors='replace')}")
+    return result.stdout
+
+
+def write_test_pattern(path: str | os.PathLike, width: int, height: int, seconds: float,
+                       fps: float = 10, bframes: bool = True) -> Path:
+    """An H.264 clip of ffmpeg's ``testsrc`` (asymmetric, so any rotation or flip shows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _run_ffmpeg(["-f", "lavfi", "-i", f"testsrc=size={width}x{height}:rate={fps}", "-t", str(seconds),
+                 "-c:v", "libx264", "-preset", "ultrafast", "-bf", "2" if bframes else "0",
+                 "-pix_fmt", "yuv420p", str(path)])
+    return path
+
+
+def remux(src: str | os.PathLike, dst: str | os.PathLike, output_args: Sequence[str] = (),
+          input_args: Sequence[str] = ()) -> Path:
+    """Copy a video's streams into a new file with ffmpeg (``-c copy``), e.g. with rotate metadata,
+    ``+faststart``, or ``input_args=["-ss", "0.5"]`` for an MP4 edit list."""
+    _run_ffmpeg([*input_args, "-i", str(src), "-c", "copy", *output_args, str(dst)])
+    return Path(dst)
+
+
+def write_display_matrix(src: str | os.PathLike, dst: str | os.PathLike, degrees: int,
+                         hflip: bool = False, vflip: bool = False) -> Path:
+    """Remux ``src`` with a display matrix: ``degrees`` counter-clockwise, then the flips.
+
+    Uses PyAV, because ffmpeg's command line before 6.0 writes rotations only, no flips.
+    """
+    import av
+
+    with av.open(str(src)) as source, av.open(str(dst), "w") as target:
+        stream = source.streams.video[0]
+        out = target.add_stream_from_template(stream)
+        out.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+        for packet in source.demux(stream):
+            if packet.dts is not None:  # the demuxer's final flush packet
+                packet.stream = out
+                target.mux(packet)
+    return Path(dst)
+
+
+def write_vfr_index_video(path: str | os.PathLike, pieces: Sequence[tuple[int, float]],
+                          width: int = 96, height: int = 64) -> tuple[Path, list[float]]:
+    """A variable-frame-rate H.264 clip of barcode frames: ``pieces`` are (frames, fps) in turn.
+
+    Frame times are set with ``setpts`` in milliseconds and kept as they are
+    (``-fps_mode passthrough``), in whatever container the suffix names (.mp4, .mkv).
+    Returns the path and each frame's start time in seconds.
+    """
+    millis: list[int] = []
+    begin = 0.0
+    for count, fps in pieces:
+        millis += [round(1000 * (begin + i / fps)) for i in range(count)]
+        begin += count / fps
+    pts = "+".join(f"eq(N,{i})*{ms}" for i, ms in enumerate(millis))
+    raw = b"".join(make_index_frame(i, width, height).tobytes() for i in range(len(millis)))
+    path = Path(path)
+    _run_ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", "25", "-i", "-",
+                 "-vf", f"settb=1/1000,setpts='{pts}'", "-fps_mode", "passthrough", "-c:v", "libx264",
+                 "-preset", "veryfast", "-bf", "2", "-g", "12", "-pix_fmt", "yuv420p", str(path)], stdin=raw)
+    return path, [ms / 1000 for ms in millis]
+
+
+def append_ts_garbage(path: str | os.PathLike, num_packets: int = 20, seed: int = 0) -> Path:
+    """Append junk MPEG-TS packets on the video PID (0x100, ffmpeg's default) to a .ts file.
+
+    Each has a valid TS header, the first a PES header and an H.264 IDR start code, then
+    random bytes: junk the demuxer passes to the decoder, as a broken capture or a bad
+    concatenation leaves. (Random bytes alone are skipped by the demuxer's resync.)
+    """
+    rng = np.random.default_rng(seed)
+    pes = b"\x00\x00\x01\xe0\x00\x00\x80\x80\x05\x21\x00\x07\xd8\x61\x00\x00\x00\x01\x65"
+    packets = []
+    for i in range(num_packets):
+        header = bytes([0x47, 0x41 if i == 0 else 0x01, 0x00, 0x10 | i % 16])
+        body = header + (pes if i == 0 else b"") + rng.integers(0, 256, 188, dtype=np.uint8).tobytes()
+        packets.append(body[:188])
+    path = Path(path)
+    with open(path, "ab") as f:
+        f.write(b"".join(packets))
+    return path
+
+
+def ffmpeg_decode(path: str | os.PathLike) -> np.ndarray:
+    """Every frame as ffmpeg's command line shows it (autorotated, no frames dropped or
+    repeated), (N, H, W, 3) uint8 RGB: the reference for what a player displays."""
+    data = _run_ffmpeg(["-i", str(path), "-fps_mode", "passthrough", "-f", "image2pipe",
+                        "-c:v", "ppm", "-"])
+    frames, offset = [], 0
+    while offset < len(data):
+        header = re.match(rb"P6\s+(\d+)\s+(\d+)\s+255\s", data[offset:offset + 64])
+        width, height = int(header[1]), int(header[2])
+        start = offset + header.end()
+        offset = start + width * height * 3
+        frames.append(np.frombuffer(data[start:offset], dtype=np.uint8).reshape(height, width, 3))
+    return np.stack(frames)
 
 
 def write_image(path: str | os.PathLike, index: int = 0, width: int = 96,

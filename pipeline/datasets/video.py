@@ -14,10 +14,24 @@ segments (``start``/``end`` in seconds) map to those indices through a ``Timelin
 frame starts at the backend's own timestamp, counted from the first frame, where the
 backend has usable ones (decord on most files, PyAV where its times increase), else at
 ``i / fps``; a segment holds the frames whose centre lies in ``[start, end)``, so
-adjacent segments share no frame and together hold every frame. Every
-failure (missing, empty, truncated beyond use, corrupt, undecodable) surfaces as
-``VideoReadError`` naming the file; a truncated file whose beginning is still readable
-(e.g. an AVI cut short) yields the frames of that beginning, as players do.
+adjacent segments share no frame and together hold every frame. Sampling counts time,
+not frames: "uniform" takes the frames showing at evenly spaced instants and fps
+sampling counts the seconds the timestamps span, so a variable-frame-rate clip is
+sampled evenly over its duration (on a constant-rate clip, instants and frame numbers
+agree, and the evenly-spaced-index formula is used as is).
+
+Frames come out upright, as players show them: decord applies the rotation of the
+stream's display matrix, and the PyAV path applies the whole matrix (90/180/270 degree
+rotations and mirror flips) itself. decord ignores a matrix's mirror flip, which
+phones rarely write; ``backend="pyav"`` honours it. Frames larger than ``max_pixels``
+are scaled down inside the decoder (decord's output size, PyAV's swscale conversion),
+so full-size frames of a 4K or 8K file are never held in a batch.
+
+Every failure (missing, empty, truncated beyond use, corrupt, undecodable) surfaces as
+``VideoReadError`` naming the file. A file whose beginning is still readable (an AVI or
+MP4 cut short, a stream with trailing garbage) yields the frames of that beginning, as
+players do: the sequential decode ends at the first decode error after a good frame,
+with a warning, and sampling is over the frames that decoded.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -37,6 +52,11 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SAMPLINGS = ("uniform", "headtail")
 BACKENDS = ("auto", "decord", "pyav")
+# Frames above this many pixels are scaled down while decoding. Captioners take 224-672 px
+# inputs (Qwen2-VL's defaults are 448x672), so 1080p keeps more detail than any of them
+# uses, while a decoded frame stays at 6.2 MB (4K: 24.9 MB, 8K: 99.5 MB) and a chunk of
+# DECODE_CHUNK frames at 200 MB per worker process.
+DEFAULT_MAX_DECODE_PIXELS = 1920 * 1080
 
 BackendResult = TypeVar("BackendResult")
 Transform = Callable[[np.ndarray], np.ndarray]  # (N, H, W, 3) -> (N, H', W', 3), applied per decoded chunk
@@ -96,10 +116,34 @@ class Timeline:
         return self.starts
 
     def _last_length(self, starts: np.ndarray) -> float:
-        """How long the last frame shows: one frame period, or the last gap when the rate is unknown."""
-        if self.fps > 0:
-            return 1.0 / self.fps
-        return float(starts[-1] - starts[-2]) if len(starts) > 1 else 0.0
+        """How long the last frame shows: one frame period, or the gap before it where the rate is
+        unknown or that gap differs by over a quarter (a variable rate: its average is wrong there)."""
+        gap = float(starts[-1] - starts[-2]) if len(starts) > 1 else 0.0
+        if self.fps <= 0:
+            return gap
+        period = 1.0 / self.fps
+        return gap if len(starts) > 1 and abs(gap - period) > period / 4 else period
+
+    def seconds(self, lo: int, hi: int) -> float | None:
+        """How long frames ``[lo, hi)`` show, first start to last end; None when no time is known."""
+        if self.starts is None:
+            return None
+        end = self.starts[hi] if hi < self.count else self.starts[-1] + self._last_length(self.starts)
+        return float(end - self.starts[lo])
+
+    def uneven_starts(self, lo: int, hi: int) -> np.ndarray | None:
+        """Start times of frames ``[lo, hi)`` if they (and the last one's end) stray more than a
+        quarter frame from an even grid, i.e. the frame rate varies; else None.
+
+        Within that tolerance sampling by frame number is sampling by time, and it is exact
+        where timestamps are rounded (e.g. to milliseconds in MKV).
+        """
+        if self.starts is None or hi - lo < 2:
+            return None
+        edges = np.append(self.starts[lo:hi], self.starts[lo] + self.seconds(lo, hi))
+        grid = np.linspace(edges[0], edges[-1], len(edges))
+        period = (edges[-1] - edges[0]) / (len(edges) - 1)
+        return edges[:-1] if np.max(np.abs(edges - grid)) > period / 4 else None
 
     def duration(self, path: Path) -> float:
         """Seconds from the first frame's start to the last frame's end."""
@@ -176,6 +220,17 @@ def uniform_indices(num_available: int, count: int) -> np.ndarray:
     return centres.astype(np.int64)
 
 
+def uniform_time_indices(starts: np.ndarray, end: float, count: int) -> np.ndarray:
+    """The frames showing at the centres of ``count`` equal slices of ``[starts[0], end)`` (sorted int64).
+
+    ``starts`` are the frames' start times, increasing. On a variable-frame-rate video this
+    spreads the picks evenly over time rather than over frame numbers (which crowd into
+    the fast part); a frame that shows longer than a slice can be picked more than once.
+    """
+    instants = starts[0] + (np.arange(count) + 0.5) * (end - starts[0]) / count
+    return (np.searchsorted(starts, instants, side="right") - 1).astype(np.int64)
+
+
 def _pick_sorted(low: int, high: int, count: int, rng: np.random.Generator) -> np.ndarray:
     """``count`` random indices in ``[low, high)``, distinct while the range allows it."""
     span = high - low
@@ -204,14 +259,14 @@ def headtail_indices(num_available: int, count: int, rng: np.random.Generator) -
     return np.concatenate([head, tail])
 
 
-def _frame_count_for_fps(num_available: int, video_fps: float, fps: float,
-                         num_frames: int | None) -> int:
-    """How many frames sampling at ``fps`` over the whole video gives (at least one)."""
-    count = max(1, int(round(num_available / video_fps * fps)))
+def _frame_count_for_fps(duration: float, fps: float, num_frames: int | None) -> int:
+    """How many frames sampling at ``fps`` over ``duration`` seconds gives (at least one)."""
+    count = max(1, round(duration * fps))
     return count if num_frames is None else min(count, num_frames)
 
 
-def check_sampling_args(num_frames: int | None, sampling: str, fps: float | None) -> None:
+def check_sampling_args(num_frames: int | None, sampling: str, fps: float | None,
+                        max_pixels: int | None = None) -> None:
     """Reject bad arguments up front, so they are never mistaken for a bad file."""
     if sampling not in SAMPLINGS:
         raise ValueError(f"unknown sampling {sampling!r}; choose from {SAMPLINGS}")
@@ -219,29 +274,36 @@ def check_sampling_args(num_frames: int | None, sampling: str, fps: float | None
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
     if fps is not None and not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1 (or None for no cap), got {max_pixels}")
 
 
 def select_indices(num_available: int, num_frames: int | None, sampling: str,
-                   fps: float | None, video_fps: float,
-                   rng: np.random.Generator | int | None) -> np.ndarray:
-    """Frame indices (sorted int64) for one video of ``num_available`` frames.
+                   fps: float | None, duration: float | None,
+                   rng: np.random.Generator | int | None,
+                   starts: np.ndarray | None = None) -> np.ndarray:
+    """Frame indices (sorted int64) for ``num_available`` frames that show for ``duration`` seconds.
 
-    ``video_fps`` is only used with ``fps`` and must then be positive.
+    ``duration`` is needed with ``fps`` and with ``starts``. ``starts`` (the frames' start
+    times, given when they are unevenly spaced) makes "uniform" uniform in time; None
+    means uniform in frame number, which on an even spacing is the same thing.
     """
     check_sampling_args(num_frames, sampling, fps)
     if num_available < 1:
         raise ValueError("a video needs at least one frame")
-    if fps is not None:
-        if video_fps <= 0:
-            raise ValueError("the video reports no frame rate, so fps sampling is impossible")
-        count = _frame_count_for_fps(num_available, video_fps, fps, num_frames)
-    elif num_frames is None:
-        count = num_available
-    else:
+    if fps is None and num_frames is None:
+        return np.arange(num_available, dtype=np.int64)
+    if fps is None:
         count = num_frames
-    if sampling == "uniform":
+    elif duration is None:
+        raise ValueError("the video has neither frame times nor a frame rate, so fps sampling is impossible")
+    else:
+        count = _frame_count_for_fps(duration, fps, num_frames)
+    if sampling == "headtail":
+        return headtail_indices(num_available, count, np.random.default_rng(rng))
+    if starts is None:
         return uniform_indices(num_available, count)
-    return headtail_indices(num_available, count, np.random.default_rng(rng))
+    return uniform_time_indices(starts, float(starts[0]) + duration, count)
 
 
 # ----------------------------------------------------------------------------- resizing
@@ -255,6 +317,18 @@ def _target_size(src_h: int, src_w: int, height: int | None,
     elif width is None:
         width = max(1, round(src_w * height / src_h))
     return height, width
+
+
+def _capped_size(height: int, width: int, max_pixels: int | None) -> tuple[int, int] | None:
+    """The largest (h, w) of the same aspect with h * w <= ``max_pixels`` (at least 1 each); None when it fits.
+
+    Integer square roots, so the product never exceeds the cap through float rounding.
+    Swapping height and width swaps the result, so capping coded or displayed sizes agrees.
+    """
+    if max_pixels is None or height * width <= max_pixels:
+        return None
+    return (max(1, math.isqrt(height * max_pixels // width)),
+            max(1, math.isqrt(width * max_pixels // height)))
 
 
 def resize_frames(frames: np.ndarray, height: int | None, width: int | None) -> np.ndarray:
@@ -273,10 +347,13 @@ def resize_frames(frames: np.ndarray, height: int | None, width: int | None) -> 
 
 # ----------------------------------------------------------------------------- decord
 
-def _open_decord(path: Path) -> Any:
+def _open_decord(path: Path, size: tuple[int, int] | None = None) -> Any:
+    """A decord reader; ``size`` (h, w) makes decord scale every frame while decoding."""
     import decord
 
-    return decord.VideoReader(str(path), num_threads=1)
+    if size is None:
+        return decord.VideoReader(str(path), num_threads=1)
+    return decord.VideoReader(str(path), width=size[1], height=size[0], num_threads=1)
 
 
 def _decord_starts(reader: Any) -> np.ndarray:
@@ -293,23 +370,32 @@ def decord_timestamps_reliable(reader: Any) -> bool:
     return _increasing(_decord_starts(reader))
 
 
-def _open_decord_timeline(path: Path, check_timestamps: bool) -> tuple[Any, Timeline] | None:
-    """decord's reader and timeline, or None when its random access cannot be trusted here."""
+def _open_decord_timeline(path: Path, check_timestamps: bool, max_pixels: int | None = None
+                          ) -> tuple[Any, Timeline] | None:
+    """decord's reader and timeline, or None when its random access cannot be trusted here.
+
+    With ``max_pixels``, the first frame gives the displayed size (decord has no other way
+    to tell it) and a larger video is reopened to decode at the capped size.
+    """
     reader = _open_decord(path)
     starts = _decord_starts(reader)
     if check_timestamps and not _increasing(starts):
         logger.debug("%s: decord timestamps missing or unordered, using PyAV", path)
         return None
+    if max_pixels is not None:
+        size = _capped_size(*reader.next().shape[:2], max_pixels)
+        if size is not None:
+            reader = _open_decord(path, size)
     return reader, Timeline.build(len(reader), reader.get_avg_fps(), starts)
 
 
-DECODE_CHUNK = 32  # frames decoded at full size at once; each chunk is resized before the next
+DECODE_CHUNK = 32  # frames decoded at once (each at most max_pixels); each chunk is resized before the next
 
 
-def _read_decord(path: Path, select: Selector, check_timestamps: bool, transform: Transform
-                 ) -> tuple[np.ndarray, np.ndarray] | None:
+def _read_decord(path: Path, select: Selector, check_timestamps: bool, transform: Transform,
+                 max_pixels: int | None) -> tuple[np.ndarray, np.ndarray] | None:
     """Frames via decord, or None when decord's random access cannot be trusted here."""
-    opened = _open_decord_timeline(path, check_timestamps)
+    opened = _open_decord_timeline(path, check_timestamps, max_pixels)
     if opened is None:
         return None
     reader, timeline = opened
@@ -327,32 +413,101 @@ def _decord_timeline(path: Path, check_timestamps: bool) -> Timeline | None:
 
 # ----------------------------------------------------------------------------- PyAV
 
-def _pyav_frames(path: Path) -> Iterator[Any]:
-    """Yield the first video stream's decoded frames in order (sequential, no seeks)."""
+@dataclass(frozen=True)
+class Orientation:
+    """How to turn a decoded picture upright, from its display matrix (as ffmpeg's autorotate does)."""
+
+    transpose: bool = False
+    flip_rows: bool = False  # then reverse the rows (upside down)
+    flip_cols: bool = False  # and the columns (mirrored)
+
+    @classmethod
+    def from_matrix(cls, matrix: np.ndarray) -> Orientation:
+        """Read FFmpeg's 3x3 display matrix (row-major, 16.16 fixed point).
+
+        It maps a source pixel (x, y) to ``(a x + c y, b x + d y)`` with ``a, b, c, d`` its
+        entries 0, 1, 3 and 4: a signed permutation for right-angle rotations and flips.
+        Any other angle is left unrotated, with a warning.
+        """
+        a, b, c, d = (int(v) for v in np.sign(np.asarray(matrix)[[0, 1, 3, 4]]))
+        if a == d == 0 and b and c:
+            return cls(transpose=True, flip_rows=b < 0, flip_cols=c < 0)
+        if b == c == 0 and a and d:
+            return cls(flip_rows=d < 0, flip_cols=a < 0)
+        logger.warning("display matrix %s is not a right-angle rotation; frames left unrotated",
+                       np.asarray(matrix).tolist())
+        return cls()
+
+    @classmethod
+    def of_frame(cls, frame: Any) -> Orientation:
+        """A PyAV frame's orientation (FFmpeg attaches the stream's display matrix to each frame)."""
+        side = frame.side_data.get("DISPLAYMATRIX")
+        return cls() if side is None else cls.from_matrix(np.frombuffer(bytes(side), dtype=np.int32))
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """The upright view of an (H, W, C) picture (no copy)."""
+        if self.transpose:
+            image = image.transpose(1, 0, 2)
+        if self.flip_rows:
+            image = image[::-1]
+        if self.flip_cols:
+            image = image[:, ::-1]
+        return image
+
+
+@contextmanager
+def _open_pyav(path: Path) -> Iterator[Any]:
     import av
 
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise VideoReadError(path, "no video stream")
+        yield container
+
+
+def _decoded_frames(path: Path, container: Any) -> Iterator[Any]:
+    """The first video stream's frames in order (sequential, no seeks), up to the first decode error.
+
+    A truncated file or trailing garbage ends in an error (invalid data, EAGAIN, EOF) after
+    its last good frame; that is the end of the stream, as for players. An error before
+    any frame is raised: nothing usable decodes.
+    """
+    import av
+
+    decoded = 0
+    try:
         for frame in container.decode(video=0):
+            decoded += 1
             yield frame
+    except av.error.FFmpegError as exc:
+        if decoded == 0:
+            raise
+        logger.warning("%s: decoding stopped after %d frames (%s); sampling from those frames",
+                       path, decoded, exc)
 
 
 def _pyav_probe(path: Path) -> Timeline:
-    """Count decodable frames by decoding (headers lie, e.g. XviD), with their times and the frame rate."""
-    import av
-
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise VideoReadError(path, "no video stream")
+    """Count decodable frames by decoding (headers lie: XviD, cut files), with their times and the frame rate."""
+    with _open_pyav(path) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or 0
-        times = [frame.time for frame in container.decode(stream)]
+        times = [frame.time for frame in _decoded_frames(path, container)]
     stamps = None if any(t is None for t in times) else times
     return Timeline.build(len(times), float(rate), stamps)
 
 
-def _read_pyav(path: Path, select: Selector, transform: Transform) -> tuple[np.ndarray, np.ndarray]:
+def _pyav_rgb(frame: Any, orientation: Orientation, max_pixels: int | None) -> np.ndarray:
+    """One frame as upright RGB; over ``max_pixels`` it is scaled in the swscale conversion itself."""
+    size = _capped_size(frame.height, frame.width, max_pixels)
+    if size is None:
+        rgb = frame.to_ndarray(format="rgb24")
+    else:
+        rgb = frame.to_ndarray(height=size[0], width=size[1], format="rgb24", interpolation="AREA")
+    return orientation.apply(rgb)
+
+
+def _read_pyav(path: Path, select: Selector, transform: Transform, max_pixels: int | None
+               ) -> tuple[np.ndarray, np.ndarray]:
     timeline = _pyav_probe(path)
     if timeline.count == 0:
         raise VideoReadError(path, "no decodable frames")
@@ -360,11 +515,15 @@ def _read_pyav(path: Path, select: Selector, transform: Transform) -> tuple[np.n
     wanted = {int(i) for i in indices}
     last = max(wanted)
     picked: dict[int, np.ndarray] = {}
-    for position, frame in enumerate(_pyav_frames(path)):
-        if position in wanted:
-            picked[position] = transform(frame.to_ndarray(format="rgb24")[None])[0]
-        if position >= last:
-            break
+    orientation: Orientation | None = None
+    with _open_pyav(path) as container:
+        for position, frame in enumerate(_decoded_frames(path, container)):
+            if position in wanted:
+                if orientation is None:  # the stream's; read once
+                    orientation = Orientation.of_frame(frame)
+                picked[position] = transform(_pyav_rgb(frame, orientation, max_pixels)[None])[0]
+            if position >= last:
+                break
     missing = wanted - picked.keys()
     if missing:
         raise VideoReadError(path, f"frames {sorted(missing)} not decodable on second pass")
@@ -418,13 +577,14 @@ def _with_backends(path: Path, backend: str, via_decord: Callable[[], BackendRes
         raise VideoReadError(path, detail) from exc
 
 
-def _decode(path: Path, select: Selector, backend: str, transform: Transform
-            ) -> tuple[np.ndarray, np.ndarray, str]:
+def _decode(path: Path, select: Selector, backend: str, transform: Transform,
+            max_pixels: int | None) -> tuple[np.ndarray, np.ndarray, str]:
     """Run the chosen backend(s); return (transformed) frames, indices and the backend that served them."""
     (frames, indices), used = _with_backends(
         path, backend,
-        lambda: _read_decord(path, select, check_timestamps=backend == "auto", transform=transform),
-        lambda: _read_pyav(path, select, transform))
+        lambda: _read_decord(path, select, check_timestamps=backend == "auto", transform=transform,
+                             max_pixels=max_pixels),
+        lambda: _read_pyav(path, select, transform, max_pixels))
     return frames, indices, used
 
 
@@ -438,19 +598,22 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
                   height: int | None = None, width: int | None = None,
                   rng: np.random.Generator | int | None = None,
                   backend: str = "auto", start: float | None = None,
-                  end: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  end: float | None = None, max_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Read sampled frames of a video as uint8 RGB (T, H, W, 3) plus their int64 indices.
 
-    sampling: "uniform" takes the centre frame of ``num_frames`` equal segments
-    (deterministic; captioning and evaluation); "headtail" is the random training
-    sampling of the BLIP-2 video captioner (half from each half of the video, see
-    ``headtail_indices``; ``rng`` is a Generator or seed, None for fresh randomness).
-    fps: when given, sample at that rate over the whole duration (Qwen2-VL style):
-    ``round(duration * fps)`` frames, at least 1, at most ``num_frames`` unless that is
-    None, placed by ``sampling``. The count can be odd; a model that needs an even count
-    (Qwen2-VL's temporal patch of 2) rounds it itself. ``num_frames=None`` without fps
-    reads every frame. A video shorter than requested repeats indices (still sorted), so
-    T is always the requested count. height/width resize (one alone keeps the aspect).
+    sampling: "uniform" takes the frame showing at the centre of each of ``num_frames``
+    equal time slices (deterministic; captioning and evaluation; at a constant frame rate
+    that is the centre frame of equal index ranges; see ``uniform_time_indices``);
+    "headtail" is the random training sampling of the BLIP-2 video captioner (half from
+    each half of the frames, see ``headtail_indices``; ``rng`` is a Generator or seed,
+    None for fresh randomness). fps: when given, sample at that rate over the whole
+    duration as the timestamps measure it (Qwen2-VL style): ``round(duration * fps)``
+    frames, at least 1, at most ``num_frames`` unless that is None, placed by ``sampling``.
+    The count can be odd; a model that needs an even count (Qwen2-VL's temporal patch of 2)
+    rounds it itself. ``num_frames=None`` without fps reads every frame. A video shorter
+    than requested (or a frame showing longer than one slice) repeats indices (still
+    sorted), so T is always the requested count. height/width resize (one alone keeps the aspect).
     start/end (seconds from the first frame; None: the video's start or end) restrict
     all of this to that segment, without cutting the file: the frames whose centre lies
     in ``[start, end)`` (see ``Timeline.frame_range``); indices stay those of the whole
@@ -458,10 +621,12 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
     A still image (.jpg .jpeg .png .bmp .webp) is a one-frame video: T copies of it
     (one copy under fps sampling), indices all 0; it has no segments. Frames are decoded
     in chunks and resized chunk by chunk, so memory stays at the output size plus one chunk.
+    max_pixels: frames with more pixels (displayed height * width) are scaled down, aspect
+    kept, inside the decoder before height/width apply (None: never; images are not capped).
     backend: "auto" (decord, PyAV where decord is unreliable or fails), "decord", "pyav".
     Raises VideoReadError for any unreadable file, ValueError for bad arguments.
     """
-    check_sampling_args(num_frames, sampling, fps)
+    check_sampling_args(num_frames, sampling, fps, max_pixels)
     check_segment_args(start, end)
     _check_backend(backend)
     path = Path(path)
@@ -469,10 +634,12 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
     whole = start is None and end is None
 
     def select(timeline: Timeline) -> np.ndarray:
-        if fps is not None and timeline.fps <= 0:
-            raise VideoReadError(path, "no frame rate, so fps sampling is impossible")
         lo, hi = (0, timeline.count) if whole else timeline.frame_range(path, start or 0.0, end)
-        return select_indices(hi - lo, num_frames, sampling, fps, timeline.fps, rng) + lo
+        duration = timeline.seconds(lo, hi)
+        if fps is not None and duration is None:
+            raise VideoReadError(path, "neither frame times nor a frame rate, so fps sampling is impossible")
+        return select_indices(hi - lo, num_frames, sampling, fps, duration, rng,
+                              timeline.uneven_starts(lo, hi)) + lo
 
     def transform(frames: np.ndarray) -> np.ndarray:
         return resize_frames(frames, height, width)
@@ -485,7 +652,7 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
         frames = np.repeat(image, count, axis=0)
         indices = np.zeros(count, dtype=np.int64)
     else:
-        frames, indices, used = _decode(path, select, backend, transform)
+        frames, indices, used = _decode(path, select, backend, transform, max_pixels)
         logger.debug("%s: %d frames via %s", path, len(indices), used)
     return np.ascontiguousarray(frames), indices
 
@@ -509,7 +676,7 @@ def probe_duration(path: str | os.PathLike, backend: str = "auto") -> float:
 
 
 def video_info(path: str | os.PathLike, backend: str = "auto") -> dict[str, Any]:
-    """Frame count, frame rate, size and the backend that ``sample_frames`` would use.
+    """Frame count, frame rate, displayed size (rotation applied) and the backend that ``sample_frames`` would use.
 
     ``num_frames`` is what that backend can actually deliver (PyAV counts by decoding).
     """
@@ -526,5 +693,5 @@ def video_info(path: str | os.PathLike, backend: str = "auto") -> dict[str, Any]
         seen.update(num_frames=timeline.count, fps=float(timeline.fps))
         return np.zeros(1, dtype=np.int64)
 
-    frames, _, used = _decode(path, select, backend, transform=lambda frames: frames)
+    frames, _, used = _decode(path, select, backend, transform=lambda frames: frames, max_pixels=None)
     return {**seen, "height": frames.shape[1], "width": frames.shape[2], "backend": used}
