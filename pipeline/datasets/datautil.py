@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from models.checkpoint import CheckpointError, load_tokenizer
+from pipeline.datasets.caption_text import DEFAULT_OPENINGS, strip_opening, word_count
 from pipeline.datasets.metadata import (
+    STATUS_COLUMN,
     MetadataError,
     difference,
     intersection,
@@ -41,11 +44,16 @@ examples:
     datautil meta.csv --intersection scores.csv --output meta_scores.csv
   drop rows without a caption:
     datautil out.csv --remove-empty-caption --output captions.csv
+  training captions: successful rows, boilerplate openings stripped, no duplicates, 5 to 120
+  words, with their T5 token count:
+    datautil out.csv --filter-status ok --text-remove-prefix --text-dedup --min-words 5 \\
+      --max-words 120 --count-num-token /models/t5-v1_1-xxl --output train.csv
 
 Without --output the result goes next to the first input as
 <first input stem>_<steps>.csv, e.g. meta_merged.csv, meta_difference.csv,
 out_noempty.csv (steps: merged when there are several inputs or no other step,
-then split, difference, intersection, noempty). Exit status is 1 on bad input.
+then split, difference, intersection, status, noprefix, noempty, noduptext, words,
+ntoken). Exit status is 1 on bad input.
 """
 
 
@@ -79,8 +87,18 @@ def default_output(inputs: Sequence[str], args: argparse.Namespace) -> str:
         steps.append("difference")
     if args.intersection:
         steps.append("intersection")
+    if args.filter_status:
+        steps.append(args.filter_status)
+    if args.text_remove_prefix is not None:
+        steps.append("noprefix")
     if args.remove_empty_caption:
         steps.append("noempty")
+    if args.remove_text_duplication:
+        steps.append("noduptext")
+    if args.min_words is not None or args.max_words is not None:
+        steps.append("words")
+    if args.count_num_token:
+        steps.append("ntoken")
     first = Path(inputs[0])
     return str(first.with_name(f"{first.stem}_{'_'.join(steps or ['merged'])}.csv"))
 
@@ -95,7 +113,7 @@ def _read_side_table(pattern: str) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
-    """Apply the requested steps in a fixed order: merge, split, difference, intersection, noempty."""
+    """Apply the requested steps in a fixed order: merge, split, difference, intersection, caption filters."""
     inputs = expand_inputs(args.input)
     tables = []
     for path in inputs:
@@ -121,13 +139,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         before = len(data)
         data = intersection(data, _read_side_table(args.intersection))
         print(f"intersection: removed {before - len(data)} rows not found in {args.intersection}")
-    if args.remove_empty_caption:
-        before = len(data)
-        try:
-            data = remove_empty_caption(data, args.caption_column)
-        except MetadataError as exc:
-            raise MetadataError(f"--remove-empty-caption: {exc}") from None
-        print(f"remove-empty-caption: removed {before - len(data)} rows with an empty '{args.caption_column}'")
+    data = _caption_steps(data, args)
 
     output = args.output or default_output(inputs, args)
     write_csv_atomic(data, output)
@@ -135,12 +147,62 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     return data
 
 
+def _text(data: pd.DataFrame, column: str, flag: str) -> pd.Series:
+    if column not in data.columns:
+        raise MetadataError(f"{flag}: no caption column '{column}' (set --caption-column); "
+                            f"columns found: {list(data.columns)}")
+    return data[column].fillna("").astype(str)
+
+
+def _keep(data: pd.DataFrame, keep: pd.Series, step: str, why: str) -> pd.DataFrame:
+    print(f"{step}: removed {int((~keep).sum())} rows {why}")
+    return data[keep.to_numpy()].reset_index(drop=True)
+
+
+def _caption_steps(data: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
+    """The caption filters, in the order the help lists them; each prints what it did."""
+    column = args.caption_column
+    if args.filter_status:
+        if STATUS_COLUMN not in data.columns:
+            raise MetadataError(f"--filter-status: no '{STATUS_COLUMN}' column; is this a captioning output?")
+        data = _keep(data, data[STATUS_COLUMN] == args.filter_status, "filter-status",
+                     f"whose status is not '{args.filter_status}'")
+    if args.text_remove_prefix is not None:
+        openings = tuple(args.text_remove_prefix) or DEFAULT_OPENINGS
+        before = _text(data, column, "--text-remove-prefix")
+        data = data.assign(**{column: [strip_opening(t, openings) for t in before]})
+        print(f"text-remove-prefix: stripped an opening from {int((data[column] != before).sum())} captions")
+    if args.remove_empty_caption:
+        try:
+            data_kept = remove_empty_caption(data, column)
+        except MetadataError as exc:
+            raise MetadataError(f"--remove-empty-caption: {exc}") from None
+        print(f"remove-empty-caption: removed {len(data) - len(data_kept)} rows with an empty '{column}'")
+        data = data_kept
+    if args.remove_text_duplication:
+        text = _text(data, column, "--text-dedup").str.strip()
+        data = _keep(data, ~(text.duplicated() & (text != "")), "text-dedup",
+                     f"whose '{column}' repeats an earlier row's")
+    if args.min_words is not None or args.max_words is not None:
+        words = _text(data, column, "--min-words/--max-words").map(word_count)
+        low, high = args.min_words or 0, args.max_words if args.max_words is not None else float("inf")
+        data = _keep(data, (words >= low) & (words <= high), "words", f"outside {low} to {high} words")
+    if args.count_num_token:
+        tokenizer = load_tokenizer(args.count_num_token)
+        text = _text(data, column, "--count-num-token")
+        data = data.assign(text_len=[str(len(ids)) for ids in tokenizer(list(text))["input_ids"]] if len(text) else [])
+        print(f"count-num-token: added text_len (tokens of '{column}', special tokens included)")
+    return data
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="datautil",
         description="Merge and filter video metadata CSVs (column 'path' required, all other\n"
-        "columns kept as text). Steps run in this order: merge inputs, --difference,\n"
-        "--intersection, --remove-empty-caption. Prints row counts of every step.",
+        "columns kept as text). Steps run in this order: merge inputs, --split-timestamp,\n"
+        "--difference, --intersection, --filter-status, --text-remove-prefix,\n"
+        "--remove-empty-caption, --text-dedup, --min-words/--max-words, --count-num-token.\n"
+        "Prints row counts of every step.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -178,14 +240,43 @@ def build_parser() -> argparse.ArgumentParser:
         "the input lacks, e.g. --intersection scores.csv",
     )
     parser.add_argument(
+        "--filter-status",
+        metavar="STATUS",
+        help="keep only rows of a captioning output with this status, e.g. --filter-status ok",
+    )
+    parser.add_argument(
+        "--text-remove-prefix",
+        nargs="*",
+        metavar="OPENING",
+        help="strip a boilerplate opening such as 'The video shows' from each caption and capitalise "
+        "what follows; give your own openings, or none for the built-in list",
+    )
+    parser.add_argument(
         "--remove-empty-caption",
+        "--text-filter-empty",
+        dest="remove_empty_caption",
         action="store_true",
         help="drop rows whose caption is empty or only whitespace, e.g. before training",
     )
     parser.add_argument(
+        "--remove-text-duplication",
+        "--text-dedup",
+        dest="remove_text_duplication",
+        action="store_true",
+        help="drop rows whose caption (ignoring surrounding spaces) equals an earlier row's",
+    )
+    parser.add_argument("--min-words", type=int, metavar="N", help="drop captions of fewer than N words")
+    parser.add_argument("--max-words", type=int, metavar="N", help="drop captions of more than N words")
+    parser.add_argument(
+        "--count-num-token",
+        metavar="TOKENIZER_FOLDER",
+        help="add a text_len column: the caption's token count with the tokenizer in this local folder "
+        "(e.g. a T5 checkpoint's, as text-to-video training uses)",
+    )
+    parser.add_argument(
         "--caption-column",
         default="text",
-        help="caption column used by --remove-empty-caption (default: text)",
+        help="caption column the caption filters read (default: text)",
     )
     return parser
 
@@ -196,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (MetadataError, OSError) as exc:
+    except (MetadataError, CheckpointError, OSError) as exc:
         print(f"datautil: error: {exc}", file=sys.stderr)
         return 1
     return 0

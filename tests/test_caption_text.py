@@ -1,0 +1,96 @@
+"""Caption clean-up (openings, repetition loops) and datautil's caption filters."""
+from __future__ import annotations
+
+import csv
+
+import pandas as pd
+
+from pipeline.datasets.caption_text import cut_repetition, strip_opening, word_count
+from pipeline.datasets.datautil import main as datautil
+from tests.tiny_models import save_word_tokenizer
+
+
+def test_boilerplate_openings_are_stripped_and_capitalised():
+    assert strip_opening("The video shows a man in a red jacket walking his dog along a beach at sunset.") == \
+        "A man in a red jacket walking his dog along a beach at sunset."
+    assert strip_opening("In this video, a chef slices onions on a wooden board.") == \
+        "A chef slices onions on a wooden board."
+    assert strip_opening("THE VIDEO DEPICTS: two cars racing.") == "Two cars racing."
+    assert strip_opening("The clip shows a timelapse.", ["the clip shows"]) == "A timelapse."
+
+
+def test_captions_without_an_opening_stay_as_they_are():
+    for caption in ("A red circle bounces on a white background.",
+                    "The videographer films a wedding from a balcony.",
+                    "The video showcases a new phone.",  # not "the video shows" + a word
+                    "The video shows",  # nothing would be left
+                    ""):
+        assert strip_opening(caption) == caption
+
+
+def test_a_word_loop_is_cut_after_its_first_occurrence():
+    sample = ("The model is evaluated on benchmarks including MMMU, MathVista, MM-Vet, MM-Vet, MM-Vet, "
+              "MM-Vet, MM-Vet, MM-Vet, MM-Vet, MM-Vet")
+    cut = cut_repetition(sample)
+    assert cut.repetition and cut.text == "The model is evaluated on benchmarks including MMMU, MathVista, MM-Vet"
+    phrase = "a woman is dancing and spinning around, "
+    cut = cut_repetition("In a studio, " + phrase * 4 + "a woman")
+    assert cut.repetition and cut.text == "In a studio, a woman is dancing and spinning around"
+
+
+def test_a_repeated_sentence_is_cut_after_its_first_occurrence():
+    caption = ("A dog runs through a park. The dog is brown. The dog is brown. The dog is brown. "
+               "The dog is")
+    cut = cut_repetition(caption)
+    assert cut.repetition and cut.text == "A dog runs through a park. The dog is brown."
+
+
+def test_ordinary_repetition_is_left_alone():
+    for caption in ("The man smiles. He waves. The man smiles.",  # twice is not a loop
+                    "A very very very small kitten sleeps.",  # a short run, fewer than 6 words
+                    "Waves crash on rocks; waves crash on sand."):
+        cut = cut_repetition(caption)
+        assert not cut.repetition and cut.text == caption
+    assert word_count("  two\twords ") == 2
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_datautil_caption_filters_with_counts(tmp_path, capsys):
+    captions = [
+        ("a.mp4", "ok", "The video shows a cat chasing a red ball across the kitchen floor."),
+        ("b.mp4", "ok", "A cat chasing a red ball across the kitchen floor."),  # a duplicate once stripped
+        ("c.mp4", "error", ""),
+        ("d.mp4", "ok", "   "),
+        ("e.mp4", "ok", "Rain."),
+        ("f.mp4", "ok", "In this video, a train crosses a long bridge over a misty river at dawn."),
+    ]
+    source = tmp_path / "out.csv"
+    pd.DataFrame(captions, columns=["path", "status", "text"]).assign(id=range(6)).to_csv(source, index=False)
+    tokenizer = tmp_path / "tok"
+    save_word_tokenizer(tokenizer, 64, {"<pad>": 0, "</s>": 1, "<unk>": 2})
+    target = tmp_path / "train.csv"
+    assert datautil([str(source), "--filter-status", "ok", "--text-remove-prefix", "--text-filter-empty",
+                     "--text-dedup", "--min-words", "3", "--max-words", "40", "--count-num-token", str(tokenizer),
+                     "--output", str(target)]) == 0
+    printed = capsys.readouterr().out
+    for line in ("filter-status: removed 1 rows", "text-remove-prefix: stripped an opening from 2 captions",
+                 "remove-empty-caption: removed 1 rows", "text-dedup: removed 1 rows", "words: removed 1 rows",
+                 "count-num-token: added text_len", "wrote 2 rows"):
+        assert line in printed, printed
+    rows = _rows(target)
+    assert [r["path"] for r in rows] == ["a.mp4", "f.mp4"]
+    assert rows[1]["text"] == "A train crosses a long bridge over a misty river at dawn."
+    assert [r["id"] for r in rows] == ["0", "5"] and all(int(r["text_len"]) > 10 for r in rows)
+
+
+def test_datautil_filters_name_a_missing_column(tmp_path, capsys):
+    source = tmp_path / "meta.csv"
+    pd.DataFrame({"path": ["a.mp4"]}).to_csv(source, index=False)
+    assert datautil([str(source), "--filter-status", "ok"]) == 1
+    assert "no 'status' column" in capsys.readouterr().err
+    assert datautil([str(source), "--text-dedup"]) == 1
+    assert "no caption column 'text'" in capsys.readouterr().err
