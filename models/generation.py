@@ -241,12 +241,84 @@ def _warp_for_sampling(scores: np.ndarray, temperature: float, top_k: int, top_p
     return scores
 
 
+def _penalise_repeats(scores: np.ndarray, seqs: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' repetition penalty: every token already in the row is made less likely
+    (a positive score divided by ``penalty``, a negative one multiplied)."""
+    if penalty == 1.0 or seqs.shape[1] == 0:
+        return scores
+    seen = np.take_along_axis(scores, seqs, 1)
+    out = scores.copy()
+    np.put_along_axis(out, seqs, np.where(seen < 0, seen * penalty, seen / penalty), 1)
+    return out
+
+
+def _ban_repeated_ngrams(scores: np.ndarray, seqs: np.ndarray, size: int) -> np.ndarray:
+    """transformers' no-repeat n-gram rule: a token that would complete an n-gram already in the row is banned."""
+    length = seqs.shape[1]
+    if size <= 0 or length + 1 < size:
+        return scores
+    out = scores.copy()
+    for row, seq in enumerate(seqs.tolist()):
+        tail = seq[length - size + 1:] if size > 1 else []
+        banned = [seq[i + size - 1] for i in range(length - size + 1) if seq[i:i + size - 1] == tail]
+        out[row, banned] = -np.inf
+    return out
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """The logits processors, in transformers' order: repetition penalty, no-repeat n-grams, min length.
+
+    ``skip`` leading columns of every sequence are bucket padding, which transformers never saw.
+    """
+
+    eos: list
+    prompt_len: int
+    min_new_tokens: int
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    skip: int
+
+    def apply(self, scores: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+        real = seqs[:, self.skip:]
+        scores = _penalise_repeats(scores, real, self.repetition_penalty)
+        scores = _ban_repeated_ngrams(scores, real, self.no_repeat_ngram_size)
+        if self.eos and seqs.shape[1] - self.prompt_len < self.min_new_tokens:
+            scores = scores.copy()
+            scores[:, self.eos] = -np.inf
+        return scores
+
+
+def check_generation_args(num_beams: int = 1, max_new_tokens: Optional[int] = None, min_new_tokens: int = 0,
+                          do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
+                          repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> None:
+    """Refuse settings no generation can satisfy, naming the argument (callers check before loading a model)."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if min_new_tokens < 0 or (max_new_tokens is not None and min_new_tokens > max_new_tokens):
+        raise ValueError(f"min_new_tokens must be between 0 and max_new_tokens ({max_new_tokens}), "
+                         f"got {min_new_tokens}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be positive when sampling, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be 0 (off) or more, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be positive (1.0: off), got {repetition_penalty}")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be 0 (off) or more, got {no_repeat_ngram_size}")
+
+
 def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
              max_new_tokens: Optional[int] = None, max_length: Optional[int] = None,
              min_new_tokens: int = 0, min_length: int = 0,
              num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float = 1.0,
              early_stopping: Union[bool, str] = False,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
              seed: Union[int, np.random.Generator, None] = None,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              decoder_start_token_id: Optional[int] = None, use_jit: bool = True) -> GenerateOutput:
@@ -255,7 +327,11 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     ``max_length``/``min_length`` count the returned sequence (prompt ids or the decoder start token
     included), ``max_new_tokens``/``min_new_tokens`` only new tokens; transformers' default is
     ``max_length=20``. ``seed`` is an int or a ``numpy.random.Generator`` for sampling.
+    ``repetition_penalty`` and ``no_repeat_ngram_size`` apply to the prompt ids and the new tokens
+    (the decoder's tokens for an encoder-decoder), in greedy, beam and sampling, as transformers does.
     """
+    check_generation_args(num_beams, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+                          repetition_penalty, no_repeat_ngram_size)
     cfg = model.config
     eos = _as_list(eos_token_id if eos_token_id is not None else getattr(cfg, "eos_token_id", None))
     pad = pad_token_id if pad_token_id is not None else getattr(cfg, "pad_token_id", None)
@@ -298,10 +374,11 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
         inputs_embeds = _pad_embeds(inputs_embeds, *attention_mask.shape)
     prefix = input_ids if prefix_is_prompt else np.pad(prefix, ((0, rows), (0, 0)), constant_values=pad)
     live = attention_mask.any(axis=1)
-    out = _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
-                           min_new_tokens, num_beams, num_return_sequences, length_penalty,
-                           early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad, use_jit)
     drop = cols if prefix_is_prompt else 0
+    rules = _Rules(eos, prefix.shape[1], min_new_tokens, repetition_penalty, no_repeat_ngram_size, drop)
+    out = _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
+                           rules, num_beams, num_return_sequences, length_penalty,
+                           early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad, use_jit)
     per_row = num_return_sequences if num_beams > 1 else 1
     out.sequences = out.sequences[:real_rows * per_row, drop:]
     if out.sequences_scores is not None:
@@ -310,25 +387,18 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
 
 
 def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
-                     min_new_tokens, num_beams, num_return_sequences, length_penalty,
+                     rules: _Rules, num_beams, num_return_sequences, length_penalty,
                      early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad,
                      use_jit) -> GenerateOutput:
     """The search loops over a bucket-shaped batch; rows not ``live`` are fillers, finished from the start."""
     session, first_logits = _start(model, input_ids, inputs_embeds, attention_mask, prefix, max_new_tokens, use_jit)
-
-    def block_eos(scores: np.ndarray, cur_len: int) -> np.ndarray:
-        if eos and cur_len - prefix.shape[1] < min_new_tokens:
-            scores = scores.copy()
-            scores[:, eos] = -np.inf
-        return scores
-
     if num_beams > 1:
         return _beam_search(session, first_logits, prefix, live, max_new_tokens, num_beams, num_return_sequences,
-                            length_penalty, early_stopping, eos, pad, block_eos)
+                            length_penalty, early_stopping, eos, pad, rules)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     seqs, finished, logits = prefix, ~live, first_logits
     for t in range(max_new_tokens):
-        scores = block_eos(logits, prefix.shape[1] + t)
+        scores = rules.apply(logits, seqs)
         if do_sample:
             probs = np.exp(_log_softmax(_warp_for_sampling(scores, temperature, top_k, top_p).astype(np.float64)))
             u = rng.random((probs.shape[0], 1))
@@ -368,7 +438,7 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def _beam_search(session: _Session, logits, prefix, live, max_new_tokens, num_beams, num_return_sequences,
-                 length_penalty, early_stopping, eos, pad, block_eos) -> GenerateOutput:
+                 length_penalty, early_stopping, eos, pad, rules: _Rules) -> GenerateOutput:
     """transformers 4.56's vectorised beam search, in numpy; keeps all beams for the caller."""
     batch, prompt_len = prefix.shape
     vocab = logits.shape[-1]
@@ -390,7 +460,8 @@ def _beam_search(session: _Session, logits, prefix, live, max_new_tokens, num_be
     improvable = live.copy()
     cur_len = prompt_len
     while True:
-        logp = block_eos(_log_softmax(logits), cur_len).reshape(batch, num_beams, vocab)
+        logp = rules.apply(_log_softmax(logits), running[:, :, :cur_len].reshape(batch * num_beams, cur_len))
+        logp = logp.reshape(batch, num_beams, vocab)
         logp = (logp + running_scores[:, :, None]).reshape(batch, num_beams * vocab)
         idx = _topk(logp, keep)
         top_logp = np.take_along_axis(logp, idx, 1)

@@ -244,3 +244,56 @@ def test_jit_matches_pynative(opt, t5):
     eager, jit = ours.generate(use_jit=False, **kw), ours.generate(use_jit=True, **kw)
     np.testing.assert_array_equal(eager.sequences, jit.sequences)
     np.testing.assert_allclose(eager.sequences_scores, jit.sequences_scores, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- repetition controls
+
+REPEATS = dict(repetition_penalty=1.8, no_repeat_ngram_size=2)
+
+
+def test_opt_repetition_controls_match_hf_in_greedy_and_beam(opt):
+    hf, ours = opt
+    ids, mask = left_padded_batch()
+    kw = dict(max_new_tokens=10, pad_token_id=1, eos_token_id=2)
+    plain = ours.generate(input_ids=ids, attention_mask=mask, use_jit=False, **kw).sequences
+    for controls in (REPEATS, dict(repetition_penalty=0.6), dict(no_repeat_ngram_size=1)):
+        ref = hf_generate(hf, input_ids=ids, attention_mask=mask, **kw, **controls).numpy()
+        got = ours.generate(input_ids=ids, attention_mask=mask, use_jit=False, **kw, **controls).sequences
+        np.testing.assert_array_equal(got, ref, err_msg=str(controls))
+        assert not np.array_equal(got, plain), f"{controls} should change these captions"
+    beams = dict(max_new_tokens=7, num_beams=3, num_return_sequences=3, pad_token_id=1, eos_token_id=2, **REPEATS)
+    assert_beams_match(hf, ours, dict(input_ids=ids, attention_mask=mask), **beams)
+
+
+def test_t5_repetition_controls_match_hf_in_greedy_and_beam(t5):
+    hf, ours = t5
+    ids, mask = left_padded_batch()
+    mask = mask[:, ::-1].copy()
+    kw = dict(max_new_tokens=10, **REPEATS)
+    ref = hf_generate(hf, input_ids=ids, attention_mask=mask, **kw).numpy()
+    got = ours.generate(input_ids=ids, attention_mask=mask, use_jit=False, **kw).sequences
+    np.testing.assert_array_equal(got, ref)
+    assert_beams_match(hf, ours, dict(input_ids=ids, attention_mask=mask),
+                       max_new_tokens=6, num_beams=3, num_return_sequences=2, length_penalty=0.7, **REPEATS)
+
+
+def test_repetition_controls_apply_before_sampling_warpers(opt):
+    _, ours = opt
+    ids, mask = left_padded_batch()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, use_jit=False, pad_token_id=1, eos_token_id=2,
+              **REPEATS)
+    greedy = ours.generate(**kw).sequences
+    sampled_top1 = ours.generate(do_sample=True, top_k=1, temperature=0.7, seed=0, **kw).sequences
+    np.testing.assert_array_equal(sampled_top1, greedy)
+
+
+@pytest.mark.parametrize("bad, named", [
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+    (dict(num_beams=0), "num_beams"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(do_sample=True, temperature=0.0), "temperature"), (dict(min_new_tokens=9, max_new_tokens=3), "min_new"),
+])
+def test_bad_generation_settings_are_named(opt, bad, named):
+    _, ours = opt
+    ids, mask = left_padded_batch()
+    with pytest.raises(ValueError, match=named):
+        ours.generate(input_ids=ids, attention_mask=mask, use_jit=False, **{"max_new_tokens": 4, **bad})
