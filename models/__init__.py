@@ -12,6 +12,9 @@ MODEL_TYPES = {
     "pllava": ("models.llava.modeling", "PllavaForConditionalGeneration", "LlavaConfig"),
     "llava_next": ("models.llava.next", "LlavaNextForConditionalGeneration", "LlavaNextConfig"),
     "qwen2_vl": ("models.qwen2_vl.modeling", "Qwen2VLForConditionalGeneration", "Qwen2VLConfig"),
+    "qwen2_5_vl": ("models.qwen2_5_vl.modeling", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
+    # composed from three sources its config.json names; built by the class's own from_folder
+    "video_llama": ("models.video_llama.modeling", "VideoLlamaForConditionalGeneration", None),
 }
 # config.json "architectures" entries that name a supported family under another class name
 ARCHITECTURES = {
@@ -37,18 +40,22 @@ def model_family(config: dict) -> str:
     for arch in config.get("architectures") or ():
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
-    raise ValueError(
+    from models.checkpoint import CheckpointError
+
+    raise CheckpointError(
         f"Unsupported model: model_type={config.get('model_type')!r}, "
         f"architectures={config.get('architectures')}; supported model types: {', '.join(sorted(MODEL_TYPES))} "
         f"(architectures: {', '.join(sorted(ARCHITECTURES))})"
     )
 
 
-def from_pretrained(folder: str | Path, dtype: str = "float32"):
-    """Build the native model named by ``folder``/config.json and load its safetensors weights.
+def from_pretrained(folder: str | Path, dtype: str = "float32", weights: str | Path | None = None):
+    """Build the native model named by ``folder``/config.json and load its weights.
 
     ``dtype`` is float32, float16 or bfloat16 (modules the model keeps in float32 stay so).
-    The model is returned in inference mode (``set_train(False)``).
+    ``weights``: a file whose tensors replace the folder's, such as a LAVIS fine-tuning
+    ``.pth`` that holds only the trained parameters. The model is returned in inference
+    mode (``set_train(False)``).
     """
     import transformers
 
@@ -56,9 +63,11 @@ def from_pretrained(folder: str | Path, dtype: str = "float32"):
 
     raw = read_config(folder)
     module, class_name, config_name = MODEL_TYPES[model_family(raw)]
+    if config_name is None:
+        return getattr(importlib.import_module(module), class_name).from_folder(folder, dtype=dtype, weights=weights)
     weight_files(folder)  # fail on a folder without weights before building a large model
     config = getattr(transformers, config_name).from_dict(raw)
     model = getattr(importlib.import_module(module), class_name)(config)
-    load_checkpoint(model, folder, dtype=dtype)
+    load_checkpoint(model, folder, dtype=dtype, overlay=weights)
     model.set_train(False)
     return model

@@ -236,9 +236,25 @@ def _cast(array: np.ndarray, dtype) -> Tensor:
     return Tensor(np.ascontiguousarray(array, dtype=np.float16 if dtype == ms.float16 else np.float32))
 
 
-def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32") -> nn.Cell:
-    """Fill every parameter of ``model`` from the safetensors in ``folder``; cast floats to ``dtype``.
+def _renamed_tensors(model: nn.Cell, source: str | Path, rules: list[tuple[str, list[tuple[str, str]]]]
+                     ) -> dict[str, TensorRef]:
+    tensors: dict[str, TensorRef] = {}
+    for name, ref in open_checkpoint(source).items():
+        new = _rename(name, rules)
+        if new in tensors:
+            raise CheckpointError(f"Two checkpoint tensors map to {new} in {source}")
+        tensors[new] = ref
+    if hasattr(model, "checkpoint_hook"):
+        model.checkpoint_hook(tensors)
+    return tensors
 
+
+def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
+                    overlay: str | Path | None = None) -> nn.Cell:
+    """Fill every parameter of ``model`` from the weights in ``folder``; cast floats to ``dtype``.
+
+    ``overlay``: a weight file (e.g. a LAVIS fine-tuning ``.pth``, which holds only the
+    trained parameters) whose tensors replace the folder's; every one must name a parameter.
     Raises :class:`CheckpointError` (before any data is read) listing missing,
     unexpected and shape-mismatched names when checkpoint and model disagree.
     """
@@ -259,14 +275,16 @@ def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32") 
         tied.update(_join(path, name) for name in getattr(cell, "tied_weights_keys", None) or ())
         fp32_modules += [(path, m) for m in getattr(cell, "keep_in_fp32_modules", None) or ()]
 
-    tensors: dict[str, TensorRef] = {}
-    for name, ref in open_checkpoint(folder).items():
-        new = _rename(name, rules)
-        if new in tensors:
-            raise CheckpointError(f"Two checkpoint tensors map to {new} in {folder}")
-        tensors[new] = ref
-    if hasattr(model, "checkpoint_hook"):
-        model.checkpoint_hook(tensors)
+    tensors = _renamed_tensors(model, folder, rules)
+    if overlay is not None:
+        replacing = _renamed_tensors(model, overlay, rules)
+        known = {name for names in aliases.values() for name in names} | tied
+        stray = sorted(set(replacing) - known)
+        if stray:
+            raise CheckpointError(f"{overlay} does not fit {type(model).__name__}: "
+                                  f"{_summary('tensors without a parameter', stray)}")
+        tensors.update(replacing)
+        logger.info("%d tensors of %s replace those of %s", len(replacing), overlay, folder)
 
     plan: list[tuple[Parameter, str, TensorRef]] = []
     used: set[str] = set()

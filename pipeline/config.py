@@ -53,4 +53,16 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     known, _ = pre.parse_known_args(argv)
     if known.config:
         apply_config(parser, known.config)
+    _show_defaults(parser)
     return parser.parse_args(argv)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each flag's effective default (the configs' values included) to its --help text."""
+    for action in parser._actions:
+        default = action.default
+        if not action.help or action.help == argparse.SUPPRESS or any(default is v for v in (None, False,
+                                                                                           argparse.SUPPRESS)):
+            continue
+        if "default" not in action.help:
+            action.help += " (default: " + str(default).replace("%", "%%") + ")"

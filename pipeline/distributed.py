@@ -11,6 +11,7 @@ on a run id naming this run's marker files.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import secrets
@@ -94,16 +95,23 @@ def info() -> DistInfo:
     return _STATE["info"]
 
 
+class RunAborted(RuntimeError):
+    """Another rank stopped the run before it began (e.g. the output is locked); carries its message."""
+
+
 class FileBarrier:
-    """Ranks meet by writing marker files in a folder every rank can see (the output's folder).
+    """Ranks meet by writing marker files in a folder beside the output, which every rank can see.
 
     ``wait(stage)`` returns once all ranks have reached ``stage``; ``arrive(stage)`` marks
-    this rank without waiting. Markers carry the run id, so a crashed run's leftovers never count.
+    this rank without waiting; ``abort(message)`` makes every waiting rank raise
+    RunAborted. The folder, ``.<output name>.sync-<run id>``, carries the run id, so a
+    crashed run's leftovers never count (``stale_folders`` finds them).
     """
 
-    def __init__(self, folder: str | Path, poll_seconds: float = 0.2):
+    def __init__(self, output: str | Path, poll_seconds: float = 0.2):
         self.info = info()
-        self.folder = Path(folder) / f".sync-{self.info.run_id}"
+        self.prefix = f".{Path(output).name}.sync-"
+        self.folder = Path(output).with_name(f"{self.prefix}{self.info.run_id}")
         self.poll_seconds = poll_seconds
 
     def arrive(self, stage: str) -> None:
@@ -112,14 +120,23 @@ class FileBarrier:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"{stage}.{self.info.rank}").touch()
 
+    def abort(self, message: str) -> None:
+        if self.info.world_size == 1:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "abort").write_text(message, encoding="utf-8")
+
     def wait(self, stage: str, ranks: range | None = None) -> None:
         """Arrive at ``stage`` and block until every rank (or those in ``ranks``) has."""
         if self.info.world_size == 1:
             return
         self.arrive(stage)
         expected = [self.folder / f"{stage}.{r}" for r in (ranks or range(self.info.world_size))]
+        aborted = self.folder / "abort"
         logged = False
         while not all(p.exists() for p in expected):
+            if aborted.exists():
+                raise RunAborted(aborted.read_text(encoding="utf-8"))
             if not logged:
                 logger.info("rank %d waiting for the other ranks at %s", self.info.rank, stage)
                 logged = True
@@ -127,6 +144,10 @@ class FileBarrier:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def stale_folders(self) -> list[Path]:
+        """Sync folders of earlier runs on this output (only safe to remove while holding its lock)."""
+        return [p for p in self.folder.parent.glob(f"{glob.escape(self.prefix)}*") if p.is_dir() and p != self.folder]
 
 
 def barrier() -> None:

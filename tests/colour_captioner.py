@@ -1,7 +1,8 @@
 """The baseline colour captioner with hooks for runner tests; runs as a script (also under msrun).
 
 CAPTION_CALL_LOG appends one line per captioned video to a file (to count calls across
-a killed process); CAPTION_SLEEP sleeps per batch (only on rank CAPTION_SLEEP_RANK when
+a killed process); CAPTION_EXIT_ON ends the process with os._exit(3), as a crash would,
+on a batch holding that exact caption; CAPTION_SLEEP sleeps per batch (only on rank CAPTION_SLEEP_RANK when
 that is set, once); --fail_on makes generate raise.
 
 ``BudgetCaptioner`` stands in for Qwen2-VL/LLaVA in out-of-memory tests: each video has
@@ -30,6 +31,8 @@ class InstrumentedCaptioner(ColourCaptioner):
         self.slept = False
 
     def generate(self, batch: Sequence[str]) -> list[str]:
+        if os.environ.get("CAPTION_EXIT_ON") in batch:
+            os._exit(3)
         log = os.environ.get("CAPTION_CALL_LOG")
         if log:
             with open(log, "a") as f:

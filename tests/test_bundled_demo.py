@@ -56,3 +56,19 @@ def test_demo_model_scores_on_clips_it_never_saw(tmp_path):
     right = [first_colour(text) == first_colour(references[video])
              for video, text in zip(predictions["video_id"], predictions["text"])]
     assert len(right) == 24 and np.mean(right) >= COLOUR_FLOOR, np.mean(right)
+
+
+def test_decoding_flags_reach_generation(tmp_path):
+    """--no_repeat_ngram_size 1 bans every token already in the caption (the prompt included), so no
+    word repeats and none of the prompt's words come back; the plain run repeats some."""
+    texts = {}
+    for name, flags in (("plain", []), ("controlled", ["--no_repeat_ngram_size", "1", "--repetition_penalty", "1.3"])):
+        out = tmp_path / f"{name}.csv"
+        caption_blip2.main([str(REPO / "examples" / "videos.csv"), "--pretrained_model_name_or_path", str(DEMO),
+                            "--output", str(out), "--device", "CPU", "--num_beams", "1", *flags])
+        texts[name] = pd.read_csv(out, keep_default_na=False)["text"].tolist()
+    prompt = {"a", "video", "of"}
+    for text in texts["controlled"]:
+        words = text.split()
+        assert words and len(set(words)) == len(words) and not prompt & set(words), text
+    assert any(len(set(t.split())) < len(t.split()) or prompt & set(t.split()) for t in texts["plain"])

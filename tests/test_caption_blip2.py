@@ -16,7 +16,7 @@ from tests.tiny_models import OPT, T5, save_tiny_blip2
 from tests.video_factory import write_caption_clips
 
 ROOT = Path(__file__).resolve().parents[1]
-GEN = ["--max_new_tokens", "6", "--min_new_tokens", "2", "--num_beams", "2", "--device", "CPU"]
+GEN = ["--max_new_tokens", "6", "--min_new_tokens", "2", "--num_beams", "2", "--device", "CPU", "--no-cleanup"]  # raw model text
 
 
 @pytest.fixture(scope="module", params=["opt", "t5"])

@@ -4,18 +4,23 @@ from __future__ import annotations
 import csv
 
 import pandas as pd
+import pytest
 
-from pipeline.datasets.caption_text import cut_repetition, strip_opening, word_count
+from pipeline.config import ConfigError
+from pipeline.datasets.caption_text import Cleanup, cut_repetition, default_openings, strip_opening, word_count
 from pipeline.datasets.datautil import main as datautil
 from tests.tiny_models import save_word_tokenizer
 
 
+OPENINGS = default_openings()
+
+
 def test_boilerplate_openings_are_stripped_and_capitalised():
-    assert strip_opening("The video shows a man in a red jacket walking his dog along a beach at sunset.") == \
+    assert strip_opening("The video shows a man in a red jacket walking his dog along a beach at sunset.", OPENINGS) == \
         "A man in a red jacket walking his dog along a beach at sunset."
-    assert strip_opening("In this video, a chef slices onions on a wooden board.") == \
+    assert strip_opening("In this video, a chef slices onions on a wooden board.", OPENINGS) == \
         "A chef slices onions on a wooden board."
-    assert strip_opening("THE VIDEO DEPICTS: two cars racing.") == "Two cars racing."
+    assert strip_opening("THE VIDEO DEPICTS: two cars racing.", OPENINGS) == "Two cars racing."
     assert strip_opening("The clip shows a timelapse.", ["the clip shows"]) == "A timelapse."
 
 
@@ -25,7 +30,15 @@ def test_captions_without_an_opening_stay_as_they_are():
                     "The video showcases a new phone.",  # not "the video shows" + a word
                     "The video shows",  # nothing would be left
                     ""):
-        assert strip_opening(caption) == caption
+        assert strip_opening(caption, OPENINGS) == caption
+
+
+def test_cleanup_config_is_read_and_checked(tmp_path):
+    assert "the video shows" in OPENINGS and Cleanup.from_yaml().strip_openings
+    bad = tmp_path / "cleanup.yaml"
+    bad.write_text("openings: the video shows\n")
+    with pytest.raises(ConfigError, match="list of openings"):
+        Cleanup.from_yaml(bad)
 
 
 def test_a_word_loop_is_cut_after_its_first_occurrence():

@@ -26,7 +26,7 @@ from tests.tiny_models import _randomize
 distributed.setup("CPU")  # at collection, before any kernel runs, so in-process captioning can use it
 
 ROOT = Path(__file__).resolve().parents[1]
-GEN = ["--max_new_tokens", "6", "--device", "CPU"]
+GEN = ["--max_new_tokens", "6", "--device", "CPU", "--no-cleanup"]  # raw model text
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tests.msrun import run_msrun
 distributed.setup("CPU")  # at collection, before any kernel runs, so in-process captioning can use it
 
 ROOT = Path(__file__).resolve().parents[1]
-GEN = ["--max_new_tokens", "6", "--device", "CPU"]
+GEN = ["--max_new_tokens", "6", "--device", "CPU", "--no-cleanup"]  # raw model text
 FRAMES = POOLING["num_frames"]
 
 

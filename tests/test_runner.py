@@ -230,11 +230,24 @@ def test_bad_settings_fail_before_any_row(tmp_path):
     assert not (tmp_path / "meta_caption.csv").exists()
 
 
-def test_all_rows_failing_exits_nonzero_with_hint(tmp_path):
+def test_all_rows_failing_exits_nonzero_with_hint(tmp_path, capsys):
     csv_path = make_dataset(tmp_path, 2)
+    wrong_root = ["--video_root", str(tmp_path / "wrong")]
     with pytest.raises(SystemExit) as err:
-        colour_main([str(csv_path), "--device", "CPU", "--video_root", str(tmp_path / "wrong")])
-    assert "all 2 attempted rows failed" in str(err.value) and "--retry_errors" in str(err.value)
+        colour_main([str(csv_path), "--device", "CPU", *wrong_root])
+    assert "all 2 rows this run tried failed" in str(err.value) and "re-run with --retry_errors" in str(err.value)
+    # Retrying rows that are still bad says the cause remains, not to retry again.
+    with pytest.raises(SystemExit) as err:
+        colour_main([str(csv_path), "--device", "CPU", *wrong_root, "--retry_errors"])
+    assert "failed again with --retry_errors" in str(err.value)
+    # A plain re-run after fixing the root has nothing to do but says the error rows remain.
+    capsys.readouterr()
+    colour_main([str(csv_path), "--device", "CPU"])
+    printed = capsys.readouterr().out
+    assert "nothing to caption" in printed and "2 rows of meta_caption.csv are error rows" in printed
+    colour_main([str(csv_path), "--device", "CPU", "--retry_errors"])
+    assert "error rows" not in capsys.readouterr().out
+    assert {r["status"] for r in read_rows(tmp_path / "meta_caption.csv")} == {"ok"}
 
 
 def test_interrupted_overwrite_resumes_and_keeps_old_rows(tmp_path, monkeypatch):

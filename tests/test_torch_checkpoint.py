@@ -180,3 +180,65 @@ def test_folder_without_weights_names_what_it_expects(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="pytorch_model.bin"):
         open_checkpoint(tmp_path)
+
+
+def _lavis_name(name: str) -> str:
+    """transformers' BLIP-2 name -> LAVIS's, written from LAVIS's module layout (Qformer.bert, ln_vision, ...)."""
+    vision = "vision_model.encoder.layers."
+    for old, new in (("vision_model.embeddings.class_embedding", "visual_encoder.cls_token"),
+                     ("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed"),
+                     ("vision_model.embeddings.patch_embedding.", "visual_encoder.patch_embed.proj."),
+                     ("vision_model.post_layernorm.", "ln_vision."), ("language_projection.", "opt_proj."),
+                     ("qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm.")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    if name.startswith(vision):
+        layer, rest = name[len(vision):].split(".", 1)
+        rest = rest.replace("layer_norm", "norm").replace("self_attn.projection", "attn.proj")
+        return f"visual_encoder.blocks.{layer}.{rest.replace('self_attn.', 'attn.')}"
+    if name.startswith("qformer."):
+        return "Qformer.bert." + name[len("qformer."):].replace("attention.attention.", "attention.self.")
+    return name
+
+
+def test_lavis_training_file_overlays_a_base_folder(tmp_path):
+    """A LAVIS fine-tuning .pth holds only what training changed, under LAVIS's names; the base
+    Hugging Face folder supplies the rest, and the result is the fine-tuned model."""
+    base = save_tiny_blip2(tmp_path / "base", OPT)
+    from transformers import Blip2ForConditionalGeneration
+
+    tuned = Blip2ForConditionalGeneration.from_pretrained(base).eval()
+    gen = torch.Generator().manual_seed(7)
+    trained = {}
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if name.startswith(("qformer.", "query_tokens", "language_projection.", "vision_model.post_layernorm.",
+                                "vision_model.encoder.layers.1.", "vision_model.embeddings.")):
+                param.add_(0.1 * torch.randn(param.shape, generator=gen))
+                trained[name] = param.detach().clone()
+    lavis = {}
+    for name, tensor in trained.items():
+        if name.endswith("self_attn.qkv.bias"):  # LAVIS keeps q and v biases apart; k has none
+            q, _, v = tensor.chunk(3)
+            stem = _lavis_name(name)[: -len("qkv.bias")]
+            lavis[stem + "q_bias"], lavis[stem + "v_bias"] = q, v
+        else:
+            lavis[_lavis_name(name)] = tensor
+    lavis["Qformer.bert.embeddings.position_ids"] = torch.arange(8)[None]  # a buffer LAVIS saves too
+    pth = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": lavis, "optimizer": {"state": {}}, "epoch": 4}, pth)
+
+    ours = from_pretrained(base, weights=pth)
+    x = np.random.default_rng(1).standard_normal((2, 3, 28, 28)).astype(np.float32)
+    ids = np.array([[60] * 4 + [5, 6, 7]] * 2, np.int64)
+    with torch.no_grad():
+        expected = tuned(pixel_values=torch.from_numpy(x), input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = ours(pixel_values=x, input_ids=ids, attention_mask=np.ones_like(ids)).logits.asnumpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    plain = from_pretrained(base)(pixel_values=x, input_ids=ids, attention_mask=np.ones_like(ids)).logits.asnumpy()
+    assert np.abs(plain - expected).max() > 1e-2, "the overlay must change the model"
+
+    lavis["Qformer.cls.predictions.bias"] = torch.zeros(3)  # stage-1 head: not part of this model
+    torch.save({"model": lavis}, pth)
+    with pytest.raises(CheckpointError, match="Qformer.cls.predictions.bias"):
+        from_pretrained(base, weights=pth)

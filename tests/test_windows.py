@@ -62,15 +62,20 @@ def make_dataset(folder: Path, frames: list[int]) -> Path:
 
 @pytest.fixture
 def probes(monkeypatch) -> list[str]:
-    """Records every duration probe the runner makes."""
+    """Records every duration probe the runner makes (in its decoder processes, or in-process)."""
     calls: list[str] = []
-    real = runner.probe_duration
+    real, real_pooled = runner.probe_duration, runner.DecodePool.probe_duration
 
     def counting(path, *args, **kwargs):
         calls.append(Path(path).name)
         return real(path, *args, **kwargs)
 
+    def counting_pooled(pool, path, *args, **kwargs):
+        calls.append(Path(path).name)
+        return real_pooled(pool, path, *args, **kwargs)
+
     monkeypatch.setattr(runner, "probe_duration", counting)
+    monkeypatch.setattr(runner.DecodePool, "probe_duration", counting_pooled)
     return calls
 
 

@@ -27,7 +27,8 @@ permute such input first. The image/video encoder runs under ``ms.jit`` (set
 ``model.use_jit = False`` to debug it in PyNative).
 
 Parameter names equal transformers' ``Blip2ForConditionalGeneration``, so published
-``Salesforce/blip2-*`` and ``kpyu/video-blip-*`` safetensors load by name.
+``Salesforce/blip2-*`` and ``kpyu/video-blip-*`` weights load by name; LAVIS's names
+(its ``.pth`` training files) are renamed to them on load.
 """
 from __future__ import annotations
 
@@ -55,6 +56,24 @@ LANGUAGE_MODELS = {
 }
 
 
+# LAVIS's names (its .pth training files) -> transformers' (as transformers' own conversion maps them)
+LAVIS_RULES = (
+    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
+    (r"^Qformer\.bert\.", "qformer."),
+    (r"^(qformer\.encoder\.layer\.\d+\.(?:cross)?attention)\.self\.", r"\1.attention."),
+    (r"^ln_vision\.", "vision_model.post_layernorm."),
+    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm([12])\.", r"vision_model.encoder.layers.\1.layer_norm\2."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.", r"vision_model.encoder.layers.\1.self_attn."),
+    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+    (r"^(?:opt|t5)_proj\.", "language_projection."),
+    (r"^(?:opt|t5)_model\.", "language_model."),
+)
+
+
 @dataclass
 class Blip2Output:
     """``logits`` (B, L, V) of the language model (decoder logits for T5); ``loss`` when labels are given."""
@@ -67,6 +86,8 @@ class Blip2ForConditionalGeneration(nn.Cell):
     """Image/video captioner with transformers' forward/generate interface (inference and training)."""
 
     keep_in_fp32_modules = ("query_tokens", "qformer")
+    checkpoint_rename_rules = LAVIS_RULES
+    tied_weights_keys = ("qformer.embeddings.position_ids",)  # a LAVIS buffer, not a parameter
 
     def __init__(self, config: "Blip2Config"):
         super().__init__()

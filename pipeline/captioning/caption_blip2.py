@@ -11,8 +11,10 @@ from typing import Sequence
 import numpy as np
 
 from models import from_pretrained
+from models.checkpoint import load_tokenizer
 from models.blip2.processing import Blip2FrameProcessor
-from pipeline.captioning.cli import common_parser, main_with
+from pipeline.captioning.cli import common_parser, generation_options, main_with
+from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR
 
@@ -22,14 +24,15 @@ BASE_CONFIG = CONFIG_DIR / "captioning" / "blip2.yaml"
 class Blip2Captioner:
     """Prepares frames with the checkpoint's image statistics and captions a batch in one generate call."""
 
-    def __init__(self, folder: str, dtype: str = "float32", question: str = "a video of", num_frames: int = 8,
-                 max_new_tokens: int = 32, min_new_tokens: int = 5, num_beams: int = 5):
-        from transformers import AutoTokenizer
+    extra_columns = (TRUNCATED_COLUMN,)
 
-        self.model = from_pretrained(folder, dtype=dtype)
+    def __init__(self, folder: str, dtype: str = "float32", question: str = "a video of", num_frames: int = 8,
+                 max_new_tokens: int = 32, min_new_tokens: int = 5, num_beams: int = 5, weights: str | None = None,
+                 generation: dict | None = None):
+        self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
+        self.model = from_pretrained(folder, dtype=dtype, weights=weights)
         self.processor = Blip2FrameProcessor.from_pretrained(
             folder, image_size=self.model.config.vision_config.image_size)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.frame_spec = FrameSpec(num_frames=num_frames)
         self.prompt_ids = self.tokenizer(question)["input_ids"]
         image_token = getattr(self.model.config, "image_token_index", None)
@@ -38,18 +41,19 @@ class Blip2Captioner:
             # outputs go, in front of the prompt as their processor does; others get them prepended.
             self.prompt_ids = [image_token] * self.model.config.num_query_tokens + self.prompt_ids
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                    num_beams=num_beams)
+                                    num_beams=num_beams, **(generation or {}))
 
     def prepare(self, frames: np.ndarray) -> np.ndarray:
         return self.processor(frames)
 
-    def generate(self, batch: Sequence[np.ndarray]) -> list[str]:
+    def generate(self, batch: Sequence[np.ndarray]) -> list[dict]:
         input_ids = np.array([self.prompt_ids] * len(batch), np.int64)
         ids = self.model.generate(pixel_values=np.stack(batch), input_ids=input_ids,
                                   attention_mask=np.ones_like(input_ids), **self.generate_kwargs)
-        if self.model.is_decoder_only:
-            ids = ids[:, input_ids.shape[1]:]
-        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        ids = ids[:, input_ids.shape[1]:] if self.model.is_decoder_only else ids[:, 1:]  # T5: the start token
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return caption_answers(texts, ids, self.model.config.text_config.eos_token_id,
+                               self.generate_kwargs["max_new_tokens"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                "--pretrained_model_name_or_path /models/blip2-opt-2.7b")
     p.add_argument("--num_beams", type=int, help="beam search width (1: greedy)")
     p.add_argument("--min_new_tokens", type=int, help="shortest caption, in new tokens")
+    p.add_argument("--weights", help="a weight file whose tensors replace the checkpoint folder's, e.g. a LAVIS "
+                                     "fine-tuning .pth (LAVIS names are mapped; the folder supplies the rest)")
     return p
 
 
@@ -69,7 +75,8 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> Blip2Captioner:
         raise FileNotFoundError("--pretrained_model_name_or_path is required: a local BLIP-2 checkpoint folder")
     return Blip2Captioner(args.pretrained_model_name_or_path, dtype, question=args.question,
                           num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
-                          min_new_tokens=args.min_new_tokens, num_beams=args.num_beams)
+                          min_new_tokens=args.min_new_tokens, num_beams=args.num_beams, weights=args.weights,
+                          generation=generation_options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> RunSummary:

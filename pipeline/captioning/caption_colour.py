@@ -45,7 +45,7 @@ class ColourCaptioner:
 
 def build_parser() -> argparse.ArgumentParser:
     return common_parser(
-        "Baseline: caption each video with its dominant colour (no model, no checkpoint).",
+        "Baseline: caption each video with its dominant colour (no model, no checkpoint).", model=False,
         epilog="example:\n  python -m pipeline.captioning.caption_colour examples/videos.csv")
 
 

@@ -19,11 +19,13 @@ from typing import Sequence
 import numpy as np
 
 from models import from_pretrained
+from models.checkpoint import load_tokenizer
 from models.llava import LlavaNextForConditionalGeneration, PllavaForConditionalGeneration
 from models.llava.processing import ClipFrameProcessor, LlavaNextFrameProcessor
 from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
                                         uniform_subset)
-from pipeline.captioning.cli import common_parser, main_with
+from pipeline.captioning.cli import common_parser, generation_options, main_with
+from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR, ConfigError
 
@@ -43,15 +45,14 @@ def generation_eos(folder: str) -> int | list[int] | None:
 class LlavaCaptioner:
     """Prepares frames with the checkpoint's image processor; captions a batch in one generate call."""
 
-    extra_columns = BUDGET_COLUMNS
+    extra_columns = (*BUDGET_COLUMNS, TRUNCATED_COLUMN)
 
     def __init__(self, folder: str, dtype: str = "float32", question: str = "Describe the video in detail",
                  num_frames: int = 1, max_new_tokens: int = 200, num_beams: int = 1,
-                 prompt_template: str = "USER: <image>\n{question} ASSISTANT:", max_visual_tokens: int | None = None):
-        from transformers import AutoTokenizer
-
+                 prompt_template: str = "USER: <image>\n{question} ASSISTANT:", max_visual_tokens: int | None = None,
+                 generation: dict | None = None):
+        self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
         self.model = from_pretrained(folder, dtype=dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.num_frames = num_frames
         self.frame_spec = FrameSpec(num_frames=num_frames)
         self.processor = self.build_processor(folder)
@@ -60,7 +61,7 @@ class LlavaCaptioner:
         self.prompts = {self.images_in_prompt(): self.tokenize_prompt(self.prompt_text, self.images_in_prompt())}
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.model.config.text_config.pad_token_id or 0)
-        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams)
+        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, **(generation or {}))
         eos = generation_eos(folder)
         if eos is not None:
             self.generate_kwargs["eos_token_id"] = eos
@@ -151,8 +152,11 @@ class LlavaCaptioner:
             input_ids[row, length - len(prompt):] = prompt
             mask[row, length - len(prompt):] = 1
         ids = self.model.generate(input_ids=input_ids, attention_mask=mask, **pixels, **self.generate_kwargs)
-        texts = self.tokenizer.batch_decode(ids[:, length:], skip_special_tokens=True)
-        return [{"text": text.strip(), **video.columns()} for text, video in zip(texts, batch)]
+        ids = ids[:, length:]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        eos = self.generate_kwargs.get("eos_token_id", self.model.config.text_config.eos_token_id)
+        answers = caption_answers(texts, ids, eos, self.generate_kwargs["max_new_tokens"])
+        return [{**answer, **video.columns()} for answer, video in zip(answers, batch)]
 
 
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -182,7 +186,7 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> LlavaCaptioner:
     captioner = LlavaCaptioner(args.pretrained_model_name_or_path, dtype, question=args.question,
                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                                num_beams=args.num_beams, prompt_template=args.prompt_template,
-                               max_visual_tokens=args.max_visual_tokens)
+                               max_visual_tokens=args.max_visual_tokens, generation=generation_options(args))
     if isinstance(captioner.model, PllavaForConditionalGeneration):
         raise ConfigError("this checkpoint is PLLaVA: use pipeline/captioning/caption_pllava.py")
     return captioner

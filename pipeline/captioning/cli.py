@@ -15,16 +15,24 @@ from typing import Callable, Sequence
 import numpy as np
 
 from models import attention
+from models.generation import check_generation_args
 from models.checkpoint import CheckpointError
 from pipeline import distributed
-from pipeline.captioning.runner import Captioner, RunError, RunOptions, RunSummary, run
-from pipeline.config import ConfigError, parse_with_config
+from pipeline.distributed import RunAborted
+from pipeline.captioning.attempts import DEFAULT_MAX_ATTEMPTS
+from pipeline.captioning.lock import OutputLockedError
+from pipeline.captioning.runner import Captioner, RunError, RunOptions, RunSummary, check_run_options, run
+from pipeline.config import CONFIG_DIR, ConfigError, load_yaml, parse_with_config
+from pipeline.datasets.caption_text import CLEANUP_CONFIG, Cleanup
 from pipeline.datasets.metadata import MetadataError
+from pipeline.datasets.video import DEFAULT_MAX_DECODE_PIXELS
 
 logger = logging.getLogger(__name__)
+PROMPTS_CONFIG = CONFIG_DIR / "prompts.yaml"
 
 
-def common_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
+def common_parser(description: str, epilog: str = "", model: bool = True) -> argparse.ArgumentParser:
+    """The shared flags; ``model=False`` leaves out those only a model reads (checkpoint, prompt, dtype ...)."""
     p = argparse.ArgumentParser(description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="CSV of videos: a 'path' column (absolute, or relative to the CSV's folder "
@@ -37,10 +45,14 @@ def common_parser(description: str, epilog: str = "") -> argparse.ArgumentParser
                                         "(default: the CSV's folder)")
     p.add_argument("--output", help="final captions CSV (default: <input stem>_caption.csv next to the input); "
                                     "ranks write <output stem>_part<rank>.csv while running")
-    p.add_argument("--pretrained_model_name_or_path", help="local folder of the checkpoint "
-                                                           "(config.json, *.safetensors, tokenizer files)")
-    p.add_argument("--question", help="the prompt given to the model with each video")
-    p.add_argument("--max_new_tokens", type=int, help="longest caption, in tokens")
+    if model:
+        p.add_argument("--pretrained_model_name_or_path", help="local folder of the checkpoint "
+                                                               "(config.json, *.safetensors, tokenizer files)")
+        p.add_argument("--question", help="the prompt given to the model with each video")
+        p.add_argument("--prompt_preset", choices=sorted(load_yaml(PROMPTS_CONFIG)),
+                       help=f"use a named prompt from {PROMPTS_CONFIG.relative_to(CONFIG_DIR.parent)} instead of "
+                            "--question; the output's prompt column records the name (else the question)")
+        p.add_argument("--max_new_tokens", type=int, help="longest caption, in tokens")
     p.add_argument("--bs", type=int, default=4, help="videos captioned together in one batched generate call")
     p.add_argument("--num_frames", type=int, help="frames sampled uniformly from each video")
     resume = p.add_mutually_exclusive_group()
@@ -51,6 +63,12 @@ def common_parser(description: str, epilog: str = "") -> argparse.ArgumentParser
                              "fails, an earlier good caption is kept)")
     p.add_argument("--retry_errors", action="store_true",
                    help="also redo rows recorded with status=error (by default they are kept as they are)")
+    p.add_argument("--force", action="store_true",
+                   help="take over the output's lock (<output>.lock) from a run on another host whose heartbeat "
+                        "stopped over a minute ago (a dead run on this host is taken over without it)")
+    p.add_argument("--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+                   help="a row on which the process died (a crash, an out-of-memory kill) this many times is "
+                        "recorded as an error row instead of being tried again")
     p.add_argument("--window_seconds", type=float,
                    help="split each video (or each row's start/end or timestamp segment) into windows of this "
                         "many seconds, each captioned as one output row with window, num_windows, start and end "
@@ -59,47 +77,150 @@ def common_parser(description: str, epilog: str = "") -> argparse.ArgumentParser
                    help="a last window shorter than this joins the window before it (default: half of "
                         "--window_seconds)")
     p.add_argument("--num_workers", type=int, default=2,
-                   help="threads decoding videos ahead of the model")
+                   help="processes decoding videos ahead of the model (threads with --decode_timeout 0)")
+    p.add_argument("--decode_timeout", type=float,
+                   help="seconds one video's decoding may take; a decoder process over time is killed and "
+                        "replaced, and the row is an error row (default: 120, plus 120 per 32 frames above 32); "
+                        "0: decode in threads of this process, with no time limit (for debugging and timing)")
+    p.add_argument("--max_decode_pixels", type=int, default=DEFAULT_MAX_DECODE_PIXELS,
+                   help="frames of more pixels (height x width) than this are scaled down, keeping their aspect "
+                        "ratio, while they are decoded, which bounds one video's memory (default "
+                        f"{DEFAULT_MAX_DECODE_PIXELS}); 0: no limit")
     p.add_argument("--seed", type=int, default=0, help="random seed (sampling decoders, frame sampling)")
     p.add_argument("--device", choices=["Ascend", "CPU"],
                    help="default: Ascend where MindSpore sees one, else CPU; under msrun each rank "
                         "binds its local device")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="model weights and compute dtype (default: float32 on CPU, bfloat16 on Ascend)")
-    p.add_argument("--attention_block_size", type=int, default=attention.DEFAULT_BLOCK_SIZE,
-                   help="query/key block length of the tiled attention used for long prompts and large "
-                        f"frames (default {attention.DEFAULT_BLOCK_SIZE}; smaller uses less memory)")
+    if model:
+        _add_generation_flags(p)
+        p.add_argument("--cleanup", action=argparse.BooleanOptionalAction, default=True,
+                       help="clean each caption (strip a boilerplate opening, cut a repetition loop) as "
+                            "--cleanup_config says, keeping the model's own text in text_raw and flagging "
+                            "cut loops in repetition")
+        p.add_argument("--cleanup_config", default=str(CLEANUP_CONFIG),
+                       help="YAML of the clean-up: strip_openings, cut_repetition and the openings list")
+        p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                       help="model weights and compute dtype (default: float32 on CPU, bfloat16 on Ascend)")
+        p.add_argument("--attention_block_size", type=int, default=attention.DEFAULT_BLOCK_SIZE,
+                       help="query/key block length of the tiled attention used for long prompts and large "
+                            "frames (smaller uses less memory)")
     return p
 
 
+GENERATION_FLAGS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """Decoding controls with transformers' names and meaning; unset ones keep the model's defaults."""
+    g = p.add_argument_group("decoding (as transformers' generate; unset: the model's defaults)")
+    g.add_argument("--do_sample", action=argparse.BooleanOptionalAction,
+                   help="sample tokens instead of greedy or beam search (seeded by --seed)")
+    g.add_argument("--temperature", type=float, help="divide the logits by this before sampling")
+    g.add_argument("--top_p", type=float, help="sample from the smallest set of tokens whose probability reaches this")
+    g.add_argument("--top_k", type=int, help="sample from the k most likely tokens (0: all)")
+    g.add_argument("--repetition_penalty", type=float,
+                   help="make tokens already in the prompt or caption less likely (1.0: off; 1.1 to 1.3 "
+                        "curbs loops), in greedy, beam and sampling")
+    g.add_argument("--no_repeat_ngram_size", type=int,
+                   help="never repeat an n-gram of this many tokens (0: off; 3 to 4 stops phrase loops)")
+
+
+def _given_generation_flags(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name, None) is not None}
+
+
+def generation_options(args: argparse.Namespace) -> dict:
+    """The decoding controls given on the command line or in the YAML, as ``generate`` keyword arguments;
+    sampling draws from one generator seeded by --seed, so a run samples the same captions again."""
+    options = _given_generation_flags(args)
+    if options.get("do_sample"):
+        options["seed"] = np.random.default_rng(args.seed)
+    return options
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flag values that would make every row an error row, before anything is loaded."""
+    def given(name: str):
+        return getattr(args, name, None)
+
+    at_least_one = ("max_new_tokens", "num_beams", "num_frames", "max_frames", "max_visual_tokens")
+    for name in at_least_one:
+        if given(name) is not None and given(name) < 1:
+            raise ConfigError(f"--{name} must be at least 1 (got {given(name)})")
+    if given("min_new_tokens") is not None:
+        if given("min_new_tokens") < 0:
+            raise ConfigError(f"--min_new_tokens must be 0 or more (got {given('min_new_tokens')})")
+        if given("max_new_tokens") is not None and given("min_new_tokens") > given("max_new_tokens"):
+            raise ConfigError(f"--min_new_tokens ({given('min_new_tokens')}) is above --max_new_tokens "
+                              f"({given('max_new_tokens')}); no caption could satisfy both")
+    if given("fps") is not None and not given("fps") > 0:
+        raise ConfigError(f"--fps must be positive (got {given('fps')})")
+    try:
+        check_generation_args(**_given_generation_flags(args))
+    except ValueError as exc:
+        raise ConfigError(f"--{exc}") from exc
+
+
+def resolve_prompt(args: argparse.Namespace) -> str | None:
+    """Put a --prompt_preset's text in ``args.question``; what the prompt column records (None: no prompt)."""
+    name = getattr(args, "prompt_preset", None)
+    if name:
+        args.question = load_yaml(PROMPTS_CONFIG)[name]
+        return name
+    return getattr(args, "question", None)
+
+
 def resolve_dtype(args: argparse.Namespace, device: str) -> str:
-    return args.dtype or ("float32" if device == "CPU" else "bfloat16")
+    return getattr(args, "dtype", None) or ("float32" if device == "CPU" else "bfloat16")
 
 
 def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, str], Captioner],
               argv: Sequence[str] | None = None, base_config: str | Path | None = None) -> RunSummary:
-    """Parse flags (over ``base_config``'s defaults), set up the device (and msrun), build the captioner, run."""
+    """Parse flags (over ``base_config``'s defaults) and check them, set up the device (and msrun), run.
+
+    The captioner is built only once the run knows this rank has rows to caption.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args = parse_with_config(parser, argv, base_config)
-        info = distributed.setup(args.device)
-        try:
-            attention.set_block_size(args.attention_block_size)
-        except ValueError as exc:
-            raise ConfigError(f"--attention_block_size: {exc}") from exc
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        captioner = build(args, resolve_dtype(args, info.device))
-        summary = run(captioner, RunOptions(
+        check_args(args)
+        prompt = resolve_prompt(args)
+        cleanup = Cleanup.from_yaml(args.cleanup_config) if getattr(args, "cleanup", False) else None
+        opts = RunOptions(
             input=args.input, output=args.output, video_root=args.video_root, bs=args.bs,
             num_workers=args.num_workers, overwrite=args.overwrite, retry_errors=args.retry_errors,
-            seed=args.seed, window_seconds=args.window_seconds, window_min_seconds=args.window_min_seconds))
-    except (ConfigError, MetadataError, CheckpointError, RunError, OSError) as exc:
+            seed=args.seed, window_seconds=args.window_seconds, window_min_seconds=args.window_min_seconds,
+            force=args.force, max_attempts=args.max_attempts, prompt=prompt, cleanup=cleanup,
+            decode_timeout=args.decode_timeout, max_decode_pixels=args.max_decode_pixels or None)
+        check_run_options(opts)
+        if getattr(args, "attention_block_size", None) is not None:
+            try:
+                attention.set_block_size(args.attention_block_size)
+            except ValueError as exc:
+                raise ConfigError(f"--attention_block_size: {exc}") from exc
+        info = distributed.setup(args.device)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        summary = run(lambda: build(args, resolve_dtype(args, info.device)), opts)
+    except (ConfigError, MetadataError, CheckpointError, RunError, OutputLockedError, RunAborted, OSError) as exc:
         sys.exit(f"error: {exc}")
-    if summary.failed and not summary.done:
-        sys.exit(f"error: all {summary.failed} attempted rows failed on rank {info.rank}, e.g. "
-                 f"{summary.errors[0]}\nFix the cause (e.g. --video_root) and re-run with --retry_errors.")
     if info.is_main:
-        failed = f" ({summary.failed} rows failed: see the status and error columns)" if summary.failed else ""
-        print(f"captions written to {summary.output.resolve()}{failed}")
+        _report(summary, opts)
     return summary
+
+
+def _report(summary: RunSummary, opts: RunOptions) -> None:
+    """The run's verdict, from rank 0 after the merge: fail only when every row this run tried failed."""
+    out = summary.output.resolve()
+    if summary.run_failed and not summary.run_done:
+        cause = ("They failed again with --retry_errors, so the cause is still there (unreadable videos, a wrong "
+                 "--video_root or checkpoint): see the error column."
+                 if opts.retry_errors else "Fix the cause (e.g. --video_root) and re-run with --retry_errors.")
+        sys.exit(f"error: all {summary.run_failed} rows this run tried failed, e.g. {summary.run_error}\n"
+                 f"They are recorded as error rows in {out}. {cause}")
+    if not summary.run_done and not summary.run_failed:
+        print(f"nothing to caption: all {summary.total_rows} rows are already recorded in {out}")
+    else:
+        print(f"captions written to {out}")
+    if summary.errors_remaining:
+        print(f"{summary.errors_remaining} rows of {out.name} are error rows (see the status and error columns); "
+              f"fix their cause and re-run with --retry_errors to redo them")

@@ -10,12 +10,32 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
+
 from pipeline.datasets.metadata import CAPTION_COLUMN, ERROR_COLUMN, STATUS_COLUMN, STATUS_ERROR, STATUS_OK
 
 if TYPE_CHECKING:
     from pipeline.captioning.runner import Captioner
 
 logger = logging.getLogger(__name__)
+
+
+TRUNCATED_COLUMN = "truncated"
+_SENTENCE_ENDS = (".", "!", "?", '"', "'", ")", "\u201d", "\u3002")
+
+
+def caption_answers(texts: Sequence[str], new_ids: np.ndarray, eos_token_id: Any, max_new_tokens: int
+                    ) -> list[dict[str, str]]:
+    """Per video its caption and ``truncated``: generation ran to ``max_new_tokens`` without an end
+    token and the text stops mid-sentence (raise --max_new_tokens for such captions)."""
+    eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id)
+    at_limit = new_ids.shape[1] >= max_new_tokens
+    answers = []
+    for text, row in zip(texts, new_ids):
+        text = text.strip()
+        cut = at_limit and not np.isin(row, eos).any() and not text.endswith(_SENTENCE_ENDS)
+        answers.append({"text": text, TRUNCATED_COLUMN: str(bool(cut)).lower()})
+    return answers
 
 
 def error_message(exc: BaseException) -> str:

@@ -1,35 +1,40 @@
 """The one captioning engine every entry script uses.
 
 Flow per rank: read the CSV, find the rows still to do (row-level resume), take a
-deterministic shard of them, decode frames ahead of the model in worker threads,
+deterministic shard of them, decode frames ahead of the model in worker processes,
 caption ``bs`` videos at a time, append each finished batch to
 ``<output stem>_part{rank}.csv`` and flush it to disk. Ranks meet through marker
 files (see ``pipeline.distributed.FileBarrier``); rank 0 merges the parts into the
 final output once every rank has finished. A kill loses at most the batch in
 flight; a video that cannot be read, or a batch the model fails on, becomes rows
-with ``status=error`` and the run goes on. ``--overwrite`` sets the old output aside
-as ``<stem>.prev.csv`` and folds it back in at the merge, so a crashed overwrite run
-resumes like any other.
+with ``status=error`` and the run goes on. One run at a time writes an output: rank 0
+holds ``<output>.lock`` (``pipeline.captioning.lock``) from before it touches any file
+until after the merge. Rows a dead process left in the model are counted and, after
+``max_attempts`` deaths, recorded as errors (``pipeline.captioning.attempts``).
+``--overwrite`` sets the old output aside as ``<stem>.prev.csv`` and folds it back in
+at the merge, so a crashed overwrite run resumes like any other.
 
 Segments and windows. A row may name part of its file (``start``/``end`` or
 ``timestamp``, see ``metadata.row_segment``); only that part is sampled. With
 ``window_seconds`` every input row becomes window rows (``pipeline.captioning.windows``),
 keyed like any row, so resume works per window. Only input rows with work left are
-probed for their duration, in the worker threads of the rank that owns them; sharding
+probed for their duration, in the decoder processes of the rank that owns them; sharding
 deals out those input rows, the same on every rank. Captioner answers become rows, and
 out-of-memory videos are retried smaller, in ``pipeline.captioning.results``.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
+import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -55,19 +60,31 @@ from pipeline.datasets.metadata import (
     part_path,
     read_metadata,
     read_progress,
+    read_table,
     resolve_video_path,
     row_key,
     row_keys,
     row_segment,
+    write_csv_atomic,
 )
-from pipeline.captioning.results import caption_batch, failure
+from pipeline.captioning import attempts
+from pipeline.captioning.attempts import DEFAULT_MAX_ATTEMPTS
+from pipeline.captioning.lock import acquire as acquire_lock
+from pipeline.captioning.results import Result, caption_batch, failure
+from pipeline.datasets.caption_text import Cleanup
 from pipeline.captioning.windows import (WINDOW_COLUMNS, Windowing, has_segment_columns, recorded_windows, whole_row,
                                          window_rows, windows_complete)
-from pipeline.datasets.video import check_sampling_args, probe_duration, sample_frames, split_windows
+from pipeline.datasets.decode_pool import DecodePool, default_timeout
+from pipeline.datasets.video import (DEFAULT_MAX_DECODE_PIXELS, check_sampling_args, probe_duration, sample_frames,
+                                     split_windows)
 
 logger = logging.getLogger(__name__)
 
 Span = tuple[float, float | None]  # seconds; end None: the file's end
+PROMPT_COLUMN = "prompt"
+RAW_TEXT_COLUMN = "text_raw"
+REPETITION_COLUMN = "repetition"
+CLEANUP_COLUMNS = (RAW_TEXT_COLUMN, REPETITION_COLUMN)
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,23 @@ class RunOptions:
     seed: int = 0
     window_seconds: float | None = None
     window_min_seconds: float | None = None  # default: window_seconds / 2
+    force: bool = False  # take over the output's lock from a run whose heartbeat stopped
+    prompt: str | None = None  # recorded in a "prompt" column: the preset's name or the prompt's text
+    cleanup: Cleanup | None = None  # applied to every caption; the model's own text goes to "text_raw"
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # deaths of the process on one row before it becomes an error row
+    decode_timeout: float | None = None  # s per video in a decoder process; None: default_timeout; 0: threads
+    max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS  # larger frames are scaled down while decoding
+
+    def __post_init__(self) -> None:
+        if self.decode_timeout is not None and not self.decode_timeout >= 0:
+            raise RunError(f"--decode_timeout must be 0 (no limit, decode in threads) or more seconds "
+                           f"(got {self.decode_timeout})")
+        if self.max_decode_pixels is not None and self.max_decode_pixels < 1:
+            raise RunError(f"--max_decode_pixels must be at least 1 (got {self.max_decode_pixels})")
+
+    def run_columns(self) -> tuple[str, ...]:
+        """Output columns the run itself fills, after text/status/error."""
+        return (PROMPT_COLUMN,) * (self.prompt is not None) + CLEANUP_COLUMNS * (self.cleanup is not None)
 
     def windowing(self) -> Windowing | None:
         if self.window_seconds is None:
@@ -133,6 +167,12 @@ class RunSummary:
     compiled_graphs: int = 0
     compile_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    # The whole run's outcome, known on rank 0 after the merge: rows this run wrote, and
+    # the error rows the output holds.
+    run_done: int = 0
+    run_failed: int = 0
+    run_error: str = ""
+    errors_remaining: int = 0
 
     @property
     def videos_per_second(self) -> float:
@@ -219,22 +259,23 @@ class _Planner:
         self.video_root = video_root
         self.segment_columns = segment_columns
 
-    def plan(self, record: dict[str, str]) -> list[_Item]:
-        """Runs in a worker thread: a windowed row may need its video's duration."""
+    def plan(self, record: dict[str, str], probe: Callable[[str], float]) -> list[_Item]:
+        """Runs in a worker thread: a windowed row may need its video's duration, which ``probe`` reads."""
         path = resolve_video_path(record["path"], self.csv_dir, self.video_root)
         cells = record if self.windowing is None else whole_row(record, self.segment_columns)
         try:
             segment = row_segment(record)
             if self.windowing is None:
                 return [_Item(cells, path, segment)]
-            return self._windows(record, path, segment)
+            return self._windows(record, path, segment, probe)
         except Exception as exc:  # noqa: BLE001 - a bad segment or unreadable video is this row's error
             return [_Item(cells, path, error=exc)]
 
-    def _windows(self, record: dict[str, str], path: str, segment: Span | None) -> list[_Item]:
+    def _windows(self, record: dict[str, str], path: str, segment: Span | None,
+                 probe: Callable[[str], float]) -> list[_Item]:
         begin, end = segment or (0.0, None)
         if end is None:
-            end = probe_duration(path)  # 0 for a still image, which is one window
+            end = probe(path)  # 0 for a still image, which is one window
             if begin >= end and (begin, end) != (0.0, 0.0):
                 raise ValueError(f"segment start {begin:g} s is at or after the end of the video ({end:g} s); "
                                  f"fix the row's start")
@@ -246,18 +287,31 @@ class _Planner:
 
 
 class _Loader:
-    """Plans input rows and decodes their items in worker threads, a bounded number ahead of the model."""
+    """Plans input rows and decodes their items, a bounded number ahead of the model.
+
+    Threads run the plans and ``captioner.prepare``. The decoding, and the duration
+    probes of windowed rows, run in ``decoder`` (a ``DecodePool``, closed when iteration
+    ends) with ``decode_timeout`` seconds per video (None: ``default_timeout`` of the
+    frame count); without a decoder they run in the threads themselves, with no limit. Frames larger than
+    ``max_pixels`` are scaled down while they are decoded.
+    """
 
     def __init__(self, captioner: Captioner, planner: _Planner, records: list[dict[str, str]],
-                 num_workers: int, lookahead: int):
+                 num_workers: int, lookahead: int, decode_timeout: float | None, max_pixels: int | None,
+                 decoder: DecodePool | None):
         self.captioner = captioner
         self.planner = planner
         self.records = records
-        self.pool = ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="decode")
+        self.num_workers = max(1, num_workers)
+        self.pool = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="decode")
         self.lookahead = max(1, lookahead)
+        self.decode_timeout = (default_timeout(captioner.frame_spec.num_frames) if decode_timeout is None
+                               else decode_timeout)
+        self.max_pixels = max_pixels
+        self.decoder = decoder
         self.decode_seconds = 0.0
 
-    def _items(self) -> Iterator[_Item]:
+    def _items(self, probe: Callable[[str], float]) -> Iterator[_Item]:
         """Every item in input order; plans (probes) run in the pool a few rows ahead."""
         plans: deque[Future] = deque()
         records = iter(self.records)
@@ -266,30 +320,38 @@ class _Loader:
                 record = next(records, None)
                 if record is None:
                     break
-                plans.append(self.pool.submit(self.planner.plan, record))
+                plans.append(self.pool.submit(self.planner.plan, record, probe))
             if not plans:
                 return
             yield from plans.popleft().result()
 
-    def _load(self, item: _Item) -> tuple[_Item, Any, BaseException | None, float]:
+    def _load(self, item: _Item, sample: Callable[..., tuple[np.ndarray, np.ndarray]]
+              ) -> tuple[_Item, Any, BaseException | None, float]:
         if item.error is not None:
             return item, None, item.error, 0.0
         start = time.perf_counter()
         try:
             spec = self.captioner.frame_spec
             begin, end = item.span if item.span is not None else (None, None)
-            frames, _ = sample_frames(item.path, num_frames=spec.num_frames, sampling=spec.sampling,
-                                      fps=spec.fps, height=spec.height, width=spec.width, start=begin, end=end)
+            frames, _ = sample(item.path, num_frames=spec.num_frames, sampling=spec.sampling, fps=spec.fps,
+                               height=spec.height, width=spec.width, start=begin, end=end,
+                               max_pixels=self.max_pixels)
             return item, self.captioner.prepare(frames), None, time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 - any failure becomes an error row
             return item, None, exc, time.perf_counter() - start
 
     def __iter__(self) -> Iterator[tuple[_Item, Any, BaseException | None]]:
+        decoder = self.decoder
+        if decoder is None:
+            sample, probe = sample_frames, probe_duration
+        else:
+            sample = functools.partial(decoder.sample_frames, timeout=self.decode_timeout)
+            probe = functools.partial(decoder.probe_duration, timeout=self.decode_timeout)
         pending: deque[Future] = deque()
-        items = self._items()
+        items = self._items(probe)
         try:
             for item in items:
-                pending.append(self.pool.submit(self._load, item))
+                pending.append(self.pool.submit(self._load, item, sample))
                 if len(pending) >= self.lookahead:
                     break
             while pending:
@@ -297,11 +359,13 @@ class _Loader:
                 self.decode_seconds += seconds
                 next_item = next(items, None)
                 if next_item is not None:
-                    pending.append(self.pool.submit(self._load, next_item))
+                    pending.append(self.pool.submit(self._load, next_item, sample))
                 yield item, inputs, exc
         finally:
             for fut in pending:
                 fut.cancel()
+            if decoder is not None:
+                decoder.close()  # first: threads waiting on a decode get their answer (an error) at once
             items.close()
             self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -325,18 +389,23 @@ def extra_columns_of(captioner: Captioner) -> tuple[str, ...]:
     return columns
 
 
-def _check_options(captioner: Captioner, opts: RunOptions) -> None:
+def check_run_options(opts: RunOptions) -> None:
     """Reject settings that would turn every row into an error row (and be skipped on re-runs)."""
     if opts.bs < 1:
         raise RunError(f"--bs must be at least 1 (got {opts.bs})")
     if opts.num_workers < 1:
         raise RunError(f"--num_workers must be at least 1 (got {opts.num_workers})")
+    if opts.max_attempts < 1:
+        raise RunError(f"--max_attempts must be at least 1 (got {opts.max_attempts})")
+    _check_windowing(opts)
+
+
+def _check_frame_spec(captioner: Captioner) -> None:
     spec = captioner.frame_spec
     try:
         check_sampling_args(spec.num_frames, spec.sampling, spec.fps)
     except ValueError as exc:
         raise RunError(f"frame sampling: {exc}") from exc
-    _check_windowing(opts)
 
 
 def _check_windowing(opts: RunOptions) -> None:
@@ -352,22 +421,25 @@ def _check_windowing(opts: RunOptions) -> None:
                        f"({opts.window_seconds:g}), got {low:g}")
 
 
-def _output_columns(data: pd.DataFrame, windowing: Windowing | None, extra: Sequence[str]) -> list[str]:
-    """The part files' header: input columns, window columns, results, then the captioner's extra columns."""
+def _output_columns(data: pd.DataFrame, opts: RunOptions, extra: Sequence[str]) -> list[str]:
+    """The part files' header: input columns, window columns, results, the run's own columns (prompt,
+    clean-up), then the captioner's extra columns."""
     columns = list(data.columns)
-    if windowing is not None:
+    if opts.windowing() is not None:
         added = [SEGMENT_START_COLUMN, SEGMENT_END_COLUMN] if has_segment_columns(columns) else []
         columns += [c for c in (*added, *WINDOW_COLUMNS) if c not in columns]
-    clashing = [c for c in extra if c in columns or c in RESULT_COLUMNS]
+    results = [*RESULT_COLUMNS, *opts.run_columns()]
+    clashing = [c for c in extra if c in columns or c in results]
     if clashing:
         raise RunError(f"the captioner's extra column(s) {clashing} clash with input or output columns; "
                        f"rename those input columns")
-    return [*columns, *RESULT_COLUMNS, *extra]
+    return [*columns, *results, *extra]
 
 
-def _read_input(path: str, windowing: Windowing | None) -> pd.DataFrame:
+def _read_input(opts: RunOptions) -> pd.DataFrame:
+    path, windowing = opts.input, opts.windowing()
     data = read_metadata(path)
-    clashing = [c for c in RESULT_COLUMNS if c in data.columns]
+    clashing = [c for c in (*RESULT_COLUMNS, *opts.run_columns()) if c in data.columns]
     if clashing:
         logger.warning("%s: input column(s) %s are replaced by the captioner's output columns", path, clashing)
     reserved = [c for c in (WINDOW_COLUMN, NUM_WINDOWS_COLUMN, SEGMENT_START_COLUMN, SEGMENT_END_COLUMN)
@@ -379,19 +451,55 @@ def _read_input(path: str, windowing: Windowing | None) -> pd.DataFrame:
     return data.drop(columns=clashing).drop_duplicates(key_columns)
 
 
-def _start(output: Path, order: list[RowKey], overwrite: bool) -> None:
-    """Rank 0's set-up before anyone reads: fold an earlier run's parts in, or set the old output aside."""
-    if overwrite:
+def _remove_leftovers(output: Path, meet: distributed.FileBarrier) -> None:
+    """Temporary files and sync folders that crashed runs on this output left (we hold its lock)."""
+    for pattern in (f".{output.name}.*.tmp", f".{output.stem}_part*.csv.*.tmp", f".{output.stem}.attempts.json.tmp"):
+        for leftover in output.parent.glob(pattern):
+            leftover.unlink(missing_ok=True)
+    for folder in meet.stale_folders():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _record_deaths(output: Path, order: list[RowKey], max_attempts: int) -> None:
+    """Count the rows a dead process left in flight; write those out of attempts as error rows."""
+    progress = read_progress(output)
+    spent = attempts.settle(output, progress.done | progress.failed, max_attempts)
+    if spent:
+        rows = [failure(attempts.died_error(s.attempts)).row(s.cells) for s in spent]
+        write_csv_atomic(pd.DataFrame(rows).fillna(""), part_path(output, 0))
+        finalize_output(output, order=order)
+
+
+def _start(output: Path, order: list[RowKey], opts: RunOptions, meet: distributed.FileBarrier) -> None:
+    """Rank 0's set-up under the lock, before anyone reads: fold an earlier run's parts in (or set the
+    old output aside), settle rows a dead process left in flight, and remove crashed runs' leftovers."""
+    _remove_leftovers(output, meet)
+    if opts.overwrite:
         for part in find_part_files(output):
             part.unlink()
         if output.is_file():
             os.replace(output, previous_output(output))
     elif find_part_files(output):
         finalize_output(output, order=order)
+    _record_deaths(output, order, opts.max_attempts)
 
 
-def _finish(output: Path, order: list[RowKey]) -> pd.DataFrame:
+def _count_run(output: Path, summary: RunSummary) -> None:
+    """The outcome of this run's rows: its part files (earlier runs' parts were merged at the start)."""
+    for part in find_part_files(output):
+        table = read_table(part)
+        if STATUS_COLUMN not in table.columns:
+            continue
+        ok = table[STATUS_COLUMN] == STATUS_OK
+        summary.run_done += int(ok.sum())
+        summary.run_failed += int((~ok).sum())
+        if not summary.run_error and not ok.all():
+            summary.run_error = str(table.loc[~ok, ERROR_COLUMN].iloc[0])
+
+
+def _finish(output: Path, order: list[RowKey], summary: RunSummary) -> pd.DataFrame:
     """Rank 0's merge once every rank has finished; an --overwrite run's old rows stay where new ones failed."""
+    _count_run(output, summary)
     prev = previous_output(output)
     if prev.is_file():
         if output.is_file():
@@ -404,20 +512,33 @@ def _finish(output: Path, order: list[RowKey]) -> pd.DataFrame:
 
 
 class _Session:
-    """One rank's captioning loop: batches decoded items, captions them, writes rows, counts."""
+    """One rank's captioning loop: batches decoded items, captions them, writes rows, counts.
 
-    def __init__(self, captioner: Captioner, writer: PartWriter, summary: RunSummary, bar: tqdm, bs: int):
+    Rows that killed an earlier process (``suspects``) are captioned alone, so another
+    death blames exactly that row (see ``pipeline.captioning.attempts``).
+    """
+
+    def __init__(self, captioner: Captioner, writer: PartWriter, inflight: attempts.InflightFile,
+                 suspects: frozenset[RowKey], summary: RunSummary, bar: tqdm, opts: RunOptions):
         self.captioner = captioner
         self.extra = extra_columns_of(captioner)
         self.writer = writer
+        self.inflight = inflight
+        self.suspects = suspects
         self.summary = summary
         self.bar = bar
-        self.bs = bs
+        self.opts = opts
+        self.bs = opts.bs
         self.batch: list[tuple[dict[str, str], Any]] = []
 
     def add(self, item: _Item, inputs: Any, exc: BaseException | None) -> None:
         if exc is not None:
             self._write([failure(exc).row(item.cells)])
+            return
+        if row_key(item.cells) in self.suspects:
+            self.flush()
+            self.batch.append((item.cells, inputs))
+            self.flush()
             return
         self.batch.append((item.cells, inputs))
         if len(self.batch) == self.bs:
@@ -426,11 +547,24 @@ class _Session:
     def flush(self) -> None:
         if not self.batch:
             return
+        self.inflight.set([cells for cells, _ in self.batch])
         model_start = time.perf_counter()
         results = caption_batch(self.captioner, [inputs for _, inputs in self.batch], self.extra)
         self.summary.model_seconds += time.perf_counter() - model_start
-        self._write([result.row(cells) for (cells, _), result in zip(self.batch, results)])
+        self._write([self._finish(result).row(cells) for (cells, _), result in zip(self.batch, results)])
+        self.inflight.clear()
         self.batch = []
+
+    def _finish(self, result: Result) -> Result:
+        """The run's own columns: the prompt, and the cleaned caption (the model's text kept in text_raw)."""
+        if self.opts.prompt is not None:
+            result.columns[PROMPT_COLUMN] = self.opts.prompt
+        if self.opts.cleanup is not None and result.error is None:
+            text, repetition = self.opts.cleanup.clean(result.text)
+            result.columns.update({RAW_TEXT_COLUMN: result.text if text != result.text else "",
+                                   REPETITION_COLUMN: str(repetition).lower()})
+            result.text = text
+        return result
 
     def _write(self, rows: list[dict[str, str]]) -> None:
         self.writer.write(rows)
@@ -443,40 +577,106 @@ class _Session:
         self.bar.update(len(rows))
 
 
-def run(captioner: Captioner, opts: RunOptions) -> RunSummary:
-    """Caption every row of ``opts.input`` not yet captioned in ``opts.output``."""
+CaptionerOrBuilder = Union[Captioner, Callable[[], Captioner]]
+
+
+def run(captioner: CaptionerOrBuilder, opts: RunOptions) -> RunSummary:
+    """Caption every row of ``opts.input`` not yet captioned in ``opts.output``.
+
+    ``captioner`` may be a function that builds it: it is then called only on a rank with
+    rows to caption, so a run with nothing left to do never loads a model.
+    """
     info = distributed.setup()
     started = time.perf_counter()
     graphs_before, compile_before = jit.COMPILES.snapshot()
-    _check_options(captioner, opts)
+    check_run_options(opts)
     windowing = opts.windowing()
     output = Path(opts.output) if opts.output else default_output(opts.input)
     output.parent.mkdir(parents=True, exist_ok=True)
-    data = _read_input(opts.input, windowing)
-    columns = _output_columns(data, windowing, extra_columns_of(captioner))
+    data = _read_input(opts)
     order = row_keys(data)
-    meet = distributed.FileBarrier(output.parent)
+    meet = distributed.FileBarrier(output)
+    lock = None
+    try:
+        # Nobody reads before rank 0 holds the lock and has tidied up, and nobody writes
+        # before everyone has read.
+        if info.is_main:
+            try:
+                lock = acquire_lock(output, info.run_id, opts.force)
+                _start(output, order, opts, meet)
+            except BaseException as exc:
+                meet.abort(f"rank 0 could not start the run: {exc}")
+                raise
+        meet.wait("started")
+        progress = read_progress(output)  # after --overwrite: nothing recorded
+        todo = rows_to_do(data, progress, opts.retry_errors, windowing)
+        suspects = frozenset(attempts.load_suspects(output))
+        meet.wait("read")
 
-    # Nobody reads before rank 0 has tidied up, and nobody writes before everyone has read.
-    if info.is_main:
-        _start(output, order, opts.overwrite)
-    meet.wait("started")
-    progress = read_progress(output)  # after --overwrite: nothing recorded
-    todo = rows_to_do(data, progress, opts.retry_errors, windowing)
-    meet.wait("read")
+        summary = RunSummary(output=output, total_rows=len(data), skipped=len(data) - len(todo))
+        mine = shard(todo, info.rank, info.world_size)
+        if len(mine):
+            finished = progress.done if opts.retry_errors else progress.done | progress.failed
+            _caption(captioner, opts, info, data, output, mine, finished, suspects, summary)
 
-    mine = shard(todo, info.rank, info.world_size)
-    summary = RunSummary(output=output, total_rows=len(data), skipped=len(data) - len(todo))
-    finished = progress.done if opts.retry_errors else progress.done | progress.failed
+        # Each rank leaves once its part is on disk; rank 0 waits for all of them and merges.
+        if info.is_main:
+            meet.wait("finished")
+            if len(todo) or previous_output(output).is_file() or not output.is_file():
+                merged = _finish(output, order, summary)
+                attempts.forget_recorded(output, frozenset(row_keys(merged)))
+                logger.info("merged %d rows into %s", len(merged), output)
+            else:
+                merged = progress.table
+            meet.remove()
+            summary.errors_remaining = int((merged[STATUS_COLUMN] != STATUS_OK).sum()) \
+                if STATUS_COLUMN in merged.columns else 0
+        else:
+            meet.arrive("finished")
+    finally:
+        if lock is not None:
+            lock.release()
+    summary.seconds = time.perf_counter() - started
+    graphs, compile_seconds = jit.COMPILES.snapshot()
+    summary.compiled_graphs, summary.compile_seconds = graphs - graphs_before, compile_seconds - compile_before
+    _log_summary(summary, info)
+    return summary
+
+
+def _caption(captioner: CaptionerOrBuilder, opts: RunOptions, info: distributed.DistInfo, data: pd.DataFrame,
+             output: Path, mine: pd.DataFrame, finished: frozenset[RowKey], suspects: frozenset[RowKey],
+             summary: RunSummary) -> None:
+    """This rank's share: build the captioner, decode ahead, caption in batches, append to the part file.
+
+    The decoder processes start first, so their start-up overlaps the model's loading.
+    """
+    decoder = DecodePool(max(1, opts.num_workers)) if opts.decode_timeout != 0 else None
+    try:
+        _caption_with(captioner, decoder, opts, info, data, output, mine, finished, suspects, summary)
+    finally:
+        if decoder is not None:
+            decoder.close()
+
+
+def _caption_with(captioner: CaptionerOrBuilder, decoder: DecodePool | None, opts: RunOptions,
+                  info: distributed.DistInfo, data: pd.DataFrame, output: Path, mine: pd.DataFrame,
+                  finished: frozenset[RowKey], suspects: frozenset[RowKey], summary: RunSummary) -> None:
+    windowing = opts.windowing()
+    if not hasattr(captioner, "generate"):
+        captioner = captioner()
+    _check_frame_spec(captioner)
+    columns = _output_columns(data, opts, extra_columns_of(captioner))
     planner = _Planner(windowing, finished, Path(opts.input).resolve().parent, opts.video_root,
                        has_segment_columns(data.columns))
     writer = PartWriter(part_path(output, info.rank), columns)
+    inflight = attempts.InflightFile(attempts.inflight_path(output, info.rank))
     loader = _Loader(captioner, planner, mine.to_dict("records"), opts.num_workers,
-                     lookahead=opts.bs + opts.num_workers)
+                     lookahead=opts.bs + opts.num_workers, decode_timeout=opts.decode_timeout,
+                     max_pixels=opts.max_decode_pixels, decoder=decoder)
     loaded = iter(loader)
     bar = tqdm(total=len(mine) if windowing is None else None, desc=f"caption rank {info.rank}",
                unit="video" if windowing is None else "window", disable=None if info.is_main else True)
-    session = _Session(captioner, writer, summary, bar, opts.bs)
+    session = _Session(captioner, writer, inflight, suspects, summary, bar, opts)
     try:
         while True:
             wait_start = time.perf_counter()
@@ -490,21 +690,8 @@ def run(captioner: Captioner, opts: RunOptions) -> RunSummary:
         loaded.close()  # cancels queued decodes at once, also on an exception or Ctrl-C
         bar.close()
         writer.close()
+        inflight.close()  # reached only when the process lives: nothing in flight killed it
         summary.decode_seconds = loader.decode_seconds
-
-    # Each rank leaves once its part is on disk; rank 0 waits for all of them and merges.
-    if info.is_main:
-        meet.wait("finished")
-        merged = _finish(output, order)
-        meet.remove()
-        logger.info("merged %d rows into %s", len(merged), output)
-    else:
-        meet.arrive("finished")
-    summary.seconds = time.perf_counter() - started
-    graphs, compile_seconds = jit.COMPILES.snapshot()
-    summary.compiled_graphs, summary.compile_seconds = graphs - graphs_before, compile_seconds - compile_before
-    _log_summary(summary, info)
-    return summary
 
 
 def _log_summary(s: RunSummary, info: distributed.DistInfo) -> None:

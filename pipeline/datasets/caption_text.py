@@ -8,16 +8,12 @@ the token limit. Both are fixed here, for the runner (after generation) and for
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-# Openings stripped by default: a description that starts with one reads the same without it.
-DEFAULT_OPENINGS = (
-    "the video shows", "the video depicts", "the video features", "the video captures",
-    "the video presents", "the video displays", "the video begins with", "the video starts with",
-    "this video shows", "this video depicts", "this video features", "this video captures",
-    "in this video,", "in the video,", "the clip shows", "this clip shows", "the footage shows",
-    "the image shows", "this image shows", "the scene shows",
-)
+from pipeline.config import CONFIG_DIR, ConfigError, load_yaml
+
+CLEANUP_CONFIG = CONFIG_DIR / "cleanup.yaml"
 MIN_REPEATS = 3  # a unit seen this many times in a row (or a sentence this many times) is a loop
 MIN_LOOP_WORDS = 6  # ... and the repeated run covers at least this many words
 MAX_UNIT_WORDS = 50  # longest repeated unit looked for (a longer one is a sentence loop)
@@ -26,7 +22,42 @@ _WORD = re.compile(r"\S+")
 _SENTENCE = re.compile(r"[^.!?]+[.!?]+")
 
 
-def strip_opening(text: str, openings: tuple[str, ...] | list[str] = DEFAULT_OPENINGS) -> str:
+@dataclass(frozen=True)
+class Cleanup:
+    """What to clean after generation (``configs/cleanup.yaml``)."""
+
+    strip_openings: bool = True
+    cut_repetition: bool = True
+    openings: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path = CLEANUP_CONFIG) -> Cleanup:
+        values = load_yaml(path)
+        unknown = sorted(set(values) - {"strip_openings", "cut_repetition", "openings"})
+        openings = values.get("openings", [])
+        if unknown or not isinstance(openings, list) or not all(isinstance(o, str) for o in openings):
+            raise ConfigError(f"{path}: expected strip_openings, cut_repetition and a list of openings "
+                              f"(unknown keys: {unknown})")
+        return cls(bool(values.get("strip_openings", True)), bool(values.get("cut_repetition", True)),
+                   tuple(openings))
+
+
+    def clean(self, text: str) -> tuple[str, bool]:
+        """The cleaned caption, and whether a repetition loop was cut from it."""
+        repetition = False
+        if self.cut_repetition:
+            cut = cut_repetition(text)
+            text, repetition = cut.text, cut.repetition
+        if self.strip_openings:
+            text = strip_opening(text, self.openings)
+        return text, repetition
+
+
+def default_openings() -> tuple[str, ...]:
+    return Cleanup.from_yaml().openings
+
+
+def strip_opening(text: str, openings: tuple[str, ...] | list[str]) -> str:
     """``text`` without a leading boilerplate opening (case-insensitive), its first letter upper case.
 
     The opening must end at a word boundary, and something must remain, otherwise the

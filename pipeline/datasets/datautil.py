@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from models.checkpoint import CheckpointError, load_tokenizer
-from pipeline.datasets.caption_text import DEFAULT_OPENINGS, strip_opening, word_count
+from pipeline.datasets.caption_text import default_openings, strip_opening, word_count
 from pipeline.datasets.metadata import (
     STATUS_COLUMN,
     MetadataError,
@@ -168,7 +168,7 @@ def _caption_steps(data: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame
         data = _keep(data, data[STATUS_COLUMN] == args.filter_status, "filter-status",
                      f"whose status is not '{args.filter_status}'")
     if args.text_remove_prefix is not None:
-        openings = tuple(args.text_remove_prefix) or DEFAULT_OPENINGS
+        openings = tuple(args.text_remove_prefix) or default_openings()
         before = _text(data, column, "--text-remove-prefix")
         data = data.assign(**{column: [strip_opening(t, openings) for t in before]})
         print(f"text-remove-prefix: stripped an opening from {int((data[column] != before).sum())} captions")
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="OPENING",
         help="strip a boilerplate opening such as 'The video shows' from each caption and capitalise "
-        "what follows; give your own openings, or none for the built-in list",
+        "what follows; give your own openings, or none for the list in configs/cleanup.yaml",
     )
     parser.add_argument(
         "--remove-empty-caption",
