@@ -9,13 +9,14 @@ The weights are random and large, so activations reach the hundreds and fp32 rou
 (relative 1e-6 per layer) can flip a near-tie in beam search: the table counts the
 captions equal to torch's rather than requiring all (tests check exact parity).
 
-Qwen2-VL and LLaVA (``--models qwen2-vl,llava``) are built in benchmarks/families.py: greedy,
-32 new tokens at most, Qwen2-VL 8 frames at 224x224, LLaVA one middle frame at 336 px (see there
-why). Their forward row's "ours jit" compiles the vision encoder (the LM forward is PyNative);
+Qwen2-VL, Qwen2.5-VL and LLaVA (``--models qwen2-vl,qwen2.5-vl,llava``) are built in
+benchmarks/families.py: greedy, 32 new tokens at most, Qwen2-VL and Qwen2.5-VL 8 frames at 224x224,
+LLaVA one middle frame at 336 px (see there why). Their forward row's "ours jit" compiles the vision encoder (the LM forward is PyNative);
 their captioning rows generate under ms.jit as the BLIP-2 ones do.
 
     python -m benchmarks.bench_captioning [--videos 16] [--output benchmarks/results/captioning.json]
     python -m benchmarks.bench_captioning --models qwen2-vl,llava --output benchmarks/results/captioning_vlm.json
+    python -m benchmarks.bench_captioning --models qwen2.5-vl --videos 8 --output benchmarks/results/qwen2_5_vl.json
 """
 from __future__ import annotations
 

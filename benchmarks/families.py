@@ -1,4 +1,5 @@
-"""Qwen2-VL and LLaVA families for ``benchmarks.bench_captioning`` (``--models qwen2-vl,llava``).
+"""Qwen2-VL, Qwen2.5-VL and LLaVA families for ``benchmarks.bench_captioning``
+(``--models qwen2-vl,qwen2.5-vl,llava``).
 
 Each family saves a mid-size random transformers checkpoint (``save_pretrained``) with a word
 tokenizer built by the test fixtures' helpers, loads OUR captioner from it (generation under
@@ -16,6 +17,10 @@ Choices (not the captioners' defaults, which are sized for real checkpoints on a
   not fps sampling: 8 frames -> grid (4, 16, 16) -> 256 video tokens per video.
   Config: vision depth 8 x 384 (embed_dim, 6 heads, patch 14, merge 2), LM 6 x 512, 8 heads,
   2 KV heads, vocab 2000, M-RoPE sections [8, 12, 12] (head dim 64).
+* Qwen2.5-VL: the same frames, LM and vision width; its vision tower has 112 px windows (the
+  8 x 8 merged grid is four windows), full attention in blocks 3 and 7 (as the published towers
+  use one block in eight), gated MLP 384 -> 1024, and 2 tokens per second. With ``num_frames``
+  sampling the frame rate is unknown, so second_per_grid_ts is 1 (2 fps) on both sides.
 * LLaVA-1.5: 1 middle frame (the captioner's default) at 336 px, patch 14 -> 576 image tokens;
   CLIP vision 12 x 384 (6 heads), Llama-3-style LM 6 x 512, 8 heads, 4 KV heads, vocab 2000.
 
@@ -34,7 +39,8 @@ import transformers
 from transformers import AutoTokenizer
 
 from pipeline.captioning.caption_llava import LlavaCaptioner
-from pipeline.captioning.caption_qwen2vl import Qwen2VLCaptioner
+from pipeline.captioning.budget import PreparedVideo
+from pipeline.captioning.caption_qwen2vl import Qwen2VLCaptioner, model_inputs
 from tests.llava_fixtures import CLIP, IMAGE_TOKEN, LLAMA3, SPECIALS as LLAVA_SPECIALS
 from tests.test_qwen2vl import (CHAT_TEMPLATE, ENDOFTEXT, IM_END, IMAGE_PAD, SPECIALS as QWEN_SPECIALS,
                                 VIDEO_PAD, VISION_END, VISION_START)
@@ -51,6 +57,9 @@ QWEN_TEXT = dict(vocab_size=VOCAB, hidden_size=512, intermediate_size=1536, num_
 QWEN_VISION = dict(depth=8, embed_dim=384, hidden_size=512, num_heads=6, mlp_ratio=4, in_channels=3, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2)
 QWEN_FRAMES = dict(num_frames=8, height=224, width=224)
+QWEN25_VISION = dict(depth=8, hidden_size=384, intermediate_size=1024, out_hidden_size=512, num_heads=6,
+                     in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                     fullatt_block_indexes=[3, 7], tokens_per_second=2, hidden_act="silu")
 
 LLAVA_VISION = dict(CLIP, hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
                     image_size=336, patch_size=14)
@@ -61,13 +70,19 @@ LLAVA_TEXT = dict(LLAMA3, vocab_size=VOCAB, hidden_size=512, intermediate_size=1
 # ----------------------------------------------------------------------------- Qwen2-VL
 
 
-def save_qwen2vl(folder: Path, seed: int = 0) -> Path:
+QWEN_CLASSES = {"qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration, QWEN_VISION),
+                "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration,
+                               QWEN25_VISION)}
+
+
+def save_qwen2vl(folder: Path, seed: int = 0, model_type: str = "qwen2_vl") -> Path:
     torch.manual_seed(seed)
-    config = transformers.Qwen2VLConfig(text_config=QWEN_TEXT, vision_config=QWEN_VISION, image_token_id=IMAGE_PAD,
-                                        video_token_id=VIDEO_PAD, vision_start_token_id=VISION_START,
-                                        vision_end_token_id=VISION_END, tie_word_embeddings=False,
-                                        eos_token_id=IM_END, pad_token_id=ENDOFTEXT, bos_token_id=ENDOFTEXT)
-    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
+    config_class, model_class, vision = QWEN_CLASSES[model_type]
+    config = config_class(text_config=QWEN_TEXT, vision_config=vision, image_token_id=IMAGE_PAD,
+                          video_token_id=VIDEO_PAD, vision_start_token_id=VISION_START,
+                          vision_end_token_id=VISION_END, tie_word_embeddings=False,
+                          eos_token_id=IM_END, pad_token_id=ENDOFTEXT, bos_token_id=ENDOFTEXT)
+    model = model_class(config).eval()
     _randomize(model, seed)
     model.save_pretrained(folder)
     # The tests' tokenizer (specials, chat template) at the benchmark's vocabulary size.
@@ -87,47 +102,36 @@ def save_qwen2vl(folder: Path, seed: int = 0) -> Path:
 
 
 class TorchQwen2VL:
-    """transformers' Qwen2VLForConditionalGeneration.generate behind our captioner's interface."""
+    """transformers' Qwen2-VL / Qwen2.5-VL generate behind our captioner's interface."""
 
     def __init__(self, ours: Qwen2VLCaptioner, folder: Path):
-        self.model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
+        model_class = QWEN_CLASSES[ours.model.config.model_type][1]
+        self.model = model_class.from_pretrained(folder).eval()
         self.ours = ours
         self.frame_spec = ours.frame_spec
         self.prepare = ours.prepare
         self.tokenizer = ours.tokenizer
 
     def generate(self, batch: Sequence) -> list[str]:
-        ids, mask = qwen_inputs(self.ours, batch)
+        """Captions of prepared videos (as the runner passes them) or of their ``inputs``."""
+        inputs = [b.inputs if isinstance(b, PreparedVideo) else b for b in batch]
+        args = {k: torch.from_numpy(v) for k, v in model_inputs(inputs, self.ours.pad_id).items()}
         kw = self.ours.generate_kwargs
         with torch.no_grad():
-            out = self.model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                                      pixel_values_videos=torch.from_numpy(np.concatenate([b[0] for b in batch])),
-                                      video_grid_thw=torch.from_numpy(np.concatenate([b[1] for b in batch])),
-                                      do_sample=False, num_beams=1, max_new_tokens=kw["max_new_tokens"],
+            out = self.model.generate(**args, do_sample=False, num_beams=1, max_new_tokens=kw["max_new_tokens"],
                                       eos_token_id=kw["eos_token_id"], pad_token_id=kw["pad_token_id"])
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(out[:, args["input_ids"].shape[1]:], skip_special_tokens=True)
         return [t.strip() for t in texts]
 
 
-def qwen_inputs(ours: Qwen2VLCaptioner, batch: Sequence) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded prompt ids and mask, as our captioner builds them."""
-    width = max(len(ids) for _, _, ids in batch)
-    ids = np.array([[ours.pad_id] * (width - len(p)) + p for _, _, p in batch], np.int64)
-    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for _, _, p in batch], np.int64)
-    return ids, mask
-
-
-def qwen2vl(folder: Path) -> tuple:
-    save_qwen2vl(folder)
+def qwen2vl(folder: Path, model_type: str = "qwen2_vl") -> tuple:
+    save_qwen2vl(folder, model_type=model_type)
     ours = Qwen2VLCaptioner(str(folder), max_new_tokens=MAX_NEW_TOKENS, **QWEN_FRAMES)
     ref = TorchQwen2VL(ours, folder)
     spec = ours.frame_spec
     frames = np.random.default_rng(0).integers(0, 256, (FORWARD_BATCH, spec.num_frames, spec.height, spec.width, 3),
                                                dtype=np.uint8)
-    batch = [ours.prepare(f) for f in frames]
-    ids, mask = qwen_inputs(ours, batch)
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values_videos=np.concatenate([b[0] for b in batch]),
-                  video_grid_thw=np.concatenate([b[1] for b in batch]))
+    inputs = model_inputs([ours.prepare(f).inputs for f in frames], ours.pad_id)
 
     def torch_forward():
         ref.model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
@@ -214,4 +218,6 @@ def llava(folder: Path) -> tuple:
 
 
 # name -> builder(folder) -> (ours, torch reference, forward case name, torch forward, ours forward(use_jit))
-FAMILIES: dict[str, Callable[[Path], tuple]] = {"qwen2-vl": qwen2vl, "llava": llava}
+FAMILIES: dict[str, Callable[[Path], tuple]] = {"qwen2-vl": qwen2vl,
+                                                 "qwen2.5-vl": lambda folder: qwen2vl(folder, "qwen2_5_vl"),
+                                                 "llava": llava}

@@ -6,6 +6,9 @@ Images and videos become vision tokens (``models.qwen2_vl.vision``) that replace
 coordinates (``get_rope_index``, as transformers computes it, left padding included). The rotary
 channels are split by ``mrope_section`` between the three axes.
 
+Qwen2.5-VL (``models.qwen2_5_vl``) is this model with another vision tower (``vision_class``) and
+time-based temporal positions (``tokens_per_second`` in its vision config, see ``get_rope_index``).
+
 Generation uses ``models.generation``. The cache's first tensor is a per-row position table
 (B, 3, max_length): the prompt's 3-D positions, then ``slot + rope_delta`` for generated tokens,
 where ``rope_delta = max prompt position + 1 - prompt length`` continues each row's positions
@@ -50,13 +53,33 @@ def _numpy(x) -> Optional[np.ndarray]:
     return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
+def _video_seconds(config, videos: int, second_per_grid_ts) -> Optional[np.ndarray]:
+    """Seconds per temporal patch of each video (float32; 1 when not given, as transformers), or None
+    for Qwen2-VL, whose temporal positions are patch indices (no ``tokens_per_second``)."""
+    if getattr(config.vision_config, "tokens_per_second", None) is None:
+        if second_per_grid_ts is not None:
+            raise ValueError(f"{config.model_type} has no time-based positions (second_per_grid_ts is Qwen2.5-VL's)")
+        return None
+    if second_per_grid_ts is None:
+        return np.ones(videos, np.float32)
+    seconds = np.asarray(second_per_grid_ts, np.float32).reshape(-1)
+    if len(seconds) != videos:
+        raise ValueError(f"second_per_grid_ts has {len(seconds)} entries for {videos} videos")
+    return seconds
+
+
 def get_rope_index(config: "Qwen2VLConfig", input_ids: np.ndarray, attention_mask: Optional[np.ndarray] = None,
-                   image_grid_thw: Optional[np.ndarray] = None,
-                   video_grid_thw: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-    """3-D positions (3, B, L) and ``rope_deltas`` (B, 1), as transformers' ``Qwen2VLModel.get_rope_index``.
+                   image_grid_thw: Optional[np.ndarray] = None, video_grid_thw: Optional[np.ndarray] = None,
+                   second_per_grid_ts: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """3-D positions (3, B, L) and ``rope_deltas`` (B, 1), as transformers' ``get_rope_index``.
 
     Padding slots get position 1 (they are masked anyway). Grids are consumed in prompt order
-    across the batch; a vision item is a ``<|vision_start|>`` followed by its pad token.
+    across the batch; a vision item is a ``<|vision_start|>`` followed by its pad token. A video's
+    temporal patch t sits at temporal position t (Qwen2-VL) or, for Qwen2.5-VL, at its time
+    ``floor(t * second_per_grid_ts * tokens_per_second)`` (float32, as Qwen's reference code; an
+    image's temporal position stays 0). transformers 4.56 casts ``second_per_grid_ts`` to an integer
+    first, which agrees for whole seconds (2 fps with temporal patches of 2) and collapses
+    fractional ones (above 2 fps every frame gets time 0).
     """
     merge = config.vision_config.spatial_merge_size
     image_token, video_token = config.image_token_id, config.video_token_id
@@ -66,8 +89,12 @@ def get_rope_index(config: "Qwen2VLConfig", input_ids: np.ndarray, attention_mas
         attention_mask = np.ones_like(input_ids)
     positions = np.ones((3, batch, length), np.int64)
     deltas = np.zeros((batch, 1), np.int64)
-    grids = {image_token: iter(np.zeros((0, 3)) if image_grid_thw is None else np.asarray(image_grid_thw)),
-             video_token: iter(np.zeros((0, 3)) if video_grid_thw is None else np.asarray(video_grid_thw))}
+    videos = np.zeros((0, 3)) if video_grid_thw is None else np.asarray(video_grid_thw).reshape(-1, 3)
+    seconds = _video_seconds(config, len(videos), second_per_grid_ts)
+    images = np.zeros((0, 3)) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
+    image_items = ((grid, None if seconds is None else np.float32(0)) for grid in images)
+    video_items = ((grid, None if seconds is None else seconds[i]) for i, grid in enumerate(videos))
+    items = {image_token: image_items, video_token: video_items}
     for row in range(batch):
         keep = attention_mask[row] == 1
         tokens = input_ids[row][keep].tolist()
@@ -80,12 +107,18 @@ def get_rope_index(config: "Qwen2VLConfig", input_ids: np.ndarray, attention_mas
                            else len(tokens) + 1) for kind in (image_token, video_token)}
             kind = image_token if ends[image_token] < ends[video_token] else video_token
             remaining[kind] -= 1
-            t, h, w = (int(v) for v in next(grids[kind]))
+            grid, second = next(items[kind])
+            t, h, w = (int(v) for v in grid)
             h, w = h // merge, w // merge
             text_len = ends[kind] - cursor
             offset = parts[-1].max() + 1 if parts else 0
             parts.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + offset)
-            grid = np.stack([np.repeat(np.arange(t), h * w), np.tile(np.repeat(np.arange(h), w), t),
+            if second is None:
+                times = np.arange(t)
+            else:
+                tokens_per_second = np.float32(config.vision_config.tokens_per_second)
+                times = (np.arange(t, dtype=np.float32) * second * tokens_per_second).astype(np.int64)
+            grid = np.stack([np.repeat(times, h * w), np.tile(np.repeat(np.arange(h), w), t),
                              np.tile(np.arange(w), t * h)])
             parts.append(grid + text_len + offset)
             cursor = ends[kind] + t * h * w
@@ -155,13 +188,14 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
     """Qwen2-VL with transformers' forward/generate arguments (inference; loss for training)."""
 
     is_encoder_decoder = False
+    vision_class: type = Qwen2VisionTransformer
     checkpoint_rename_rules = [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")]
 
     def __init__(self, config: "Qwen2VLConfig"):
         super().__init__()
         self.config = config
         text = config.text_config
-        self.visual = Qwen2VisionTransformer(config.vision_config)
+        self.visual = self.vision_class(config.vision_config)
         self.model = Qwen2VLTextModel(text)
         self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(text.hidden_size, text.vocab_size, bias=False)
@@ -210,8 +244,9 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
 
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                   pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
-                  rope_deltas=None) -> Qwen2VLOutput:
-        """transformers' ``Qwen2VLForConditionalGeneration.forward`` (no cache); numpy or Tensor inputs."""
+                  rope_deltas=None, second_per_grid_ts=None) -> Qwen2VLOutput:
+        """transformers' ``forward`` (no cache); numpy or Tensor inputs; ``second_per_grid_ts`` (one per video:
+        seconds per temporal patch) only for Qwen2.5-VL."""
         ids = _numpy(input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
@@ -223,7 +258,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
             if ids is None:
                 raise ValueError("give input_ids or position_ids: 3-D positions come from the prompt's tokens")
             position_ids, rope_deltas = get_rope_index(self.config, ids, mask, _numpy(image_grid_thw),
-                                                       _numpy(video_grid_thw))
+                                                       _numpy(video_grid_thw), _numpy(second_per_grid_ts))
         positions = np.asarray(_numpy(position_ids))
         if positions.ndim == 2:
             positions = np.broadcast_to(positions[None], (3,) + positions.shape)
@@ -239,7 +274,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
     def init_cache(self, batch_size: int, max_length: int) -> tuple:
         """(position table (B, 3, max_length) int32, then K and V (B, kv_heads, max_length, head_dim) per layer)."""
         if self._prompt_positions is None:
-            raise RuntimeError("Qwen2-VL needs its 3-D prompt positions: generate through model.generate(...)")
+            raise RuntimeError("the model needs its 3-D prompt positions: generate through model.generate(...)")
         positions, deltas = self._prompt_positions
         repeat = batch_size // positions.shape[1]
         positions, deltas = np.repeat(positions, repeat, axis=1), np.repeat(deltas, repeat, axis=0)
@@ -264,13 +299,14 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         return (logits, table) + new_cache
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, return_dict_in_generate: bool = False,
-                 **generate_kwargs):
+                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                 return_dict_in_generate: bool = False, **generate_kwargs):
         """Prompt ids followed by new tokens (N, S) int64, as transformers' generate.
 
         ``input_ids`` hold the expanded placeholders (one ``<|image_pad|>``/``<|video_pad|>`` per vision
-        token); batches are left-padded with ``attention_mask``. ``generate_kwargs`` go to
-        :func:`models.generation.generate` (``max_new_tokens``, ``eos_token_id`` (int or list),
+        token); batches are left-padded with ``attention_mask``; ``second_per_grid_ts`` as in
+        :meth:`construct`. ``generate_kwargs`` go to :func:`models.generation.generate`
+        (``max_new_tokens``, ``eos_token_id`` (int or list),
         ``pad_token_id``, ``num_beams``, ``do_sample`` ...). With ``return_dict_in_generate`` the
         :class:`GenerateOutput` is returned.
 
@@ -282,7 +318,8 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         rows, cols = ids.shape
         ids, mask = pad_to_buckets(ids, mask, self.config.text_config.pad_token_id or 0)
         embeds = self.embed_inputs(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        positions, deltas = get_rope_index(self.config, ids, mask, _numpy(image_grid_thw), _numpy(video_grid_thw))
+        positions, deltas = get_rope_index(self.config, ids, mask, _numpy(image_grid_thw), _numpy(video_grid_thw),
+                                           _numpy(second_per_grid_ts))
         self._prompt_positions = (positions, deltas)
         try:
             out: GenerateOutput = generate(self, input_ids=ids, inputs_embeds=embeds, attention_mask=mask,

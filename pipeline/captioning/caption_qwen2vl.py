@@ -1,4 +1,5 @@
-"""Caption videos with Qwen2-VL (Qwen/Qwen2-VL-{2B,7B,72B}-Instruct).
+"""Caption videos with Qwen2-VL (Qwen/Qwen2-VL-{2B,7B,72B}-Instruct) or Qwen2.5-VL
+(Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct): the checkpoint's config.json picks the model.
 
 Frames are sampled at ``--fps`` over the whole video (or ``--num_frames`` uniformly) and resized
 to ``--height`` x ``--width``; the question goes through the checkpoint's chat template with one
@@ -10,21 +11,31 @@ A video whose frames would need more than ``--max_visual_tokens`` (default: what
 holds, see ``pipeline.captioning.budget``) keeps fewer frames, evenly spread (a lower frame rate),
 down to ``MIN_FRAMES``; only then is the resolution lowered. Out of memory, the runner retries a
 video once at half its budget (:meth:`Qwen2VLCaptioner.shrink`).
+
+Qwen2.5-VL also takes each video's ``second_per_grid_ts`` (seconds per temporal patch), from the
+frame rate of the frames it is given: their times when ``prepare`` gets them (``frame_times``),
+else the rate the frame spec samples at (``--fps``, exact unless ``--max_frames`` capped a long
+video; with ``--num_frames`` the rate is unknown and Qwen2.5-VL's processor default of 2 fps stands
+in). Either way the rate follows the frames the budget keeps.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from models import from_pretrained
+from models.checkpoint import load_tokenizer
+from models.qwen2_5_vl.processing import DEFAULT_FPS, Qwen2_5_VLVisionProcessor, sampled_fps
 from models.qwen2_vl.processing import Qwen2VLVisionProcessor
 from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
                                         uniform_subset)
-from pipeline.captioning.cli import common_parser, main_with
+from pipeline.captioning.cli import common_parser, generation_options, main_with
+from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR
 
@@ -35,19 +46,38 @@ MIN_FRAMES = 4  # fewest frames a budget may leave (two temporal patches) before
 logger = logging.getLogger(__name__)
 
 
-class Qwen2VLCaptioner:
-    """Prepares (patch rows, grid, prompt ids) per video in worker threads; captions a batch in one call."""
+class VideoInputs(NamedTuple):
+    """One video's model inputs; ``second_per_grid_t`` is None for Qwen2-VL."""
 
-    extra_columns = BUDGET_COLUMNS
+    pixel_values_videos: np.ndarray
+    video_grid_thw: np.ndarray
+    input_ids: list[int]
+    second_per_grid_t: float | None
+
+
+@dataclass
+class TimedVideo(PreparedVideo):
+    """A prepared video that keeps its frames' times, so a smaller re-preparation keeps its time scale."""
+
+    frame_times: np.ndarray
+
+
+class Qwen2VLCaptioner:
+    """Prepares :class:`VideoInputs` per video in worker threads; captions a batch in one call."""
+
+    extra_columns = (*BUDGET_COLUMNS, TRUNCATED_COLUMN)
 
     def __init__(self, folder: str, dtype: str = "float32", question: str = "Describe the video in detail",
                  fps: float = 4.0, num_frames: int | None = None, max_frames: int = 768, height: int = 448,
-                 width: int = 672, max_new_tokens: int = 200, max_visual_tokens: int | None = None):
-        from transformers import AutoTokenizer, GenerationConfig
+                 width: int = 672, max_new_tokens: int = 200, max_visual_tokens: int | None = None,
+                 generation: dict | None = None):
+        from transformers import GenerationConfig
 
+        self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
         self.model = from_pretrained(folder, dtype=dtype)
-        self.processor = Qwen2VLVisionProcessor.from_pretrained(folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.timed = self.model.config.model_type == "qwen2_5_vl"  # Qwen2.5-VL: time-based positions
+        processor = Qwen2_5_VLVisionProcessor if self.timed else Qwen2VLVisionProcessor
+        self.processor = processor.from_pretrained(folder)
         if num_frames:
             self.frame_spec = FrameSpec(num_frames=num_frames, height=height, width=width)
         else:
@@ -66,7 +96,12 @@ class Qwen2VLCaptioner:
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         pad = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
-        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=self.pad_id)
+        # The checkpoint's repetition controls (Qwen2-VL-Instruct sets repetition_penalty 1.05), as
+        # transformers applies them, unless a flag overrides them.
+        defaults = {name: getattr(gen, name) for name in ("repetition_penalty", "no_repeat_ngram_size")
+                    if getattr(gen, name, None) is not None}
+        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=self.pad_id,
+                                    **{**defaults, **(generation or {})})
         max_positions = self.model.config.text_config.max_position_embeddings
         self.budget = context_budget(max_positions, len(self.prefix) + len(self.suffix), max_new_tokens,
                                      max_visual_tokens)
@@ -98,35 +133,56 @@ class Qwen2VLCaptioner:
                     h * proc.patch_size, w * proc.patch_size, len(frames), budget)
         return frames, max_pixels
 
-    def prepare(self, frames: np.ndarray, budget: int | None = None) -> PreparedVideo:
+    def prepare(self, frames: np.ndarray, budget: int | None = None,
+                frame_times: np.ndarray | None = None) -> TimedVideo:
+        """Model inputs within ``budget`` tokens; ``frame_times`` (seconds) give the sampled frame rate."""
         budget = budget or self.budget
-        frames, max_pixels = self.fit(frames, budget)
-        rows, grid = self.processor.video(frames, max_pixels)
+        if frame_times is None:  # evenly spread at the rate the frame spec samples at
+            frame_times = np.arange(len(frames)) / (self.frame_spec.fps or DEFAULT_FPS)
+        frame_times = np.asarray(frame_times, np.float64)
+        if len(frame_times) != len(frames):
+            raise ValueError(f"{len(frame_times)} frame times for {len(frames)} frames")
+        fitted, max_pixels = self.fit(frames, budget)
+        kept = frame_times[uniform_subset(len(frames), len(fitted))]  # the frames fit keeps
+        rows, grid = self.processor.video(fitted, max_pixels)
         tokens = self.processor.num_tokens(grid[0])
         ids = self.prefix + [self.model.config.video_token_id] * tokens + self.suffix
-        return PreparedVideo((rows, grid, ids), frames, budget, len(frames), tokens)
+        second = self.processor.second_per_grid(sampled_fps(kept)) if self.timed else None
+        return TimedVideo(VideoInputs(rows, grid, ids, second), fitted, budget, len(fitted), tokens, kept)
 
-    def shrink(self, video: PreparedVideo) -> PreparedVideo | None:
+    def shrink(self, video: TimedVideo) -> TimedVideo | None:
         """The same video at half its budget (after running out of memory), or None when nothing fits."""
         try:
-            return self.prepare(video.frames, max(1, video.budget // 2))
+            return self.prepare(video.frames, max(1, video.budget // 2), video.frame_times)
         except BudgetError:
             return None
 
     def generate(self, batch: Sequence[PreparedVideo]) -> list[dict]:
-        inputs = [video.inputs for video in batch]
-        width = max(len(ids) for _, _, ids in inputs)
-        input_ids = np.array([[self.pad_id] * (width - len(ids)) + ids for _, _, ids in inputs], np.int64)
-        mask = np.array([[0] * (width - len(ids)) + [1] * len(ids) for _, _, ids in inputs], np.int64)
-        out = self.model.generate(input_ids, mask, pixel_values_videos=np.concatenate([b[0] for b in inputs]),
-                                  video_grid_thw=np.concatenate([b[1] for b in inputs]), **self.generate_kwargs)
-        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        return [{"text": text.strip(), **video.columns()} for text, video in zip(texts, batch)]
+        args = model_inputs([video.inputs for video in batch], self.pad_id)
+        out = self.model.generate(**args, **self.generate_kwargs)[:, args["input_ids"].shape[1]:]
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        answers = caption_answers(texts, out, self.generate_kwargs["eos_token_id"],
+                                  self.generate_kwargs["max_new_tokens"])
+        return [{**answer, **video.columns()} for answer, video in zip(answers, batch)]
+
+
+def model_inputs(batch: Sequence[VideoInputs], pad_id: int) -> dict[str, np.ndarray]:
+    """A batch's generate arguments under transformers' names: left-padded ``input_ids`` and
+    ``attention_mask``, the videos' patch rows and grids, and (Qwen2.5-VL) ``second_per_grid_ts``."""
+    width = max(len(b.input_ids) for b in batch)
+    args = {"input_ids": np.array([[pad_id] * (width - len(b.input_ids)) + b.input_ids for b in batch], np.int64),
+            "attention_mask": np.array([[0] * (width - len(b.input_ids)) + [1] * len(b.input_ids) for b in batch],
+                                       np.int64),
+            "pixel_values_videos": np.concatenate([b.pixel_values_videos for b in batch]),
+            "video_grid_thw": np.concatenate([b.video_grid_thw for b in batch])}
+    if batch[0].second_per_grid_t is not None:
+        args["second_per_grid_ts"] = np.array([b.second_per_grid_t for b in batch], np.float32)
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(
-        "Caption videos with Qwen2-VL (Qwen/Qwen2-VL-*-Instruct).",
+        "Caption videos with Qwen2-VL or Qwen2.5-VL (Qwen/Qwen2-VL-*-Instruct, Qwen/Qwen2.5-VL-*-Instruct).",
         epilog=f"defaults come from {BASE_CONFIG.relative_to(CONFIG_DIR.parent)}\n"
                "example:\n  msrun --worker_num=8 --local_worker_num=8 --join=True "
                "pipeline/captioning/caption_qwen2vl.py meta.csv "
@@ -144,11 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_captioner(args: argparse.Namespace, dtype: str) -> Qwen2VLCaptioner:
     if not args.pretrained_model_name_or_path:
-        raise FileNotFoundError("--pretrained_model_name_or_path is required: a local Qwen2-VL checkpoint folder")
+        raise FileNotFoundError("--pretrained_model_name_or_path is required: a local Qwen2-VL or Qwen2.5-VL "
+                                "checkpoint folder")
     return Qwen2VLCaptioner(args.pretrained_model_name_or_path, dtype, question=args.question, fps=args.fps,
                             num_frames=args.num_frames, max_frames=args.max_frames, height=args.height,
                             width=args.width, max_new_tokens=args.max_new_tokens,
-                            max_visual_tokens=args.max_visual_tokens)
+                            max_visual_tokens=args.max_visual_tokens, generation=generation_options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> RunSummary:
