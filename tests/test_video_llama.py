@@ -112,9 +112,8 @@ def reference() -> TorchVideoLlama:
     return TorchVideoLlama()
 
 
-@pytest.fixture(scope="module")
-def folder(reference, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("video_llama")
+def build_folder(reference: TorchVideoLlama, root: Path) -> Path:
+    """A Video-LLaMA folder (with its BLIP-2 and LLaMA folders and .pth beside it) of the reference's weights."""
     reference.blip2.save_pretrained(root / "blip2")
     reference.llama_model.save_pretrained(root / "llama")
     tokenizer = save_word_tokenizer(root / "llama", LLAMA["vocab_size"], SPECIALS)
@@ -123,6 +122,11 @@ def folder(reference, tmp_path_factory) -> Path:
     tokenizer.save_pretrained(root / "llama")
     save_pth(root / "finetune.pth", reference.lavis_state_dict())
     return write_folder(root / "video_llama", "../finetune.pth")
+
+
+@pytest.fixture(scope="module")
+def folder(reference, tmp_path_factory) -> Path:
+    return build_folder(reference, tmp_path_factory.mktemp("video_llama"))
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,20 @@ Hugging Face BLIP-2 folder, a Video-LLaMA ``.pth`` and a Hugging Face LLaMA fold
 tokenizer is used. Frames are normalised with BLIP-2's (CLIP's) statistics at the ViT's size;
 the video's query outputs fill ``<ImageHere>`` of the prompt template, and the reply is cut
 at the template's separator, as Video-LLaMA's chat does.
+
+``--task gebc`` captions Kinetic-GEBC event boundaries (``pipeline.datasets.gebc``): the input
+is the annotation JSON (its boundary table is written beside the output, and caption runs on
+it; videos are found in --video_root, default the annotation's folder) or such a table as a
+CSV. Frames are sampled from each boundary's start/end window, the three questions of
+``--gebc_questions`` are asked of them, and each row gets ``subject``, ``status_before`` and
+``status_after`` (``text`` holds all three in the annotation's ``caption`` format).
 """
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -20,18 +29,24 @@ from models.video_llama.modeling import build_prompt_ids, read_sources
 from pipeline.captioning.cli import common_parser, generation_options, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
-from pipeline.config import CONFIG_DIR, ConfigError
+from pipeline.config import CONFIG_DIR, ConfigError, load_yaml, parse_with_config
+from pipeline.datasets import gebc
+from pipeline.datasets.metadata import write_csv_atomic
 
 BASE_CONFIG = CONFIG_DIR / "captioning" / "videollama.yaml"
+GEBC_QUESTIONS = CONFIG_DIR / "captioning" / "gebc_questions.yaml"
 VICUNA_TEMPLATE = "###Human: <Video><ImageHere></Video> {question}###Assistant:"
+CAPTION = "text"
 
 
 class VideoLlamaCaptioner:
-    """One prompt for every video; a batch of videos is one generate call."""
+    """The same questions for every video, each answer a column; a batch of videos is one generate call.
 
-    extra_columns = (TRUNCATED_COLUMN,)
+    ``questions`` maps an answer's column to its question: ``{"text": ...}`` captions, and
+    ``gebc.FIELDS`` (subject, status before, status after) describe an event boundary.
+    """
 
-    def __init__(self, folder: str, dtype: str = "float32", question: str = "Describe this video.",
+    def __init__(self, folder: str, dtype: str = "float32", questions: Mapping[str, str] | None = None,
                  prompt_template: str = VICUNA_TEMPLATE, separator: str = "###", num_frames: int = 8,
                  max_new_tokens: int = 128, min_new_tokens: int = 1, num_beams: int = 1,
                  generation: dict | None = None):
@@ -44,11 +59,15 @@ class VideoLlamaCaptioner:
         size = self.model.config.vision_config.image_size
         self.processor = Blip2FrameProcessor(height=size, width=size)
         self.frame_spec = FrameSpec(num_frames=num_frames)
+        questions = dict(questions or {CAPTION: "Describe this video."})
         try:
-            prompt = prompt_template.replace("{question}", question)
-            self.prompt_ids = build_prompt_ids(self.tokenizer, prompt, self.model.config.num_video_query_tokens)
+            self.prompts = {name: build_prompt_ids(self.tokenizer, prompt_template.replace("{question}", question),
+                                                   self.model.config.num_video_query_tokens)
+                            for name, question in questions.items()}
         except ValueError as exc:
             raise ConfigError(f"--prompt_template: {exc}") from exc
+        self.extra_columns = (*(name for name in self.prompts if name != CAPTION), TRUNCATED_COLUMN)
+        self.pad_id = self.tokenizer.pad_token_id or 0
         self.separator = separator
         stops = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         if separator and separator in self.tokenizer.get_vocab():  # LLaMA's "###" is one token: stop on it
@@ -60,13 +79,30 @@ class VideoLlamaCaptioner:
         return self.processor(frames)
 
     def generate(self, batch: Sequence[np.ndarray]) -> list[dict]:
-        input_ids = np.array([self.prompt_ids] * len(batch), np.int64)
-        ids = self.model.generate(pixel_values=np.stack(batch), input_ids=input_ids,
-                                  attention_mask=np.ones_like(input_ids), **self.generate_kwargs)
+        """Every question of every video in one left-padded generate call."""
+        prompts = list(self.prompts.values()) * len(batch)
+        width = max(map(len, prompts))
+        input_ids = np.array([[self.pad_id] * (width - len(p)) + p for p in prompts], np.int64)
+        mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int64)
+        pixels = np.repeat(np.stack(batch), len(self.prompts), axis=0)
+        ids = self.model.generate(pixel_values=pixels, input_ids=input_ids, attention_mask=mask,
+                                  **self.generate_kwargs)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         if self.separator:
             texts = [text.split(self.separator)[0] for text in texts]
-        return caption_answers(texts, ids, self.generate_kwargs["eos_token_id"], self.generate_kwargs["max_new_tokens"])
+        answers = caption_answers(texts, ids, self.generate_kwargs["eos_token_id"],
+                                  self.generate_kwargs["max_new_tokens"])
+        n = len(self.prompts)
+        return [self._row(dict(zip(self.prompts, answers[i:i + n]))) for i in range(0, len(answers), n)]
+
+    def _row(self, answers: dict[str, dict]) -> dict:
+        """One video's answers as a row: the caption, or the boundary's three captions and their caption line."""
+        if CAPTION in answers:
+            return answers[CAPTION]
+        row = {name: answer["text"] for name, answer in answers.items()}
+        truncated = any(answer[TRUNCATED_COLUMN] == "true" for answer in answers.values())
+        return {**row, CAPTION: gebc.boundary_caption(*(row[f] for f in gebc.FIELDS)),
+                TRUNCATED_COLUMN: str(truncated).lower()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,21 +116,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--separator", help="the reply ends where the model writes this (empty: at EOS only)")
     p.add_argument("--num_beams", type=int, help="beam search width (1: greedy)")
     p.add_argument("--min_new_tokens", type=int, help="shortest reply, in new tokens (1: never an empty caption)")
+    g = p.add_argument_group("event boundary captioning (Kinetic-GEBC)")
+    g.add_argument("--task", choices=["caption", "gebc"], default="caption",
+                   help="caption: one caption per row; gebc: the input is a Kinetic-GEBC annotation JSON (or its "
+                        "boundary CSV) and each boundary gets subject, status_before and status_after")
+    g.add_argument("--gebc_questions", default=str(GEBC_QUESTIONS),
+                   help="YAML of the three questions, keys " + ", ".join(gebc.FIELDS))
+    g.add_argument("--boundary_window", type=float, default=gebc.DEFAULT_WINDOW,
+                   help="seconds of video before and after each boundary that frames are sampled from")
+    g.add_argument("--video_template", default=gebc.DEFAULT_TEMPLATE,
+                   help="a boundary's video file from its video id, in --video_root")
     return p
+
+
+def read_questions(path: str | Path) -> dict[str, str]:
+    """The GEBC questions, in ``gebc.FIELDS`` order."""
+    questions = load_yaml(path)
+    if not isinstance(questions, dict) or sorted(questions) != sorted(gebc.FIELDS) or \
+            not all(isinstance(q, str) and q.strip() for q in questions.values()):
+        raise ConfigError(f"{path}: expected one question (text) for each of {', '.join(gebc.FIELDS)}, "
+                          f"got {questions!r}")
+    return {field: questions[field] for field in gebc.FIELDS}
 
 
 def build_captioner(args: argparse.Namespace, dtype: str) -> VideoLlamaCaptioner:
     if not args.pretrained_model_name_or_path:
         raise FileNotFoundError("--pretrained_model_name_or_path is required: a Video-LLaMA folder "
                                 "(config.json with model_type video_llama)")
-    return VideoLlamaCaptioner(args.pretrained_model_name_or_path, dtype, question=args.question,
+    questions = read_questions(args.gebc_questions) if args.task == "gebc" else {CAPTION: args.question}
+    return VideoLlamaCaptioner(args.pretrained_model_name_or_path, dtype, questions=questions,
                                prompt_template=args.prompt_template, separator=args.separator,
                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                                min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
                                generation=generation_options(args))
 
 
+def gebc_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """The arguments of a GEBC run: an annotation JSON input becomes its boundary table, written beside the
+    output (default ``<annotation stem>_gebc.csv``); the prompt column records the three questions."""
+    argv = argv + ["--question", " | ".join(read_questions(args.gebc_questions).values())]
+    annotation = Path(args.input)
+    if annotation.suffix.lower() != ".json":
+        return argv
+    if not args.boundary_window > 0:
+        raise ConfigError(f"--boundary_window must be positive seconds (got {args.boundary_window})")
+    output = Path(args.output) if args.output else annotation.with_name(f"{annotation.stem}_gebc.csv")
+    table = output.with_name(f"{output.stem}_boundaries.csv")
+    write_csv_atomic(gebc.read_boundaries(annotation, args.boundary_window, args.video_template), table)
+    argv[argv.index(args.input)] = str(table)
+    if not args.output:
+        argv += ["--output", str(output)]
+    if not args.video_root:
+        argv += ["--video_root", str(annotation.resolve().parent)]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> RunSummary:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_with_config(build_parser(), argv, BASE_CONFIG)
+        if args.task == "gebc":
+            argv = gebc_argv(args, argv)
+    except (ConfigError, ValueError, OSError) as exc:
+        sys.exit(f"error: {exc}")
     return main_with(build_parser(), build_captioner, argv, base_config=BASE_CONFIG)
 
 

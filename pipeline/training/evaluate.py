@@ -14,6 +14,10 @@ Command line:
   python -m pipeline.training.evaluate --references ANN --checkpoint CKPT [--split test] \\
       --video_root V --predictions PRED.csv [caption_blip2 flags, e.g. --num_frames 8 --device CPU]
       captions the split with caption_blip2 first (resuming from PRED.csv's rows), then scores.
+  python -m pipeline.training.evaluate --gebc ANNOTATION.json --predictions PRED.csv
+      Kinetic-GEBC: scores PRED.csv's subject, status_before and status_after columns (from
+      ``caption_videollama --task gebc``, rows matched by boundary_id) against the annotation's
+      references, one table per caption type.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.datasets import gebc
 from pipeline.datasets.captions import FORMATS, CaptionFormatError, CaptionRecord, load_captions, references
 from pipeline.datasets.metadata import MetadataError, read_metadata, resolve_video_path
 
@@ -134,8 +139,11 @@ def match_predictions(table: pd.DataFrame, records: Sequence[CaptionRecord], csv
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--references", required=True,
+    p.add_argument("--references",
                    help="annotation file (MSR-VTT, MSVD, VATEX, COCO/LAVIS JSON or CSV path,text)")
+    p.add_argument("--gebc", metavar="ANNOTATION",
+                   help="score event boundary captions instead: a Kinetic-GEBC annotation JSON, whose boundaries "
+                        "the predictions' boundary_id column names")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="annotation format (default: detect)")
     p.add_argument("--split", help="MSR-VTT split name (train, validate, test)")
     p.add_argument("--split_file", help="file of video ids to evaluate (e.g. MSVD's test list)")
@@ -165,6 +173,29 @@ def caption_split(records: Sequence[CaptionRecord], predictions: str, checkpoint
                         *extra])
 
 
+def score_gebc(table: pd.DataFrame, boundaries: pd.DataFrame, spice: bool | None = None
+               ) -> dict[str, dict[str, float]]:
+    """Per caption type (``gebc.FIELDS``), the scores of the table's rows (status ``ok`` or no status)
+    against the references of the boundaries they name by ``boundary_id``."""
+    missing = [c for c in ("boundary_id", *gebc.FIELDS) if c not in table.columns]
+    if missing:
+        raise MetadataError(f"the predictions lack column(s) {missing} (write them with caption_videollama "
+                            f"--task gebc)")
+    if "status" in table.columns:
+        table = table[table["status"] == "ok"]
+    refs = gebc.references(boundaries)
+    scores = {}
+    for field in gebc.FIELDS:
+        predictions = {bid: text for bid, text in zip(table["boundary_id"], table[field]) if bid in refs[field]}
+        if not predictions:
+            raise ValueError(f"no prediction row names a boundary with a {field} reference")
+        if len(predictions) < len(refs[field]):
+            logger.warning("%s: scoring %d of %d boundaries (the others have no usable prediction)",
+                           field, len(predictions), len(refs[field]))
+        scores[field] = score_captions(predictions, refs[field], spice)
+    return scores
+
+
 def format_table(scores: Mapping[str, float]) -> str:
     lines = [f"{'metric':<10}{'score':>10}{'x100':>10}"]
     lines += [f"{name:<10}{value:>10.4f}{100 * value:>10.2f}" for name, value in scores.items()]
@@ -177,6 +208,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args, extra = parser.parse_known_args(argv)
     if extra and not args.checkpoint:
         parser.error(f"unrecognized arguments: {' '.join(extra)} (only --checkpoint passes flags on)")
+    if (args.references is None) == (args.gebc is None):
+        parser.error("give one of --references and --gebc")
+    if args.gebc and args.checkpoint:
+        parser.error("--checkpoint captions with BLIP-2; caption GEBC boundaries with caption_videollama --task gebc")
+    spice = {"auto": None, "on": True, "off": False}[args.spice]
+    if args.gebc:
+        return _main_gebc(args, spice)
     try:
         records = load_captions(args.references, args.format, args.video_root, args.split,
                                 args.split_file, args.video_template)
@@ -193,13 +231,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if len(predictions) < len(records):
         logger.warning("scoring %d of %d reference videos (the others have no usable prediction)",
                        len(predictions), len(records))
-    scores = score_captions(predictions, references(records), spice={"auto": None, "on": True, "off": False}[args.spice])
+    scores = score_captions(predictions, references(records), spice=spice)
     print(format_table(scores))
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(
             {"scores": scores, "num_videos": len(predictions), "num_reference_videos": len(records),
              "references": str(args.references), "predictions": str(args.predictions)}, indent=2))
+    return scores
+
+
+def _main_gebc(args: argparse.Namespace, spice: bool | None) -> dict[str, dict[str, float]]:
+    try:
+        boundaries = gebc.read_boundaries(args.gebc)
+        scores = score_gebc(read_metadata(args.predictions), boundaries, spice)
+    except (ValueError, OSError) as exc:
+        sys.exit(f"error: {exc}")
+    for field, field_scores in scores.items():
+        print(f"{field}\n{format_table(field_scores)}\n")
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(
+            {"scores": scores, "num_boundaries": len(boundaries), "references": str(args.gebc),
+             "predictions": str(args.predictions)}, indent=2))
     return scores
 
 
