@@ -45,6 +45,14 @@ def common_parser(description: str, epilog: str = "", model: bool = True) -> arg
                                         "(default: the CSV's folder)")
     p.add_argument("--output", help="final captions CSV (default: <input stem>_caption.csv next to the input); "
                                     "ranks write <output stem>_part<rank>.csv while running")
+    p.add_argument("--sidecar", action="store_true",
+                   help="after the merge, also write each ok row's caption to <video stem>.txt next to its video "
+                        "(a segment or window row: <stem>_<start>-<end>.txt, seconds, 'end' for an open end); "
+                        "videos in one folder sharing a stem use their whole file name (clip.mp4.txt); a re-run "
+                        "rewrites only changed captions")
+    p.add_argument("--sidecar_dir", metavar="DIR",
+                   help="write the sidecars (implies --sidecar) into DIR instead, as <stem>.txt; videos sharing a "
+                        "stem get the folders above them prefixed, joined by '__' (a/clip.mp4 -> a__clip.txt)")
     if model:
         p.add_argument("--pretrained_model_name_or_path", help="local folder of the checkpoint "
                                                                "(config.json, *.safetensors, tokenizer files)")
@@ -91,7 +99,7 @@ def common_parser(description: str, epilog: str = "", model: bool = True) -> arg
                    help="default: Ascend where MindSpore sees one, else CPU; under msrun each rank "
                         "binds its local device")
     if model:
-        _add_generation_flags(p)
+        add_decoding_flags(p)
         p.add_argument("--cleanup", action=argparse.BooleanOptionalAction, default=True,
                        help="clean each caption (strip a boilerplate opening, cut a repetition loop) as "
                             "--cleanup_config says, keeping the model's own text in text_raw and flagging "
@@ -109,7 +117,7 @@ def common_parser(description: str, epilog: str = "", model: bool = True) -> arg
 GENERATION_FLAGS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
 
 
-def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     """Decoding controls with transformers' names and meaning; unset ones keep the model's defaults."""
     g = p.add_argument_group("decoding (as transformers' generate; unset: the model's defaults)")
     g.add_argument("--do_sample", action=argparse.BooleanOptionalAction,
@@ -190,7 +198,8 @@ def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespa
             num_workers=args.num_workers, overwrite=args.overwrite, retry_errors=args.retry_errors,
             seed=args.seed, window_seconds=args.window_seconds, window_min_seconds=args.window_min_seconds,
             force=args.force, max_attempts=args.max_attempts, prompt=prompt, cleanup=cleanup,
-            decode_timeout=args.decode_timeout, max_decode_pixels=args.max_decode_pixels or None)
+            decode_timeout=args.decode_timeout, max_decode_pixels=args.max_decode_pixels or None,
+            sidecar=args.sidecar, sidecar_dir=args.sidecar_dir)
         check_run_options(opts)
         if getattr(args, "attention_block_size", None) is not None:
             try:

@@ -43,34 +43,40 @@ from tqdm import tqdm
 from models import jit
 from pipeline import distributed
 from pipeline.datasets.metadata import (
+    END_COLUMN,
     ERROR_COLUMN,
     KEY_COLUMNS,
     NUM_WINDOWS_COLUMN,
     RESULT_COLUMNS,
     SEGMENT_END_COLUMN,
     SEGMENT_START_COLUMN,
+    START_COLUMN,
     STATUS_COLUMN,
     STATUS_OK,
     WINDOW_COLUMN,
     Progress,
     RowKey,
+    Schema,
     finalize_output,
     find_part_files,
     merge_csvs,
     part_path,
     read_metadata,
     read_progress,
+    read_schema,
     read_table,
     resolve_video_path,
     row_key,
     row_keys,
     row_segment,
+    table_format,
     write_csv_atomic,
 )
 from pipeline.captioning import attempts
 from pipeline.captioning.attempts import DEFAULT_MAX_ATTEMPTS
 from pipeline.captioning.lock import acquire as acquire_lock
 from pipeline.captioning.results import Result, caption_batch, failure
+from pipeline.captioning.sidecars import write_sidecars
 from pipeline.datasets.caption_text import Cleanup
 from pipeline.captioning.windows import (WINDOW_COLUMNS, Windowing, has_segment_columns, recorded_windows, whole_row,
                                          window_rows, windows_complete)
@@ -105,12 +111,16 @@ class Captioner(Protocol):
     from ``generate`` results given as dicts; and ``shrink(inputs) -> inputs | None``,
     the same video re-prepared at half its visual-token budget (None: cannot shrink
     further), which the runner uses to retry a video that ran out of memory.
+
+    ``frame_spec = None``: the captioner reads no video (e.g. it rewrites a caption); ``prepare``
+    is then given the row's cells instead of frames, and the row's file is never opened.
     """
 
-    frame_spec: FrameSpec
+    frame_spec: FrameSpec | None
 
     def prepare(self, frames: np.ndarray) -> Any:
-        """Turn (T,H,W,3) uint8 RGB frames into this model's per-video inputs (runs in a worker thread)."""
+        """Turn (T,H,W,3) uint8 RGB frames (or, without a frame_spec, the row's cells) into this model's
+        per-video inputs (runs in a worker thread)."""
 
     def generate(self, batch: Sequence[Any]) -> list[str | dict]:
         """Caption a batch of prepared inputs: per video a caption, or a dict of "text" and extra columns."""
@@ -134,6 +144,8 @@ class RunOptions:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # deaths of the process on one row before it becomes an error row
     decode_timeout: float | None = None  # s per video in a decoder process; None: default_timeout; 0: threads
     max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS  # larger frames are scaled down while decoding
+    sidecar: bool = False  # after the merge, write each ok row's caption to <video stem>.txt (see sidecars)
+    sidecar_dir: str | None = None  # put the sidecars in this folder instead of next to the videos
 
     def __post_init__(self) -> None:
         if self.decode_timeout is not None and not self.decode_timeout >= 0:
@@ -141,6 +153,21 @@ class RunOptions:
                            f"(got {self.decode_timeout})")
         if self.max_decode_pixels is not None and self.max_decode_pixels < 1:
             raise RunError(f"--max_decode_pixels must be at least 1 (got {self.max_decode_pixels})")
+
+    def output_schema(self) -> Schema:
+        """The column types a Parquet/JSONL output keeps: the input's, where the input is Parquet/JSONL.
+
+        The run's own columns (results, prompt, clean-up, windows) are text; with windows an
+        input's start/end types go to segment_start/segment_end, where its cells move.
+        """
+        schema = read_schema(self.input)
+        for column in (*RESULT_COLUMNS, *self.run_columns()):
+            schema.pop(column, None)
+        if self.windowing() is not None:
+            moved = {SEGMENT_START_COLUMN: schema.pop(START_COLUMN, None),
+                     SEGMENT_END_COLUMN: schema.pop(END_COLUMN, None)}
+            schema.update({column: kind for column, kind in moved.items() if kind is not None})
+        return schema
 
     def run_columns(self) -> tuple[str, ...]:
         """Output columns the run itself fills, after text/status/error."""
@@ -180,8 +207,9 @@ class RunSummary:
 
 
 def default_output(input_csv: str | Path) -> Path:
+    """``<input stem>_caption`` next to the input, in the input's format (CSV for any other suffix)."""
     path = Path(input_csv)
-    return path.with_name(f"{path.stem}_caption.csv")
+    return path.with_name(f"{path.stem}_caption{table_format(path)}")
 
 
 def rows_to_do(data: pd.DataFrame, progress: Progress, retry_errors: bool,
@@ -305,7 +333,8 @@ class _Loader:
         self.num_workers = max(1, num_workers)
         self.pool = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="decode")
         self.lookahead = max(1, lookahead)
-        self.decode_timeout = (default_timeout(captioner.frame_spec.num_frames) if decode_timeout is None
+        self.decode_timeout = (default_timeout(captioner.frame_spec.num_frames)
+                               if decode_timeout is None and captioner.frame_spec is not None
                                else decode_timeout)
         self.max_pixels = max_pixels
         self.decoder = decoder
@@ -327,11 +356,13 @@ class _Loader:
 
     def _load(self, item: _Item, sample: Callable[..., tuple[np.ndarray, np.ndarray]]
               ) -> tuple[_Item, Any, BaseException | None, float]:
-        if item.error is not None:
+        spec = self.captioner.frame_spec
+        if item.error is not None and spec is not None:  # a text-only captioner needs neither file nor segment
             return item, None, item.error, 0.0
         start = time.perf_counter()
         try:
-            spec = self.captioner.frame_spec
+            if spec is None:
+                return item, self.captioner.prepare(item.cells), None, time.perf_counter() - start
             begin, end = item.span if item.span is not None else (None, None)
             frames, _ = sample(item.path, num_frames=spec.num_frames, sampling=spec.sampling, fps=spec.fps,
                                height=spec.height, width=spec.width, start=begin, end=end,
@@ -374,7 +405,7 @@ class _Loader:
 
 def previous_output(output: Path) -> Path:
     """Where an --overwrite run keeps the old output until its own merge (so a crash loses nothing)."""
-    return output.with_name(f"{output.stem}.prev.csv")
+    return output.with_name(f"{output.stem}.prev{table_format(output)}")
 
 
 class RunError(ValueError):
@@ -402,6 +433,8 @@ def check_run_options(opts: RunOptions) -> None:
 
 def _check_frame_spec(captioner: Captioner) -> None:
     spec = captioner.frame_spec
+    if spec is None:
+        return
     try:
         check_sampling_args(spec.num_frames, spec.sampling, spec.fps)
     except ValueError as exc:
@@ -460,28 +493,29 @@ def _remove_leftovers(output: Path, meet: distributed.FileBarrier) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _record_deaths(output: Path, order: list[RowKey], max_attempts: int) -> None:
+def _record_deaths(output: Path, order: list[RowKey], max_attempts: int, schema: Schema) -> None:
     """Count the rows a dead process left in flight; write those out of attempts as error rows."""
     progress = read_progress(output)
     spent = attempts.settle(output, progress.done | progress.failed, max_attempts)
     if spent:
         rows = [failure(attempts.died_error(s.attempts)).row(s.cells) for s in spent]
         write_csv_atomic(pd.DataFrame(rows).fillna(""), part_path(output, 0))
-        finalize_output(output, order=order)
+        finalize_output(output, order=order, schema=schema)
 
 
 def _start(output: Path, order: list[RowKey], opts: RunOptions, meet: distributed.FileBarrier) -> None:
     """Rank 0's set-up under the lock, before anyone reads: fold an earlier run's parts in (or set the
     old output aside), settle rows a dead process left in flight, and remove crashed runs' leftovers."""
     _remove_leftovers(output, meet)
+    schema = opts.output_schema()
     if opts.overwrite:
         for part in find_part_files(output):
             part.unlink()
         if output.is_file():
             os.replace(output, previous_output(output))
     elif find_part_files(output):
-        finalize_output(output, order=order)
-    _record_deaths(output, order, opts.max_attempts)
+        finalize_output(output, order=order, schema=schema)
+    _record_deaths(output, order, opts.max_attempts, schema)
 
 
 def _count_run(output: Path, summary: RunSummary) -> None:
@@ -497,16 +531,20 @@ def _count_run(output: Path, summary: RunSummary) -> None:
             summary.run_error = str(table.loc[~ok, ERROR_COLUMN].iloc[0])
 
 
-def _finish(output: Path, order: list[RowKey], summary: RunSummary) -> pd.DataFrame:
-    """Rank 0's merge once every rank has finished; an --overwrite run's old rows stay where new ones failed."""
+def _finish(output: Path, order: list[RowKey], summary: RunSummary, opts: RunOptions) -> pd.DataFrame:
+    """Rank 0's merge once every rank has finished; an --overwrite run's old rows stay where new ones failed.
+
+    The output is written in its suffix's format, a Parquet/JSONL one with ``opts.output_schema()``.
+    """
     _count_run(output, summary)
+    schema = opts.output_schema()
     prev = previous_output(output)
     if prev.is_file():
         if output.is_file():
-            merge_csvs([prev, output], output)
+            merge_csvs([prev, output], output, schema=schema)
         else:
             os.replace(prev, output)
-    merged = finalize_output(output, order=order)
+    merged = finalize_output(output, order=order, schema=schema)
     prev.unlink(missing_ok=True)
     return merged
 
@@ -623,11 +661,13 @@ def run(captioner: CaptionerOrBuilder, opts: RunOptions) -> RunSummary:
         if info.is_main:
             meet.wait("finished")
             if len(todo) or previous_output(output).is_file() or not output.is_file():
-                merged = _finish(output, order, summary)
+                merged = _finish(output, order, summary, opts)
                 attempts.forget_recorded(output, frozenset(row_keys(merged)))
                 logger.info("merged %d rows into %s", len(merged), output)
             else:
                 merged = progress.table
+            if opts.sidecar or opts.sidecar_dir is not None:
+                write_sidecars(merged, Path(opts.input).resolve().parent, opts.video_root, opts.sidecar_dir)
             meet.remove()
             summary.errors_remaining = int((merged[STATUS_COLUMN] != STATUS_OK).sum()) \
                 if STATUS_COLUMN in merged.columns else 0

@@ -1,8 +1,11 @@
-"""``datautil``: merge, scene splitting, difference, intersection and caption filtering of metadata CSVs.
+"""``datautil``: merge, scene splitting, difference, intersection and caption filtering of metadata tables.
 
 Flags follow Open-Sora's ``tools/datasets/datautil.py`` so existing habits carry over,
-but every column is kept as text, duplicate row keys (see ``pipeline.datasets.metadata``)
-keep their last successful row and the output is written atomically.
+but duplicate row keys (see ``pipeline.datasets.metadata``) keep their last successful
+row and the output is written atomically. Inputs and output are CSV, Parquet or JSONL
+(by suffix), so it also converts between them: a Parquet/JSONL output keeps the types of
+Parquet/JSONL inputs' columns (the first input that has a column decides its type);
+columns from CSV inputs, and columns a step adds, are text.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from pipeline.datasets.metadata import (
     difference,
     intersection,
     merge_tables,
+    Schema,
+    read_schema,
     read_table,
     remove_empty_caption,
     split_timestamps,
-    write_csv_atomic,
+    table_format,
+    write_table_atomic,
 )
 
 EPILOG = """\
@@ -42,6 +48,8 @@ examples:
     datautil meta.csv --difference out.csv --output remaining.csv
   keep rows present in both, adding the other file's extra columns:
     datautil meta.csv --intersection scores.csv --output meta_scores.csv
+  convert a captioning output to Parquet (or JSONL: --output captions.jsonl):
+    datautil out.csv --output captions.parquet
   drop rows without a caption:
     datautil out.csv --remove-empty-caption --output captions.csv
   training captions: successful rows, boilerplate openings stripped, no duplicates, 5 to 120
@@ -49,7 +57,7 @@ examples:
     datautil out.csv --filter-status ok --text-remove-prefix --text-dedup --min-words 5 \\
       --max-words 120 --count-num-token /models/t5-v1_1-xxl --output train.csv
 
-Without --output the result goes next to the first input as
+Without --output the result goes next to the first input, in its format, as
 <first input stem>_<steps>.csv, e.g. meta_merged.csv, meta_difference.csv,
 out_noempty.csv (steps: merged when there are several inputs or no other step,
 then split, difference, intersection, status, noprefix, noempty, noduptext, words,
@@ -100,7 +108,16 @@ def default_output(inputs: Sequence[str], args: argparse.Namespace) -> str:
     if args.count_num_token:
         steps.append("ntoken")
     first = Path(inputs[0])
-    return str(first.with_name(f"{first.stem}_{'_'.join(steps or ['merged'])}.csv"))
+    return str(first.with_name(f"{first.stem}_{'_'.join(steps or ['merged'])}{table_format(first)}"))
+
+
+def input_schema(paths: Sequence[str]) -> Schema:
+    """The column types of the Parquet/JSONL inputs; the first input with a column decides its type."""
+    schema: Schema = {}
+    for path in paths:
+        for column, kind in read_schema(path).items():
+            schema.setdefault(column, kind)
+    return schema
 
 
 def _read_side_table(pattern: str) -> pd.DataFrame:
@@ -142,7 +159,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     data = _caption_steps(data, args)
 
     output = args.output or default_output(inputs, args)
-    write_csv_atomic(data, output)
+    side = [path for pattern in (args.difference, args.intersection) if pattern for path in expand_inputs([pattern])]
+    write_table_atomic(data, output, input_schema([*inputs, *side]))
     print(f"wrote {len(data)} rows to {output}")
     return data
 
@@ -198,8 +216,8 @@ def _caption_steps(data: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="datautil",
-        description="Merge and filter video metadata CSVs (column 'path' required, all other\n"
-        "columns kept as text). Steps run in this order: merge inputs, --split-timestamp,\n"
+        description="Merge, filter and convert video metadata tables: CSV, Parquet or JSONL by suffix\n"
+        "(column 'path' required, every other column kept). Steps run in this order: merge inputs, --split-timestamp,\n"
         "--difference, --intersection, --filter-status, --text-remove-prefix,\n"
         "--remove-empty-caption, --text-dedup, --min-words/--max-words, --count-num-token.\n"
         "Prints row counts of every step.",
@@ -209,15 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "input",
         nargs="+",
-        help="input CSV files or quoted glob patterns, e.g. meta.csv 'out_part*.csv'. Several "
+        help="input CSV, Parquet or JSONL files or quoted glob patterns, e.g. meta.csv 'out_part*.csv'. Several "
         "inputs are concatenated; a row key (path, plus start/end/timestamp/window where "
         "present) seen more than once keeps its last row with status 'ok', or its last row "
         "if none is ok; keys keep first-seen order",
     )
     parser.add_argument(
         "--output",
-        help="CSV to write (atomically; folders are created), e.g. --output out.csv. "
-        "Default: <first input stem>_<steps>.csv next to the first input",
+        help="file to write (atomically; folders are created); its suffix picks the format: .csv, "
+        ".parquet or .jsonl, e.g. --output out.parquet. Default: <first input stem>_<steps> next to the "
+        "first input, in the first input's format",
     )
     parser.add_argument(
         "--split-timestamp",

@@ -1,7 +1,11 @@
-"""CSV metadata: read and validate video lists, resolve paths, part files, merge and resume.
+"""Metadata tables: read and validate video lists, resolve paths, part files, merge and resume.
 
-Every cell is kept as a string, so ids such as ``007``, empty captions and values such
-as ``1.50`` go through the pipeline unchanged.
+Tables are CSV, Parquet (``.parquet``) or JSON Lines (``.jsonl``), chosen by the file's
+suffix (anything else is CSV). Inside the pipeline every cell is a string, so ids such
+as ``007``, empty captions and values such as ``1.50`` go through unchanged. A Parquet
+or JSONL table also has a ``Schema``: each column's type, with which its cells were
+turned into text (``read_schema``) and are turned back when a Parquet or JSONL file is
+written (``write_table_atomic``). A CSV has no schema: its columns stay text everywhere.
 
 Row keys. A row is identified by its raw cells as written in the CSV (not the resolved
 file path), so resume and merge work no matter where the videos live: by ``path`` alone
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import io
+import json
 import logging
 import math
 import os
@@ -29,9 +34,11 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +244,213 @@ def _parse_csv(source: StrPath | io.BytesIO, label: str) -> pd.DataFrame:
     return df.fillna("")
 
 
+# ----------------------------------------------------------------------------- formats
+
+PARQUET_SUFFIX = ".parquet"
+JSONL_SUFFIX = ".jsonl"
+KINDS = ("string", "int", "float", "bool", "datetime", "json")
+
+
+@dataclass(frozen=True)
+class ColumnType:
+    """A Parquet or JSONL column's type: how its cells read as text and what they turn back into."""
+
+    kind: str  # one of KINDS; "json": lists, dicts or mixed values, held as JSON text
+    dtype: Any  # the pandas dtype a Parquet file gets back, e.g. Int64, float32, datetime64[ns, UTC]
+
+
+Schema = dict[str, ColumnType]
+
+
+def table_format(path: StrPath) -> str:
+    """The format a file name asks for: ``.parquet``, ``.jsonl`` or (any other suffix) ``.csv``."""
+    suffix = Path(path).suffix.lower()
+    return suffix if suffix in (PARQUET_SUFFIX, JSONL_SUFFIX) else ".csv"
+
+
+def _dtype_kind(series: pd.Series) -> str:
+    dtype = series.dtype
+    if pd.api.types.is_bool_dtype(dtype):
+        return "bool"
+    if pd.api.types.is_integer_dtype(dtype):
+        return "int"
+    if pd.api.types.is_float_dtype(dtype):
+        return "float"
+    if pd.api.types.is_datetime64_any_dtype(dtype):
+        return "datetime"
+    return _value_kind(series.tolist())
+
+
+def _value_kind(values: Sequence[object]) -> str:
+    """The kind of a column from its Python values (nulls ignored)."""
+    present = [v for v in values if not _is_null(v)]
+    if all(isinstance(v, str) for v in present):
+        return "string"
+    if all(isinstance(v, bool) for v in present):
+        return "bool"
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return "int"
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return "float"
+    return "json"
+
+
+_JSONL_DTYPES = {"string": "object", "int": "Int64", "float": "float64", "bool": "boolean",
+                 "datetime": "datetime64[ns]", "json": "object"}
+
+
+def _plain(value: object) -> object:
+    """A JSON-serialisable copy of a cell (Parquet lists come back as numpy arrays)."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _is_null(value: object) -> bool:
+    return value is None or (np.ndim(value) == 0 and bool(pd.isna(value)))
+
+
+def _cell_text(value: object, column: ColumnType) -> str:
+    """One typed cell as pipeline text: "" for a null, JSON for json columns, "true"/"false", ISO times."""
+    if _is_null(value):
+        return ""
+    if column.kind == "json":
+        return json.dumps(_plain(value), ensure_ascii=False)
+    if column.kind == "bool":
+        return "true" if value else "false"
+    if column.kind == "datetime":
+        return pd.Timestamp(value).isoformat()
+    if column.kind == "float":  # the shortest text that reads back as the same value of its precision
+        dtype = pd.api.types.pandas_dtype(column.dtype)
+        return str(getattr(dtype, "numpy_dtype", dtype).type(value))
+    return str(value)
+
+
+def _typed_to_text(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    return pd.DataFrame({col: pd.Series([_cell_text(v, schema[col]) for v in df[col].tolist()], dtype=object)
+                         for col in df.columns})
+
+
+def _text_value(text: str, kind: str) -> object:
+    """A text cell back as a Python value of its kind (None for an empty non-string cell)."""
+    if kind == "string":
+        return text
+    if text == "":
+        return None
+    if kind == "int":
+        return int(text)
+    if kind == "float":
+        return float(text)
+    if kind == "bool":
+        if text not in ("true", "false"):
+            raise ValueError(f"{text!r} is not true or false")
+        return text == "true"
+    return json.loads(text) if kind == "json" else text
+
+
+def _typed_series(texts: Sequence[str], column: ColumnType) -> pd.Series:
+    """Text cells as a pandas column of the schema's dtype (a nullable one where cells are empty)."""
+    values = [_text_value(t, column.kind) for t in texts]
+    dtype = pd.api.types.pandas_dtype(column.dtype)
+    if column.kind == "datetime":
+        tz = getattr(dtype, "tz", None)
+        parsed = pd.to_datetime(pd.Series(values, dtype=object), utc=tz is not None)
+        return (parsed.dt.tz_convert(tz) if tz is not None else parsed).astype(dtype)
+    if column.kind in ("int", "bool") and isinstance(dtype, np.dtype) and None in values:
+        dtype = pd.api.types.pandas_dtype("Int64" if column.kind == "int" else "boolean")
+    return pd.Series(values, dtype=dtype)
+
+
+def _restore(df: pd.DataFrame, schema: Schema, label: str, convert: Callable[[list[str], ColumnType], Any]
+             ) -> dict[str, Any]:
+    """Each column converted by its schema type; a column whose cells no longer fit stays text (warned)."""
+    columns: dict[str, Any] = {}
+    for col in df.columns:
+        texts = ["" if _is_null(v) else str(v) for v in df[col].tolist()]
+        column = schema.get(col)
+        try:
+            columns[col] = convert(texts, column) if column is not None else texts
+        except (ValueError, TypeError, OverflowError) as exc:
+            logger.warning("%s: column %r does not fit its input type %s (%s); written as text",
+                           label, col, column.dtype, exc)
+            columns[col] = texts
+    return columns
+
+
+def _read_parquet(label: str) -> tuple[pd.DataFrame, Schema]:
+    try:
+        typed = pd.read_parquet(label, dtype_backend="numpy_nullable")
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise MetadataError(f"{label}: not a valid Parquet file ({exc}); write it with pandas or pyarrow") from None
+    typed.columns = [str(col) for col in typed.columns]
+    schema = {col: ColumnType(_dtype_kind(typed[col]), typed[col].dtype) for col in typed.columns}
+    return _typed_to_text(typed, schema), schema
+
+
+def _read_jsonl(label: str) -> tuple[pd.DataFrame, Schema]:
+    """One JSON object per line (blank lines skipped); keys are columns, in first-seen order."""
+    try:
+        text = Path(label).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MetadataError(f"{label}: not UTF-8 text ({exc}); save the JSONL file as UTF-8") from None
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MetadataError(f"{label}: line {number} is not valid JSON ({exc}); write one JSON object "
+                                f"per line") from None
+        if not isinstance(record, dict):
+            raise MetadataError(f"{label}: line {number} is a JSON {type(record).__name__}, not an object; "
+                                f"write one object per line, e.g. {{\"path\": \"a.mp4\"}}")
+        records.append(record)
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    values = {col: [record.get(col) for record in records] for col in columns}
+    schema = {}
+    for col in columns:
+        kind = _value_kind(values[col])
+        schema[col] = ColumnType(kind, _JSONL_DTYPES[kind])
+    table = pd.DataFrame({col: pd.Series([_cell_text(v, schema[col]) for v in values[col]], dtype=object)
+                          for col in columns})
+    return table, schema
+
+
+def _read_any(label: str) -> tuple[pd.DataFrame, Schema]:
+    """A table as text cells, and its column types (none for a CSV)."""
+    fmt = table_format(label)
+    if fmt == PARQUET_SUFFIX:
+        return _read_parquet(label)
+    if fmt == JSONL_SUFFIX:
+        return _read_jsonl(label)
+    if os.path.getsize(label) == 0:
+        raise MetadataError(
+            f"{label}: the file is empty (0 bytes); write a header line with at least '{PATH_COLUMN}'"
+        )
+    return _parse_csv(label, label), {}
+
+
+def _check_file(label: str) -> None:
+    if not os.path.exists(label):
+        raise MetadataError(f"{label}: file not found; check the path (relative paths are from {os.getcwd()})")
+    if os.path.isdir(label):
+        raise MetadataError(f"{label}: is a directory; give the file inside it")
+
+
+def read_schema(path: StrPath) -> Schema:
+    """The column types of a Parquet or JSONL table (empty for a CSV, whose columns are text)."""
+    label = os.fspath(path)
+    if table_format(label) == ".csv":
+        return {}
+    _check_file(label)
+    return _read_any(label)[1]
+
+
 def _validate(df: pd.DataFrame, label: str, required: Sequence[str]) -> pd.DataFrame:
     missing = [col for col in required if col not in df.columns]
     if missing:
@@ -271,22 +485,19 @@ def _warn_duplicates(df: pd.DataFrame, label: str) -> None:
 def read_metadata(
     csv_path: StrPath, required: Sequence[str] = (PATH_COLUMN,), *, warn_duplicates: bool = True
 ) -> pd.DataFrame:
-    """Read a metadata CSV with every column as a string and check it is usable.
+    """Read a metadata table (CSV, Parquet or JSONL by suffix) with every cell as text; check it is usable.
 
-    A header-only file gives an empty table (valid for merging; nothing to caption).
-    A missing, 0-byte or unparseable file, a missing required column or an empty
-    ``path`` value raise MetadataError. Duplicate row keys only log a warning.
+    A header-only CSV, a row-less Parquet file and an empty JSONL file give an empty table
+    (valid for merging; nothing to caption). A missing, 0-byte (CSV) or unparseable file, a
+    missing required column or an empty ``path`` value raise MetadataError. Duplicate row
+    keys only log a warning. Typed cells become text as ``read_schema`` describes.
     """
     label = os.fspath(csv_path)
-    if not os.path.exists(label):
-        raise MetadataError(f"{label}: file not found; check the path (relative paths are from {os.getcwd()})")
-    if os.path.isdir(label):
-        raise MetadataError(f"{label}: is a directory; give the CSV file inside it")
-    if os.path.getsize(label) == 0:
-        raise MetadataError(
-            f"{label}: the file is empty (0 bytes); write a header line with at least '{PATH_COLUMN}'"
-        )
-    df = _validate(_parse_csv(label, label), label, required)
+    _check_file(label)
+    df, _ = _read_any(label)
+    if not len(df) and table_format(label) == JSONL_SUFFIX:
+        df = pd.DataFrame({col: pd.Series(dtype=object) for col in dict.fromkeys([*df.columns, *required])})
+    df = _validate(df, label, required)
     if warn_duplicates:
         _warn_duplicates(df, label)
     return df
@@ -302,14 +513,46 @@ def resolve_video_path(path_value: str, csv_dir: StrPath, video_root: StrPath | 
 
 def write_csv_atomic(df: pd.DataFrame, out_path: StrPath) -> None:
     """Write a CSV so readers see the old file or the complete new one, never a partial one."""
+    def write(fh: BinaryIO) -> None:
+        text = io.TextIOWrapper(fh, encoding="utf-8", newline="", write_through=True)
+        df.to_csv(text, index=False, lineterminator="\r\n")  # as csv.writer: quotes a lone \r too
+        text.detach()
+
+    write_atomic(out_path, write)
+
+
+def write_table_atomic(df: pd.DataFrame, out_path: StrPath, schema: Schema | None = None) -> None:
+    """Write a table of text cells atomically in the format its suffix names (CSV, Parquet or JSONL).
+
+    Parquet and JSONL columns in ``schema`` get their type back (a column whose cells no
+    longer fit it stays text, with a warning); other columns, and every CSV cell, are text.
+    """
+    fmt, schema, label = table_format(out_path), schema or {}, os.fspath(out_path)
+    if fmt == ".csv":
+        write_csv_atomic(df, out_path)
+    elif fmt == PARQUET_SUFFIX:
+        typed = pd.DataFrame(_restore(df, schema, label, _typed_series), columns=list(df.columns))
+        write_atomic(out_path, lambda fh: typed.to_parquet(fh, index=False))
+    else:
+        def values(texts: list[str], column: ColumnType) -> list[object]:
+            return [_text_value(t, column.kind) for t in texts]
+
+        columns = _restore(df, schema, label, values)
+        lines = (json.dumps(dict(zip(columns, record)), ensure_ascii=False, allow_nan=False) + "\n"
+                 for record in zip(*columns.values()))
+        write_atomic(out_path, lambda fh: fh.writelines(line.encode("utf-8") for line in lines))
+
+
+def write_atomic(out_path: StrPath, write: Callable[[BinaryIO], object]) -> None:
+    """Have ``write`` fill a temporary file beside ``out_path``, force it to disk, rename it into place."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     # os.open with 0o666 lets the umask decide permissions, as for a plain open().
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with open(fd, "w", encoding="utf-8", newline="") as fh:
-            df.to_csv(fh, index=False, lineterminator="\r\n")  # as csv.writer: quotes a lone \r too
+        with open(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         if out.exists():
@@ -385,15 +628,18 @@ def merge_tables(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
     return data.iloc[list(kept.values())][columns].reset_index(drop=True)
 
 
-def merge_csvs(inputs: Sequence[StrPath], output: StrPath, remove_inputs: bool = False) -> pd.DataFrame:
-    """Read CSVs, merge them with merge_tables, write the result atomically and return it.
+def merge_csvs(inputs: Sequence[StrPath], output: StrPath, remove_inputs: bool = False,
+               schema: Schema | None = None) -> pd.DataFrame:
+    """Read tables (any format), merge them with merge_tables, write the result atomically and return it.
+
+    The output's suffix picks its format; ``schema`` types its Parquet/JSONL columns.
 
     With remove_inputs, the inputs (never the output itself) are deleted only after
     the output was written.
     """
     tables = [read_metadata(path, warn_duplicates=False) for path in inputs]
     merged = merge_tables(tables)
-    write_csv_atomic(merged, output)
+    write_table_atomic(merged, output, schema)
     if remove_inputs:
         _remove_files(inputs, keep=output)
     return merged
@@ -460,7 +706,7 @@ def _read_part(path: Path) -> pd.DataFrame | None:
 
 
 def read_table(path: StrPath) -> pd.DataFrame:
-    """``read_metadata`` for ordinary CSVs; a part file (``*_part<N>.csv``), which a crash may
+    """``read_metadata`` for ordinary tables; a part file (``*_part<N>.csv``), which a crash may
     have cut short, loses only its torn last record."""
     path = Path(path)
     if re.search(r"_part\d+\.csv$", path.name):
@@ -523,19 +769,20 @@ def _sorted_like(merged: pd.DataFrame, order: pd.DataFrame | Iterable[RowKey]) -
 
 
 def finalize_output(output: StrPath, order: pd.DataFrame | Iterable[RowKey] | None = None,
-                    remove_parts: bool = True) -> pd.DataFrame:
+                    remove_parts: bool = True, schema: Schema | None = None) -> pd.DataFrame:
     """Merge the final output and its part files into the final output atomically.
 
     ``order`` (the input table, or its row keys, e.g. paths) sorts rows like the input,
     the windows of one input row by window number; rows not in it follow in first-seen
     order. Part files are deleted only after the write. Call it when no rank writes
-    anymore (after a barrier). Running it again is harmless.
+    anymore (after a barrier). Running it again is harmless. The output's suffix picks its
+    format (part files are always CSV); ``schema`` types its Parquet/JSONL columns.
     """
     parts = find_part_files(output)
     merged = read_progress(output).table
     if order is not None:
         merged = _sorted_like(merged, order)
-    write_csv_atomic(merged, output)
+    write_table_atomic(merged, output, schema)
     if remove_parts:
         _remove_files(parts, keep=output)
     return merged
