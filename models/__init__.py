@@ -13,6 +13,10 @@ MODEL_TYPES = {
     "llava_next": ("models.llava.next", "LlavaNextForConditionalGeneration", "LlavaNextConfig"),
     "qwen2_vl": ("models.qwen2_vl.modeling", "Qwen2VLForConditionalGeneration", "Qwen2VLConfig"),
     "qwen2_5_vl": ("models.qwen2_5_vl.modeling", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
+    # text-only decoders (caption enhancement); Mistral is Llama's architecture here (see models.llama)
+    "llama": ("models.llama", "LlamaForCausalLM", "LlamaConfig"),
+    "mistral": ("models.llama", "LlamaForCausalLM", "MistralConfig"),
+    "qwen2": ("models.qwen2", "Qwen2ForCausalLM", "Qwen2Config"),
     # composed from three sources its config.json names; built by the class's own from_folder
     "video_llama": ("models.video_llama.modeling", "VideoLlamaForConditionalGeneration", None),
 }

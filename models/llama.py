@@ -128,10 +128,11 @@ class LlamaDecoderLayer(nn.Cell):
 
 
 class LlamaModel(nn.Cell):
-    def __init__(self, config):
+    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.CellList([LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias, o_bias)
+                                   for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.inv_freq = Tensor(rope_inverse_frequencies(config))
 
@@ -157,14 +158,19 @@ class LlamaModel(nn.Cell):
 
 
 class LlamaForCausalLM(nn.Cell):
-    """Llama/Mistral with its LM head (tied to ``embed_tokens`` when ``tie_word_embeddings``)."""
+    """Llama/Mistral with its LM head (tied to ``embed_tokens`` when ``tie_word_embeddings``).
+
+    ``qkv_bias``/``o_bias``: a subclass's attention biases (None: ``config.attention_bias``), see ``models.qwen2``.
+    """
 
     is_encoder_decoder = False
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.qkv_bias, self.o_bias)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tied_weights_keys = ("lm_head.weight",) if self.tie_word_embeddings else ()
