@@ -35,7 +35,8 @@ def common_parser(description: str, epilog: str = "", model: bool = True) -> arg
     """The shared flags; ``model=False`` leaves out those only a model reads (checkpoint, prompt, dtype ...)."""
     p = argparse.ArgumentParser(description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="CSV of videos: a 'path' column (absolute, or relative to the CSV's folder "
+    p.add_argument("input", help="table of videos (.csv, .parquet or .jsonl): a 'path' column (absolute, or "
+                                 "relative to the table's folder "
                                  "or --video_root); optional 'start'/'end' (seconds, either may be empty) or "
                                  "'timestamp' (Open-Sora's \"('00:00:01.000', '00:00:05.500')\") caption only "
                                  "that segment; every other column is kept in the output")
@@ -43,8 +44,9 @@ def common_parser(description: str, epilog: str = "", model: bool = True) -> arg
                                     "flags given on the command line override it")
     p.add_argument("--video_root", help="folder that relative paths in the CSV are resolved against "
                                         "(default: the CSV's folder)")
-    p.add_argument("--output", help="final captions CSV (default: <input stem>_caption.csv next to the input); "
-                                    "ranks write <output stem>_part<rank>.csv while running")
+    p.add_argument("--output", help="final captions table; its suffix (.csv, .parquet, .jsonl) picks the format "
+                                    "(default: <input stem>_caption in the input's format, next to it); ranks "
+                                    "write <output stem>_part<rank>.csv while running")
     p.add_argument("--sidecar", action="store_true",
                    help="after the merge, also write each ok row's caption to <video stem>.txt next to its video "
                         "(a segment or window row: <stem>_<start>-<end>.txt, seconds, 'end' for an open end); "
