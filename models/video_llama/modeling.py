@@ -26,19 +26,23 @@ gives (B, 3, T, H, W), so permute such input first.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
+from safetensors.numpy import save_file
 from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig
 
 from models.blip2.qformer import Blip2QFormerModel
 from models.blip2.vision import Blip2VisionModel, merge_q_v_bias
 from models.checkpoint import CheckpointError, TensorRef, load_checkpoint, read_config, weight_files
-from models.generation import GenerateOutput, generate, to_numpy, to_tensor
+from models.generation import GenerateOutput, causal_lm_loss, generate, to_numpy, to_tensor
 from models.layers import Embedding, Linear, zeros_parameter
 from models.llama import LlamaForCausalLM
 
@@ -86,7 +90,8 @@ class VideoLlamaSources:
 
 _SOURCE_KINDS = {
     "blip2_model": "Hugging Face BLIP-2 folder (e.g. Salesforce/blip2-flan-t5-xxl) for the ViT and image Q-Former",
-    "checkpoint": "Video-LLaMA .pth (e.g. finetune-vicuna7b-v2.pth) with the video Q-Former and llama_proj",
+    "checkpoint": "Video-LLaMA .pth (e.g. finetune-vicuna7b-v2.pth) or safetensors file with the video Q-Former "
+                  "and llama_proj",
     "llama_model": "Hugging Face LLaMA folder (e.g. Vicuna-7B, Llama-2-7b-chat-hf) the .pth was trained with",
 }
 
@@ -113,7 +118,8 @@ def read_sources(folder: str | Path, checkpoint: str | Path | None = None) -> Vi
             raise CheckpointError(f"{key} {path} (from {folder}/config.json) does not exist: it should be the "
                                   f"{_SOURCE_KINDS[key]}")
     if not paths["checkpoint"].is_file():
-        raise CheckpointError(f"checkpoint {paths['checkpoint']} must be a file (a Video-LLaMA .pth)")
+        raise CheckpointError(f"checkpoint {paths['checkpoint']} must be a file (a Video-LLaMA .pth, or the "
+                              f"{VideoLlamaForConditionalGeneration.weights_file} of a trained model)")
     for key in ("blip2_model", "llama_model"):
         weight_files(paths[key])  # fail on a folder without weights before building a large model
     return VideoLlamaSources(**paths)
@@ -192,6 +198,12 @@ class VideoQueries(nn.Cell):
         return self.llama_proj(hidden.astype(self.llama_proj.weight.dtype))
 
 
+def _arrays(cell: nn.Cell, exclude: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """A cell's parameters as numpy arrays by name (bfloat16 as float32, which numpy lacks)."""
+    return {name: np.ascontiguousarray((param.astype(ms.float32) if param.dtype == ms.bfloat16 else param).asnumpy())
+            for name, param in cell.parameters_and_names() if not name.endswith(exclude)}
+
+
 class VideoLlamaLanguageModel(LlamaForCausalLM):
     """The LLaMA decoder; older LLaMA/Vicuna ``.bin`` folders also store rotary ``inv_freq`` buffers."""
 
@@ -201,9 +213,10 @@ class VideoLlamaLanguageModel(LlamaForCausalLM):
 
 @dataclass
 class VideoLlamaOutput:
-    """``logits`` (B, L, V) of the language model over the prompt with the video in place."""
+    """``logits`` (B, L, V) of the language model over the prompt with the video in place; ``loss`` with labels."""
 
     logits: Tensor
+    loss: Optional[Tensor] = None
 
 
 def build_prompt_ids(tokenizer, prompt: str, num_video_tokens: int) -> list[int]:
@@ -221,11 +234,22 @@ def build_prompt_ids(tokenizer, prompt: str, num_video_tokens: int) -> list[int]
 
 
 class VideoLlamaForConditionalGeneration(nn.Cell):
-    """Video-LLaMA's vision-language branch with a transformers-like forward/generate interface (inference)."""
+    """Video-LLaMA's vision-language branch with a transformers-like forward/generate interface.
+
+    Training (``pipeline.training.train``) uses the interface BLIP-2's decoder-only path has:
+    ``get_image_features`` (the video's LLM inputs), ``_merge`` (them placed in the prompt) and
+    ``language_model``; the prompt comes from :meth:`prompt_ids`, and what trains by default is
+    ``trainable_prefixes``, the part Video-LLaMA itself trains.
+    """
+
+    is_decoder_only = True
+    trainable_prefixes = ("video_encoder.",)
+    weights_file = "video_llama.safetensors"
 
     def __init__(self, config: VideoLlamaConfig):
         super().__init__()
         self.config = config
+        self.sources: Optional[VideoLlamaSources] = None  # set by from_folder; save_pretrained names them
         self.frame_encoder = FrameQueries(config)
         self.video_encoder = VideoQueries(config)
         self.language_model = VideoLlamaLanguageModel(config.text_config)
@@ -246,13 +270,50 @@ class VideoLlamaForConditionalGeneration(nn.Cell):
         load_checkpoint(model.frame_encoder, sources.blip2_model, dtype=dtype)
         load_checkpoint(model.video_encoder, sources.checkpoint, dtype=dtype)
         load_checkpoint(model.language_model, sources.llama_model, dtype=dtype)
+        model.sources = sources
         model.set_train(False)
         logger.info("Video-LLaMA from %s: BLIP-2 %s, weights %s, LLaMA %s", folder, sources.blip2_model,
                     sources.checkpoint, sources.llama_model)
         return model
 
+    def save_pretrained(self, folder: str | Path, tokenizer=None, save_language_model: bool = False,
+                        exclude: tuple[str, ...] = ()) -> Path:
+        """A Video-LLaMA folder of this model: the video branch in ``video_llama.safetensors`` (our names)
+        and a config.json naming it and the BLIP-2 folder this model was loaded from.
+
+        ``save_language_model``: also write the language model (config, weights and ``tokenizer``) to
+        ``folder/llama`` (after LLM training); otherwise config.json names the LLaMA folder loaded from.
+        ``exclude``: parameter name suffixes left out (e.g. LoRA A/B merged into their weights).
+        """
+        if self.sources is None:
+            raise ValueError("save_pretrained needs a model built by from_folder (it names the BLIP-2 source)")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(_arrays(self.video_encoder, exclude), str(folder / self.weights_file), metadata={"format": "pt"})
+        llama = str(self.sources.llama_model)
+        if save_language_model:
+            (folder / "llama").mkdir(exist_ok=True)
+            save_file(_arrays(self.language_model, exclude), str(folder / "llama" / "model.safetensors"),
+                      metadata={"format": "pt"})
+            self.config.text_config.save_pretrained(folder / "llama")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder / "llama")
+            llama = "llama"
+        video = self.config.video_qformer_config
+        config = {"model_type": "video_llama", "blip2_model": str(self.sources.blip2_model),
+                  "checkpoint": self.weights_file, "llama_model": llama,
+                  "num_video_query_tokens": self.config.num_video_query_tokens,
+                  "max_frame_pos": self.config.max_frame_pos,
+                  "video_qformer": {key: getattr(video, key) for key in VIDEO_QFORMER_DEFAULTS}}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return folder
+
     def get_input_embeddings(self) -> nn.Cell:
         return self.language_model.get_input_embeddings()
+
+    def prompt_ids(self, tokenizer, prompt: str) -> list[int]:
+        """The prompt's ids with the video slots at its ``<ImageHere>`` (see :func:`build_prompt_ids`)."""
+        return build_prompt_ids(tokenizer, prompt, self.config.num_video_query_tokens)
 
     def get_video_features(self, pixel_values) -> Tensor:
         """(B, T, 3, H, W) videos or (B, 3, H, W) images (T=1) -> (B, num_video_query_tokens, LLM hidden)."""
@@ -302,13 +363,25 @@ class VideoLlamaForConditionalGeneration(nn.Cell):
         placed = ops.gather(flat, Tensor(index), 0).reshape(embeds.shape)
         return ops.where(Tensor(slots)[..., None], placed, embeds)
 
-    def construct(self, pixel_values, input_ids, attention_mask=None) -> VideoLlamaOutput:
-        """Logits (B, L, V) of the prompt with the video in its slots; numpy or Tensor inputs."""
+    get_image_features = get_video_features
+
+    def _merge(self, video_embeds: Tensor, input_ids: np.ndarray, attention_mask: Optional[np.ndarray]):
+        """LM input embeddings and mask of prompts holding video slots (BLIP-2's ``_merge`` interface)."""
+        mask = np.ones(input_ids.shape, np.int64) if attention_mask is None else attention_mask
+        return self._embed_prompt(video_embeds, input_ids.astype(np.int64)), mask
+
+    def construct(self, pixel_values, input_ids, attention_mask=None, labels=None) -> VideoLlamaOutput:
+        """Logits (B, L, V) of the prompt with the video in its slots; numpy or Tensor inputs.
+
+        ``labels`` (B, L) aligned with ``input_ids`` (-100 on the prompt and the video slots): the
+        mean cross-entropy of predicting token t+1 from t, as transformers' causal LMs compute it.
+        """
         input_ids = to_numpy(input_ids).astype(np.int64)
         embeds = self._embed_prompt(self.get_video_features(pixel_values), input_ids)
         mask = np.ones(input_ids.shape, np.int32) if attention_mask is None else to_numpy(attention_mask, np.int32)
         logits = self.language_model(inputs_embeds=embeds, attention_mask=Tensor(mask)).logits
-        return VideoLlamaOutput(logits=logits)
+        loss = None if labels is None else causal_lm_loss(logits, to_tensor(labels, ms.int32), shift=True)
+        return VideoLlamaOutput(logits=logits, loss=loss)
 
     def generate(self, pixel_values, input_ids, attention_mask=None, return_dict_in_generate: bool = False,
                  **generate_kwargs):

@@ -4,7 +4,8 @@ Both objectives need the same thing: for each (video, caption token ids) pair, t
 log-probability of every caption token under the model with the caption fed as input.
 The layout follows the model: OPT reads [image slots] + prompt + caption + eos as one
 sequence (labels only on the caption), T5 encodes [image slots] + prompt and decodes
-the caption. The video is encoded once per video even when several captions share it.
+the caption, Video-LLaMA reads its prompt with the video in the ``<ImageHere>`` slots + caption +
+eos (as OPT). The video is encoded once per video even when several captions share it.
 
 Losses are sums over tokens divided by a count the caller passes (the token count of the
 global batch), so data-parallel ranks that all-reduce-sum their gradients get exactly
@@ -46,6 +47,12 @@ class CaptionEncoder:
         self.pad = int(text.pad_token_id if text.pad_token_id is not None else self.eos)
         self.tokenizer = tokenizer
         self.max_txt_len = max_txt_len
+        # generate's sequences start with the prompt (BLIP-2 OPT), not Video-LLaMA's (new tokens only)
+        self.sequences_hold_prompt = self.is_decoder_only
+        if hasattr(model, "prompt_ids"):  # the video goes where the prompt's text says (Video-LLaMA)
+            self.prompt_ids = model.prompt_ids(tokenizer, prompt)
+            self.sequences_hold_prompt = False
+            return
         self.prompt_ids = list(tokenizer(prompt)["input_ids"]) if prompt else []
         if self.is_decoder_only and not self.prompt_ids and text.bos_token_id is not None:
             self.prompt_ids = [int(text.bos_token_id)]
@@ -67,7 +74,10 @@ class CaptionEncoder:
 
     def generated_ids(self, sequences: np.ndarray, prompt_len: int) -> list[list[int]]:
         """New tokens of ``generate`` output up to and including the first eos (padding dropped)."""
-        start = prompt_len if self.is_decoder_only else 1
+        if self.sequences_hold_prompt:
+            start = prompt_len
+        else:  # T5's sequences start with the decoder start token
+            start = 0 if self.is_decoder_only else 1
         out = []
         for row in np.asarray(sequences)[:, start:]:
             ends = np.flatnonzero(row == self.eos)

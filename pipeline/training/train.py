@@ -1,4 +1,4 @@
-"""Train the BLIP-2 video captioner: cross-entropy fine-tuning (``mode: ce``) or SCST (``mode: scst``).
+"""Train the BLIP-2 video captioner or Video-LLaMA: cross-entropy fine-tuning (``mode: ce``) or SCST (``mode: scst``).
 
     python -m pipeline.training.train --config configs/train/caption_msrvtt_flant5xl_ft.yaml \\
         --pretrained /models/blip2-flan-t5-xl --train_annotations ANN --video_root VIDEOS --output_dir OUT
@@ -8,7 +8,12 @@ What trains: the Q-Former, its query tokens, the language projection and the fra
 embedding if the model has one (always), LoRA on the language model's attention
 (``lora_targets``), the vision encoder (``train_vision``), the whole language model
 (``train_language_model``, for models trained from scratch such as the bundled demo).
-Everything else is frozen and stays bit-identical.
+Everything else is frozen and stays bit-identical. A Video-LLaMA folder (``model_type:
+video_llama``) trains what Video-LLaMA trains: the video Q-Former, its query tokens, the frame
+position embedding and ``llama_proj`` (the model's ``trainable_prefixes``), with LoRA or the
+language model as above; its prompt must hold ``<ImageHere>`` (configs/train/videollama_*.yaml),
+its tokenizer is its LLaMA folder's, and the export is a Video-LLaMA folder (the video branch's
+``video_llama.safetensors``, plus ``llama/`` when the language model changed).
 
 Data parallel: every rank reads its slice of each global batch (``pipeline.training.data``),
 losses are normalised by global counts (tokens for CE, candidates for SCST), and the
@@ -61,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", help="YAML file of option: value pairs (configs/train/*.yaml); flags override it")
     a("--mode", choices=["ce", "scst"], default="ce", help="cross-entropy fine-tuning or SCST")
     # model
-    a("--pretrained", help="BLIP-2 model folder (config.json, *.safetensors, tokenizer); for SCST the CE result")
+    a("--pretrained", help="BLIP-2 model folder (config.json, *.safetensors, tokenizer) or Video-LLaMA folder; "
+                           "for SCST the CE result")
     a("--model_config", help="instead of --pretrained: a BLIP-2 config.json to build a randomly "
                              "initialised model from (demo / smoke runs); needs --tokenizer")
-    a("--tokenizer", help="tokenizer folder (default: --pretrained)")
+    a("--tokenizer", help="tokenizer folder (default: --pretrained, for Video-LLaMA its LLaMA folder)")
     a("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
       help="frozen weights' dtype (auto: bfloat16 on Ascend, float32 on CPU); trained weights are float32")
     a("--train_vision", action=argparse.BooleanOptionalAction, default=False, help="also train the vision encoder")
@@ -168,7 +174,10 @@ def configure_trainable(model, args: argparse.Namespace) -> list[tuple[str, Para
         wrapped = apply_lora(model, args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha,
                              dropout=args.lora_dropout, seed=args.seed)
         logger.info("LoRA r=%d alpha=%g on %d layers", args.lora_rank, args.lora_alpha, len(wrapped))
-    prefixes = (ALWAYS_TRAINED + (("vision_model.",) if args.train_vision else ())
+    if args.train_vision and hasattr(model, "trainable_prefixes"):
+        raise ConfigError("--train_vision is for BLIP-2; Video-LLaMA's frame encoder stays frozen")
+    prefixes = (getattr(model, "trainable_prefixes", ALWAYS_TRAINED)
+                + (("vision_model.",) if args.train_vision else ())
                 + (("language_model.",) if args.train_language_model else ()))
     trainable = []
     for name, param in model.parameters_and_names():
@@ -337,10 +346,18 @@ def evaluate(model, encoder: CaptionEncoder, records, processor, args) -> dict[s
 
 
 def export(model, trainer_args, output_dir: Path, tokenizer) -> Path:
-    """``<output_dir>/final``: a model folder for ``from_pretrained`` (LoRA merged or beside it)."""
+    """``<output_dir>/final``: a model folder for ``from_pretrained`` (LoRA merged or beside it).
+
+    Video-LLaMA: LoRA is always merged, and the language model is saved only when it was trained.
+    """
     from pipeline.training.lora import lora_parameters
 
     final = output_dir / "final"
+    if hasattr(model, "save_pretrained"):
+        language_model_trained = bool(lora_parameters(model)) or trainer_args.train_language_model
+        merge_lora(model)
+        return model.save_pretrained(final, tokenizer, save_language_model=language_model_trained,
+                                     exclude=(".lora_A", ".lora_B"))
     if lora_parameters(model) and trainer_args.lora_save == "separate":
         checkpointing.save_adapter(model, final)
         return checkpointing.export_model(model, final, tokenizer, exclude=(".lora_A", ".lora_B"))
@@ -361,7 +378,8 @@ def train(args: argparse.Namespace, loader=None, val_records=None) -> list[StepR
     info = distributed.setup(args.device)
     ms.set_seed(args.seed)
     model = build_model(args, resolve_dtype(args.dtype, info.device))
-    tokenizer_dir = args.tokenizer or args.pretrained
+    sources = getattr(model, "sources", None)
+    tokenizer_dir = args.tokenizer or (sources.llama_model if sources is not None else args.pretrained)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     encoder = CaptionEncoder(model, tokenizer, prompt=args.prompt, max_txt_len=args.max_txt_len)
     processor = Blip2FrameProcessor.from_pretrained(tokenizer_dir, image_size=model.config.vision_config.image_size)
