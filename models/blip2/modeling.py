@@ -39,7 +39,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from models.blip2.qformer import Blip2QFormerModel
+from models.blip2.qformer import Blip2QFormerModel, lavis_qformer_rules
 from models.blip2.vision import Blip2VisionModel, merge_q_v_bias
 from models.checkpoint import TensorRef
 from models import build_language_model
@@ -58,9 +58,7 @@ LANGUAGE_MODELS = {
 
 # LAVIS's names (its .pth training files) -> transformers' (as transformers' own conversion maps them)
 LAVIS_RULES = (
-    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
-    (r"^Qformer\.bert\.", "qformer."),
-    (r"^(qformer\.encoder\.layer\.\d+\.(?:cross)?attention)\.self\.", r"\1.attention."),
+    *lavis_qformer_rules("Qformer", "qformer"),
     (r"^ln_vision\.", "vision_model.post_layernorm."),
     (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
     (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),

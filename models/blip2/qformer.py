@@ -10,6 +10,8 @@ never runs text through the Q-Former.
 """
 from __future__ import annotations
 
+import re
+
 from typing import TYPE_CHECKING
 
 from mindspore import Tensor, nn
@@ -19,6 +21,14 @@ from models.layers import LayerNorm, Linear, gelu
 
 if TYPE_CHECKING:
     from transformers import Blip2QFormerConfig
+
+
+def lavis_qformer_rules(lavis: str, ours: str) -> tuple[tuple[str, str], ...]:
+    """Checkpoint renames from a LAVIS Q-Former (``<lavis>.bert.*``, ``attention.self``) to ours
+    (transformers' names under ``<ours>``), for LAVIS and Video-LLaMA training files."""
+    return ((rf"^{re.escape(lavis)}\.bert\.embeddings\.LayerNorm\.", f"{ours}.layernorm."),
+            (rf"^{re.escape(lavis)}\.bert\.", f"{ours}."),
+            (rf"^({re.escape(ours)}\.encoder\.layer\.\d+\.(?:cross)?attention)\.self\.", r"\1.attention."))
 
 
 class Blip2QFormerMultiHeadAttention(nn.Cell):

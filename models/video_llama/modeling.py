@@ -39,7 +39,7 @@ from mindspore import Tensor, nn, ops
 from safetensors.numpy import save_file
 from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig
 
-from models.blip2.qformer import Blip2QFormerModel
+from models.blip2.qformer import Blip2QFormerModel, lavis_qformer_rules
 from models.blip2.vision import Blip2VisionModel, merge_q_v_bias
 from models.checkpoint import CheckpointError, TensorRef, load_checkpoint, read_config, weight_files
 from models.generation import GenerateOutput, causal_lm_loss, generate, to_numpy, to_tensor
@@ -172,11 +172,7 @@ class VideoQueries(nn.Cell):
     """
 
     keep_in_fp32_modules = ("video_query_tokens", "video_frame_position_embedding", "video_Qformer")
-    checkpoint_rename_rules = (
-        (r"^video_Qformer\.bert\.embeddings\.LayerNorm\.", "video_Qformer.layernorm."),
-        (r"^video_Qformer\.bert\.encoder\.", "video_Qformer.encoder."),
-        (r"attention\.self\.", "attention.attention."),
-    )
+    checkpoint_rename_rules = lavis_qformer_rules("video_Qformer", "video_Qformer")
 
     def __init__(self, config: VideoLlamaConfig):
         super().__init__()

@@ -115,6 +115,11 @@ def _save(output: Path, suspects: dict[RowKey, Suspect]) -> None:
     os.replace(tmp, path)
 
 
+def pending(output: Path) -> bool:
+    """Whether earlier processes left rows to settle (in-flight files or recorded deaths)."""
+    return attempts_path(output).is_file() or bool(_find_inflight(output))
+
+
 def settle(output: Path, recorded: frozenset[RowKey], max_attempts: int) -> list[Suspect]:
     """Rank 0 at start: count the deaths that in-flight files show, and return the rows that are out of attempts.
 

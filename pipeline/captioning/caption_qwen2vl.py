@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -34,7 +33,7 @@ from models.qwen2_5_vl.processing import DEFAULT_FPS, Qwen2_5_VLVisionProcessor,
 from models.qwen2_vl.processing import Qwen2VLVisionProcessor
 from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
                                         uniform_subset)
-from pipeline.captioning.cli import common_parser, generation_options, main_with
+from pipeline.captioning.cli import checkpoint_decoding, common_parser, generation_options, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR
@@ -71,8 +70,6 @@ class Qwen2VLCaptioner:
                  fps: float = 4.0, num_frames: int | None = None, max_frames: int = 768, height: int = 448,
                  width: int = 672, max_new_tokens: int = 200, max_visual_tokens: int | None = None,
                  generation: dict | None = None):
-        from transformers import GenerationConfig
-
         self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
         self.model = from_pretrained(folder, dtype=dtype)
         self.timed = self.model.config.model_type == "qwen2_5_vl"  # Qwen2.5-VL: time-based positions
@@ -91,17 +88,11 @@ class Qwen2VLCaptioner:
         ids = self.tokenizer(text)["input_ids"]
         at = ids.index(self.model.config.video_token_id)
         self.prefix, self.suffix = ids[:at], ids[at + 1:]
-        gen = GenerationConfig.from_pretrained(folder) if (Path(folder) / "generation_config.json").is_file() \
-            else self.model.config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
-        pad = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
-        # The checkpoint's repetition controls (Qwen2-VL-Instruct sets repetition_penalty 1.05), as
+        # The checkpoint's repetition controls (Qwen2-VL-Instruct sets repetition_penalty 1.05) apply, as
         # transformers applies them, unless a flag overrides them.
-        defaults = {name: getattr(gen, name) for name in ("repetition_penalty", "no_repeat_ngram_size")
-                    if getattr(gen, name, None) is not None}
-        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=self.pad_id,
-                                    **{**defaults, **(generation or {})})
+        decoding = checkpoint_decoding(folder, self.model.config, self.tokenizer)
+        self.pad_id = decoding["pad_token_id"]
+        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, **{**decoding, **(generation or {})})
         max_positions = self.model.config.text_config.max_position_embeddings
         self.budget = context_budget(max_positions, len(self.prefix) + len(self.suffix), max_new_tokens,
                                      max_visual_tokens)

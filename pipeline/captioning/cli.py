@@ -147,6 +147,20 @@ def generation_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def checkpoint_decoding(folder: str, model_config, tokenizer) -> dict:
+    """The checkpoint's end and pad tokens and its repetition controls (``generation_config.json``, else
+    the model config, else the tokenizer), as ``generate`` keyword arguments, as transformers uses them."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_pretrained(folder) if (Path(folder) / "generation_config.json").is_file() \
+        else model_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+    controls = {name: getattr(gen, name) for name in ("repetition_penalty", "no_repeat_ngram_size")
+                if getattr(gen, name, None) is not None}
+    return dict(eos_token_id=eos, pad_token_id=pad if pad is not None else int(np.atleast_1d(eos)[0]), **controls)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag values that would make every row an error row, before anything is loaded."""
     def given(name: str):

@@ -20,11 +20,11 @@ from typing import Sequence
 
 import numpy as np
 from jinja2.exceptions import TemplateError
-from transformers import GenerationConfig
 
 from models import from_pretrained, model_family
 from models.checkpoint import CheckpointError, load_tokenizer, read_config
-from pipeline.captioning.cli import add_decoding_flags, common_parser, generation_options, main_with
+from pipeline.captioning.cli import (add_decoding_flags, checkpoint_decoding, common_parser, generation_options,
+                                     main_with)
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import RunSummary
 from pipeline.config import CONFIG_DIR, ConfigError, load_yaml
@@ -82,16 +82,11 @@ class CaptionEnhancer:
         self.captions = captions
         self.template = template
         self.column = column
-        gen = GenerationConfig.from_pretrained(folder) if (Path(folder) / "generation_config.json").is_file() \
-            else self.model.config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
-        pad = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else int(np.atleast_1d(eos)[0])
         # The checkpoint's repetition controls (Qwen2.5-Instruct: repetition_penalty 1.05) unless a flag is given.
-        defaults = {name: getattr(gen, name) for name in ("repetition_penalty", "no_repeat_ngram_size")
-                    if getattr(gen, name, None) is not None}
-        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=eos,
-                                    pad_token_id=self.pad_id, **{**defaults, **(generation or {})})
+        decoding = checkpoint_decoding(folder, self.model.config, self.tokenizer)
+        self.pad_id = decoding["pad_token_id"]
+        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                    **{**decoding, **(generation or {})})
 
     def prepare(self, cells: dict[str, str]) -> str:
         """The row's caption, or the reason it cannot be rewritten (an error row)."""

@@ -495,6 +495,8 @@ def _remove_leftovers(output: Path, meet: distributed.FileBarrier) -> None:
 
 def _record_deaths(output: Path, order: list[RowKey], max_attempts: int, schema: Schema) -> None:
     """Count the rows a dead process left in flight; write those out of attempts as error rows."""
+    if not attempts.pending(output):
+        return  # the usual case: no output read just for this
     progress = read_progress(output)
     spent = attempts.settle(output, progress.done | progress.failed, max_attempts)
     if spent:
