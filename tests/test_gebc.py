@@ -1,4 +1,5 @@
-"""Kinetic-GEBC: the annotation reader, per-boundary captioning with Video-LLaMA (resume, batching), per-type scores.
+"""Kinetic-GEBC: the annotation reader, per-boundary captioning with Video-LLaMA (resume, batching), per-type
+scores, and training on boundaries (frames from each boundary's window, one question per caption type).
 
 The data are synthetic shape clips whose event happens at a known time (a square turns
 from red to blue at 1.0 s, a circle appears at 0.75 s), annotated in the challenge's format.
@@ -6,19 +7,26 @@ from red to blue at 1.0 s, a circle appears at 0.75 s), annotated in the challen
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from models.checkpoint import load_tokenizer
 from models.video_llama.modeling import VideoLlamaForConditionalGeneration
 from pipeline.captioning.caption_videollama import VideoLlamaCaptioner, main as videollama_main
 from pipeline.datasets import gebc
-from pipeline.datasets.captions import CaptionFormatError
+from pipeline.datasets.captions import CaptionFormatError, load_captions
 from pipeline.datasets.synthetic import COLOURS, Clip, render, write_video
+from pipeline.datasets.video import sample_frames
 from pipeline.training import evaluate
-from tests.test_video_llama import TorchVideoLlama, build_folder, read_rows
+from pipeline.training.data import VideoCaptionLoader
+from pipeline.training.objectives import CaptionEncoder
+from pipeline.training.train import main as train_main
+from tests.test_training import flags
+from tests.test_video_llama import PROMPT, TorchVideoLlama, build_folder, read_rows
 
 FPS = 8
 BOUNDARIES = {
@@ -179,3 +187,78 @@ def test_scores_per_caption_type(dataset, tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(f"{field}\nmetric" in out for field in gebc.FIELDS) and out.count("CIDEr") == 3
     assert json.loads((tmp_path / "scores.json").read_text())["scores"]["subject"]["ROUGE_L"] == pytest.approx(1.0)
+
+
+def test_annotation_gives_three_training_samples_per_boundary(dataset, tmp_path):
+    questions = gebc.read_questions(gebc.DEFAULT_QUESTIONS)
+    records = load_captions(dataset, boundary_window=0.5)  # the format is detected
+    assert [r.video_id for r in records[:3]] == [f"square_recolour_0:{field}" for field in gebc.FIELDS]
+    assert len(records) == 9 and all(Path(r.path).is_file() for r in records)
+    assert [(r.captions, r.question, r.group) for r in records[6:]] == [
+        (("a green circle",), questions["subject"], "subject"),
+        (("standing still",), questions["status_before"], "status_before"),
+        (("keep still",), questions["status_after"], "status_after")]
+    assert [(r.start, r.end) for r in records[::3]] == [(0.5, 1.5), (0.25, 1.25), (1.1, 2.0)]
+    keep = tmp_path / "split.txt"
+    keep.write_text("circle_appears\n")
+    assert {r.video_id.split(":")[0] for r in load_captions(dataset, split_file=keep)} == {
+        "circle_appears_0", "circle_appears_1"}
+    no_references = tmp_path / "test.json"
+    no_references.write_text(json.dumps({"vid": [{"boundary_id": "vid_0", "timestamp": 1.0}]}))
+    with pytest.raises(CaptionFormatError, match="no boundary has a reference caption"):
+        load_captions(no_references)
+
+
+def test_training_frames_come_from_the_boundary_window(dataset):
+    records = load_captions(dataset, boundary_window=0.25)
+    loader = VideoCaptionLoader(records, 9, lambda frames: frames, num_frames=2, sampling="uniform",
+                                shuffle=False, num_workers=1)
+    batch = next(iter(loader))
+    assert batch.questions == [r.question for r in records]
+    square = batch.pixel_values[0]  # the square turns from red to blue at 1.0 s; the window is 0.75 to 1.25 s
+    assert (np.abs(square[0].astype(int) - COLOURS["red"]).sum(-1) < 60).any()
+    assert (np.abs(square[1].astype(int) - COLOURS["blue"]).sum(-1) < 60).any()
+    whole, _ = sample_frames(records[0].path, num_frames=2)
+    expected, _ = sample_frames(records[0].path, num_frames=2, start=0.75, end=1.25)
+    np.testing.assert_array_equal(square, expected)
+    assert not np.array_equal(square, whole)
+
+
+def test_each_sample_gets_its_question_in_the_prompt(folder):
+    model = VideoLlamaForConditionalGeneration.from_folder(folder)
+    tokenizer = load_tokenizer(folder.parent / "llama")
+    encoder = CaptionEncoder(model, tokenizer, prompt=PROMPT)
+    questions = ["What is it?", "What was the subject doing before the change?"]
+    captions = encoder.caption_ids(["a red square", "red"])
+    tokens = encoder.encode(captions, questions=questions)
+    for row, (question, caption) in enumerate(zip(questions, captions)):
+        prompt = encoder.prompt_for(question)
+        assert prompt == model.prompt_ids(tokenizer, PROMPT.replace("{question}", question))
+        assert tokens.input_ids[row, :len(prompt)].tolist() == prompt
+        assert tokens.labels[row][tokens.labels[row] != -100].tolist() == caption
+    ids, mask = encoder.prompt_batch(2, questions)
+    short = len(encoder.prompt_for(questions[0]))
+    assert mask[0].tolist() == [0] * (ids.shape[1] - short) + [1] * short, "generation prompts are left-padded"
+    with pytest.raises(ValueError, match="has a {question} but the sample has no question"):
+        encoder.encode(captions)
+    with pytest.raises(ValueError, match="has no {question} but the sample has one"):
+        CaptionEncoder(model, tokenizer, prompt="<ImageHere> Describe.").encode(captions, questions=questions)
+
+
+def test_gebc_training_lowers_the_loss_and_scores_each_caption_type(dataset, folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.training.train")
+    results = train_main(flags(folder, dataset, tmp_path, prompt=PROMPT, boundary_window=0.5, batch_size=9,
+                               max_steps=4, lr=3e-3, min_lr=3e-3, val_annotations=dataset, eval_batch_size=9,
+                               num_beams=1, max_new_tokens=3, export=False))
+    losses = [r.loss for r in results]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.1, losses
+    evaluation = next(r.getMessage() for r in caplog.records if "evaluation" in r.getMessage())
+    for field in gebc.FIELDS:
+        assert f"{field}/CIDEr" in evaluation and f"{field}/Bleu_4" in evaluation
+
+
+def test_gebc_scst_step_asks_each_question(dataset, folder, tmp_path, calls):
+    results = train_main(flags(folder, dataset, tmp_path, mode="scst", prompt=PROMPT, batch_size=3, max_steps=1,
+                               scst_num_candidates=2, lr=1e-5, min_lr=1e-6, export=False))
+    assert len(results) == 1 and np.isfinite(results[0].loss) and 0.0 <= results[0].reward <= 10.0
+    assert calls["model"] == [3], "the batch's three prompts go to one generate call"

@@ -29,12 +29,11 @@ from models.video_llama.modeling import build_prompt_ids, read_sources
 from pipeline.captioning.cli import common_parser, generation_options, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
-from pipeline.config import CONFIG_DIR, ConfigError, load_yaml, parse_with_config
+from pipeline.config import CONFIG_DIR, ConfigError, parse_with_config
 from pipeline.datasets import gebc
 from pipeline.datasets.metadata import write_csv_atomic
 
 BASE_CONFIG = CONFIG_DIR / "captioning" / "videollama.yaml"
-GEBC_QUESTIONS = CONFIG_DIR / "captioning" / "gebc_questions.yaml"
 VICUNA_TEMPLATE = "###Human: <Video><ImageHere></Video> {question}###Assistant:"
 CAPTION = "text"
 
@@ -120,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", choices=["caption", "gebc"], default="caption",
                    help="caption: one caption per row; gebc: the input is a Kinetic-GEBC annotation JSON (or its "
                         "boundary CSV) and each boundary gets subject, status_before and status_after")
-    g.add_argument("--gebc_questions", default=str(GEBC_QUESTIONS),
+    g.add_argument("--gebc_questions", default=str(gebc.DEFAULT_QUESTIONS),
                    help="YAML of the three questions, keys " + ", ".join(gebc.FIELDS))
     g.add_argument("--boundary_window", type=float, default=gebc.DEFAULT_WINDOW,
                    help="seconds of video before and after each boundary that frames are sampled from")
@@ -129,21 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_questions(path: str | Path) -> dict[str, str]:
-    """The GEBC questions, in ``gebc.FIELDS`` order."""
-    questions = load_yaml(path)
-    if not isinstance(questions, dict) or sorted(questions) != sorted(gebc.FIELDS) or \
-            not all(isinstance(q, str) and q.strip() for q in questions.values()):
-        raise ConfigError(f"{path}: expected one question (text) for each of {', '.join(gebc.FIELDS)}, "
-                          f"got {questions!r}")
-    return {field: questions[field] for field in gebc.FIELDS}
-
-
 def build_captioner(args: argparse.Namespace, dtype: str) -> VideoLlamaCaptioner:
     if not args.pretrained_model_name_or_path:
         raise FileNotFoundError("--pretrained_model_name_or_path is required: a Video-LLaMA folder "
                                 "(config.json with model_type video_llama)")
-    questions = read_questions(args.gebc_questions) if args.task == "gebc" else {CAPTION: args.question}
+    questions = gebc.read_questions(args.gebc_questions) if args.task == "gebc" else {CAPTION: args.question}
     return VideoLlamaCaptioner(args.pretrained_model_name_or_path, dtype, questions=questions,
                                prompt_template=args.prompt_template, separator=args.separator,
                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
@@ -154,7 +143,7 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> VideoLlamaCaptioner
 def gebc_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
     """The arguments of a GEBC run: an annotation JSON input becomes its boundary table, written beside the
     output (default ``<annotation stem>_gebc.csv``); the prompt column records the three questions."""
-    argv = argv + ["--question", " | ".join(read_questions(args.gebc_questions).values())]
+    argv = argv + ["--question", " | ".join(gebc.read_questions(args.gebc_questions).values())]
     annotation = Path(args.input)
     if annotation.suffix.lower() != ".json":
         return argv

@@ -12,6 +12,11 @@ Formats (``format=`` name, what auto-detection looks for):
 - ``lavis``: LAVIS' list ``[{"video": "x.mp4", "caption": str or [str], "image_id"?}]``.
 - ``csv``: our metadata CSV, ``path`` and ``text``; several rows per path are several
   references. The raw ``path`` value is the video id.
+- ``gebc``: a Kinetic-GEBC boundary annotation ``{"<video_id>": [{"boundary_id",
+  "timestamp", "subject", "status_before", "status_after", ...}]}``. Each boundary gives one
+  record per caption type (``<boundary_id>:<type>``), holding the boundary's frame window
+  (``start``/``end``), the question for that type (``gebc_questions``) and the type as its
+  ``group`` (see ``pipeline.datasets.gebc.caption_records``).
 
 Each video becomes one ``CaptionRecord`` holding all its references, in file order.
 Training uses one sample per (video, caption) pair (``training_samples``); evaluation
@@ -38,7 +43,7 @@ from pipeline.datasets.metadata import MetadataError, read_metadata, resolve_vid
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("msrvtt", "msvd", "vatex", "coco", "lavis", "csv")
+FORMATS = ("msrvtt", "msvd", "vatex", "coco", "lavis", "csv", "gebc")
 VIDEO_EXTENSIONS = ("mp4", "avi", "webm", "mkv")
 
 StrPath = str | os.PathLike
@@ -50,9 +55,21 @@ class CaptionFormatError(ValueError):
 
 @dataclass(frozen=True)
 class CaptionRecord:
+    """A video (or a part of one) with its reference captions.
+
+    ``start``/``end``: the seconds frames are sampled from (None: the whole video).
+    ``question``: the text that fills the prompt's ``{question}`` for this sample (None: the
+    prompt as it is). ``group``: the caption type scores are reported under (GEBC's subject,
+    status_before, status_after; None: one table).
+    """
+
     video_id: str
     path: str
     captions: tuple[str, ...]
+    start: float | None = None
+    end: float | None = None
+    question: str | None = None
+    group: str | None = None
 
 
 class _Grouper:
@@ -102,6 +119,10 @@ def _json_format(path: Path, data: Any) -> str:
             return "msrvtt"
         if "annotations" in data:
             return "coco"
+        boundaries = next(iter(data.values()), None)
+        if isinstance(boundaries, list) and boundaries and isinstance(boundaries[0], dict) \
+                and "timestamp" in boundaries[0]:
+            return "gebc"
         found = f"a JSON object with keys {sorted(data)[:10]}"
     elif isinstance(data, list) and data and isinstance(data[0], dict):
         if "videoID" in data[0] and "enCap" in data[0]:
@@ -113,7 +134,8 @@ def _json_format(path: Path, data: Any) -> str:
         found = f"a {type(data).__name__}" + (" (empty)" if not data else "")
     raise _fail(path, f"unknown caption JSON: found {found}; expected an object with 'videos' and "
                       f"'sentences' (MSR-VTT), an object with 'annotations' (COCO caption), a list of "
-                      f"{{'videoID', 'enCap'}} (VATEX) or a list of {{'video', 'caption'}} (LAVIS)")
+                      f"{{'videoID', 'enCap'}} (VATEX), a list of {{'video', 'caption'}} (LAVIS) or an "
+                      f"object of videos' boundary lists with 'timestamp' (Kinetic-GEBC)")
 
 
 def _items(path: Path, data: Any, key: str, fields: Iterable[str]) -> list[dict]:
@@ -234,12 +256,15 @@ def _read_ids(split_file: StrPath) -> set[str]:
 
 def load_captions(annotation_path: StrPath, format: str = "auto", video_root: StrPath | None = None,
                   split: str | None = None, split_file: StrPath | None = None,
-                  video_template: str | None = None) -> list[CaptionRecord]:
+                  video_template: str | None = None, gebc_questions: StrPath | None = None,
+                  boundary_window: float | None = None) -> list[CaptionRecord]:
     """Read an annotation file into one ``CaptionRecord`` per video (see the module doc).
 
     split: MSR-VTT's split name (``train``, ``validate``, ``test``); other formats keep
     splits in separate files. split_file: a file of video ids (one per line) to keep
     (MSVD's split lists; works for every format). Videos without any caption are dropped.
+    gebc_questions, boundary_window: GEBC's question file and seconds around a boundary
+    (defaults: ``pipeline.datasets.gebc``'s).
     """
     path = Path(annotation_path)
     if not path.is_file():
@@ -251,6 +276,8 @@ def load_captions(annotation_path: StrPath, format: str = "auto", video_root: St
     if split is not None and format != "msrvtt":
         raise CaptionFormatError(f"{path}: split={split!r} only applies to MSR-VTT's videodatainfo.json; "
                                  f"for {format} use the split's own file or split_file")
+    if format == "gebc":
+        return _gebc(path, video_root, split_file, video_template, gebc_questions, boundary_window)
     if format == "csv":
         groups = _csv(path)
     elif format == "msvd":
@@ -283,6 +310,18 @@ def load_captions(annotation_path: StrPath, format: str = "auto", video_root: St
     if missing:
         logger.warning("%s: %d of %d videos not found, e.g. %s (the loader will skip them)",
                        path, len(missing), len(records), missing[0])
+    return records
+
+
+def _gebc(path: Path, video_root: StrPath | None, split_file: StrPath | None, video_template: str | None,
+          questions: StrPath | None, window: float | None) -> list[CaptionRecord]:
+    from pipeline.datasets import gebc
+
+    keep = _read_ids(split_file) if split_file is not None else None
+    records = gebc.caption_records(path, video_root=video_root, video_template=video_template,
+                                   questions=questions, window=window, video_ids=keep)
+    if not records:
+        raise _fail(path, "no boundary has a reference caption (a test split has none: caption it instead)")
     return records
 
 

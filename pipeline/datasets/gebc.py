@@ -21,20 +21,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import pandas as pd
 
-from pipeline.datasets.captions import CaptionFormatError
-from pipeline.datasets.metadata import write_csv_atomic
+from pipeline.config import CONFIG_DIR, ConfigError, load_yaml
+from pipeline.datasets.captions import CaptionFormatError, CaptionRecord
+from pipeline.datasets.metadata import resolve_video_path, write_csv_atomic
+
+logger = logging.getLogger(__name__)
 
 FIELDS = ("subject", "status_before", "status_after")
 REFERENCE_PREFIX = "ref_"
 DEFAULT_WINDOW = 2.0
 DEFAULT_TEMPLATE = "{video_id}.mp4"
+DEFAULT_QUESTIONS = CONFIG_DIR / "captioning" / "gebc_questions.yaml"
 _EXPECTED = '{"<video_id>": [{"boundary_id", "timestamp", "subject", "status_before", "status_after", ...}]}'
 
 
@@ -103,6 +109,42 @@ def read_boundaries(path: str | Path, window: float = DEFAULT_WINDOW,
     if ids.duplicated().any():
         raise _fail(path, f"boundary_id {ids[ids.duplicated()].iloc[0]!r} appears more than once")
     return pd.DataFrame(rows)
+
+
+def read_questions(path: str | Path) -> dict[str, str]:
+    """The GEBC questions, in ``FIELDS`` order."""
+    questions = load_yaml(path)
+    if not isinstance(questions, dict) or sorted(questions) != sorted(FIELDS) or \
+            not all(isinstance(q, str) and q.strip() for q in questions.values()):
+        raise ConfigError(f"{path}: expected one question (text) for each of {', '.join(FIELDS)}, "
+                          f"got {questions!r}")
+    return {field: questions[field] for field in FIELDS}
+
+
+def caption_records(path: str | Path, video_root: str | Path | None = None, video_template: str | None = None,
+                    questions: str | Path | None = None, window: float | None = None,
+                    video_ids: Collection[str] | None = None) -> list[CaptionRecord]:
+    """Training and evaluation samples: per boundary, one record per caption type that has a reference.
+
+    A record's ``video_id`` is ``<boundary_id>:<type>``, its frames come from the boundary's
+    window, its ``question`` is that type's (``questions``: a YAML as
+    configs/captioning/gebc_questions.yaml) and its ``group`` is the type. Videos are files in
+    ``video_root`` (default: the annotation's folder) named by ``video_template``.
+    """
+    path = Path(path)
+    asked = read_questions(questions or DEFAULT_QUESTIONS)
+    table = read_boundaries(path, DEFAULT_WINDOW if window is None else window, video_template or DEFAULT_TEMPLATE)
+    if video_ids is not None:
+        table = table[table["video_id"].isin(video_ids)]
+    root = Path(video_root) if video_root is not None else path.parent
+    records = [CaptionRecord(f"{row.boundary_id}:{field}", resolve_video_path(row.path, root),
+                             (getattr(row, REFERENCE_PREFIX + field),), float(row.start), float(row.end),
+                             asked[field], field)
+               for row in table.itertuples(index=False) for field in FIELDS if getattr(row, REFERENCE_PREFIX + field)]
+    missing = sorted({rec.path for rec in records if not os.path.exists(rec.path)})
+    if missing:
+        logger.warning("%s: %d videos not found, e.g. %s (the loader will skip them)", path, len(missing), missing[0])
+    return records
 
 
 def references(boundaries: pd.DataFrame) -> dict[str, dict[str, list[str]]]:

@@ -9,6 +9,8 @@ last global batch may be short, so a rank may get a short batch or none there. F
 seeded by ``(seed, epoch, sample index)``, so a sample's frames do not depend on which
 rank or worker decodes it, or on whether the run was resumed.
 
+A sample with ``start``/``end`` (a GEBC boundary's window) is sampled within those seconds.
+
 Resume. ``state_dict()`` is ``{"epoch", "step"}`` (plus sizes to check against):
 the next batch to yield. Loading it and iterating yields exactly the batches an
 uninterrupted run would have yielded from there.
@@ -44,6 +46,7 @@ class Batch:
     video_ids: list[str]
     captions: list[tuple[str, ...]]   # training: one caption each; evaluation: all references
     indices: list[int]                # positions of the samples in the loader's sample list
+    questions: list[str | None] | None = None  # per sample, the prompt's {question} (GEBC); None: no questions
 
 
 class VideoCaptionLoader:
@@ -125,8 +128,9 @@ class VideoCaptionLoader:
         if index in self.unreadable:
             raise VideoReadError(self.samples[index].path, "unreadable earlier in this run")
         rng = np.random.default_rng([self.seed, epoch, index])
-        frames, _ = sample_frames(self.samples[index].path, num_frames=self.num_frames,
-                                  sampling=self.sampling, rng=rng, backend=self.backend)
+        sample = self.samples[index]
+        frames, _ = sample_frames(sample.path, num_frames=self.num_frames, sampling=self.sampling, rng=rng,
+                                  backend=self.backend, start=sample.start, end=sample.end)
         return self.preprocess(frames)
 
     def _note_unreadable(self, index: int, exc: VideoReadError) -> None:
@@ -161,7 +165,8 @@ class VideoCaptionLoader:
         if not indices:
             return None
         return Batch(pixel_values=np.stack(inputs), video_ids=[self.samples[i].video_id for i in indices],
-                     captions=[self.samples[i].captions for i in indices], indices=indices)
+                     captions=[self.samples[i].captions for i in indices], indices=indices,
+                     questions=[self.samples[i].question for i in indices])
 
     def __iter__(self) -> Iterator[Batch]:
         """Yield this rank's batches from the saved position to the end of the epoch."""

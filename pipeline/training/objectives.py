@@ -20,6 +20,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
+QUESTION = "{question}"
+
 
 @dataclass
 class CaptionTokens:
@@ -37,32 +39,68 @@ class CaptionTokens:
 
 
 class CaptionEncoder:
-    """Turns caption strings or generated ids into :class:`CaptionTokens` for one model and prompt."""
+    """Turns caption strings or generated ids into :class:`CaptionTokens` for one model and prompt.
+
+    A prompt holding ``{question}`` is a template: each sample's question (GEBC's three
+    questions) fills it, so one batch can hold several prompts.
+    """
 
     def __init__(self, model, tokenizer, prompt: str = "a video of", max_txt_len: int = 32):
         config = model.config
+        self.model = model
         self.is_decoder_only = model.is_decoder_only
         text = config.text_config
         self.eos = int(text.eos_token_id)
         self.pad = int(text.pad_token_id if text.pad_token_id is not None else self.eos)
         self.tokenizer = tokenizer
+        self.prompt = prompt
         self.max_txt_len = max_txt_len
         # generate's sequences start with the prompt (BLIP-2 OPT), not Video-LLaMA's (new tokens only)
-        self.sequences_hold_prompt = self.is_decoder_only
-        if hasattr(model, "prompt_ids"):  # the video goes where the prompt's text says (Video-LLaMA)
-            self.prompt_ids = model.prompt_ids(tokenizer, prompt)
-            self.sequences_hold_prompt = False
-            return
-        self.prompt_ids = list(tokenizer(prompt)["input_ids"]) if prompt else []
-        if self.is_decoder_only and not self.prompt_ids and text.bos_token_id is not None:
-            self.prompt_ids = [int(text.bos_token_id)]
-        if config.image_token_index is not None:
-            self.prompt_ids = [int(config.image_token_index)] * config.num_query_tokens + self.prompt_ids
+        self.sequences_hold_prompt = self.is_decoder_only and not hasattr(model, "prompt_ids")
+        self.prompts: dict[str | None, list[int]] = {}
 
-    def prompt_batch(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Prompt ids and mask for ``generate``."""
-        ids = np.tile(np.asarray(self.prompt_ids, np.int64), (batch, 1))
-        return ids, np.ones_like(ids)
+    def _build_prompt_ids(self, prompt: str) -> list[int]:
+        if hasattr(self.model, "prompt_ids"):  # the video goes where the prompt's text says (Video-LLaMA)
+            return self.model.prompt_ids(self.tokenizer, prompt)
+        config = self.model.config
+        ids = list(self.tokenizer(prompt)["input_ids"]) if prompt else []
+        if self.is_decoder_only and not ids and config.text_config.bos_token_id is not None:
+            ids = [int(config.text_config.bos_token_id)]
+        if config.image_token_index is not None:
+            ids = [int(config.image_token_index)] * config.num_query_tokens + ids
+        return ids
+
+    def prompt_for(self, question: str | None = None) -> list[int]:
+        """The prompt's ids, with ``question`` in its ``{question}``."""
+        if question not in self.prompts:
+            if (question is None) == (QUESTION in self.prompt):
+                raise ValueError(f"the prompt {self.prompt!r} has {'a' if question is None else 'no'} {QUESTION} "
+                                 f"but the sample has {'no question' if question is None else 'one'}: a prompt "
+                                 f"with {QUESTION} is for annotations that ask questions (GEBC)")
+            text = self.prompt if question is None else self.prompt.replace(QUESTION, question)
+            self.prompts[question] = self._build_prompt_ids(text)
+        return self.prompts[question]
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompt_for(None)
+
+    def _prompt_list(self, batch: int, questions: Optional[Sequence[str | None]]) -> list[list[int]]:
+        if questions is not None and len(questions) != batch:
+            raise ValueError(f"{len(questions)} questions for {batch} samples")
+        return [self.prompt_for(q) for q in (questions if questions is not None else [None] * batch)]
+
+    def prompt_batch(self, batch: int, questions: Optional[Sequence[str | None]] = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Prompt ids and mask for ``generate``, left-padded when the questions differ."""
+        prompts = self._prompt_list(batch, questions)
+        width = max(len(p) for p in prompts)
+        ids = np.full((batch, width), self.pad, np.int64)
+        mask = np.zeros((batch, width), np.int64)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = prompt
+            mask[i, width - len(prompt):] = 1
+        return ids, mask
 
     def caption_ids(self, captions: Sequence[str]) -> list[list[int]]:
         """Token ids of each caption, truncated to ``max_txt_len`` tokens including the final eos."""
@@ -87,28 +125,33 @@ class CaptionEncoder:
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode([list(i) for i in ids], skip_special_tokens=True)]
 
-    def encode(self, captions: Sequence[Sequence[int]], rows: Optional[Sequence[int]] = None) -> CaptionTokens:
-        """Inputs for caption token ids (e.g. from :meth:`caption_ids`); ``rows``: their videos (default 0..N-1)."""
+    def encode(self, captions: Sequence[Sequence[int]], rows: Optional[Sequence[int]] = None,
+               questions: Optional[Sequence[str | None]] = None) -> CaptionTokens:
+        """Inputs for caption token ids (e.g. from :meth:`caption_ids`); ``rows``: their videos (default
+        0..N-1); ``questions``: each pair's question for the prompt (default none)."""
         n = len(captions)
         rows = np.arange(n) if rows is None else np.asarray(rows, np.int64)
-        width = max(len(c) for c in captions)
-        prompt = self.prompt_ids
+        prompts = self._prompt_list(n, questions)
         if self.is_decoder_only:
-            length = len(prompt) + width
+            length = max(len(p) + len(c) for p, c in zip(prompts, captions))
             ids = np.full((n, length), self.pad, np.int64)
             mask = np.zeros((n, length), np.int64)
             labels = np.full((n, length), -100, np.int64)
-            for i, cap in enumerate(captions):
+            for i, (prompt, cap) in enumerate(zip(prompts, captions)):
                 end = len(prompt) + len(cap)
                 ids[i, :end] = prompt + list(cap)
                 mask[i, :end] = 1
                 labels[i, len(prompt):end] = cap
             return CaptionTokens(ids, mask, labels, rows)
-        ids = np.tile(np.asarray(prompt, np.int64), (n, 1))
-        labels = np.full((n, width), -100, np.int64)
-        for i, cap in enumerate(captions):
+        width = max(len(p) for p in prompts)
+        ids = np.full((n, width), self.pad, np.int64)
+        mask = np.zeros((n, width), np.int64)
+        labels = np.full((n, max(len(c) for c in captions)), -100, np.int64)
+        for i, (prompt, cap) in enumerate(zip(prompts, captions)):
+            ids[i, :len(prompt)] = prompt
+            mask[i, :len(prompt)] = 1
             labels[i, :len(cap)] = cap
-        return CaptionTokens(ids, np.ones_like(ids), labels, rows)
+        return CaptionTokens(ids, mask, labels, rows)
 
 
 def token_logprobs(model, pixel_values, tokens: CaptionTokens) -> tuple[Tensor, Tensor]:

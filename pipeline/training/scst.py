@@ -59,8 +59,8 @@ def cider_reward(train_references: Sequence[Sequence[str]]) -> RewardFn:
 
 
 def _generate(model, encoder: CaptionEncoder, pixel_values, config: ScstConfig, greedy: bool,
-              rng: np.random.Generator) -> list[list[int]]:
-    ids, mask = encoder.prompt_batch(len(pixel_values))
+              rng: np.random.Generator, questions: Sequence[str | None] | None) -> list[list[int]]:
+    ids, mask = encoder.prompt_batch(len(pixel_values), questions)
     kwargs = dict(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
                   use_jit=config.use_jit)
     if greedy:
@@ -76,16 +76,17 @@ def _generate(model, encoder: CaptionEncoder, pixel_values, config: ScstConfig, 
 
 
 def make_candidates(model, encoder: CaptionEncoder, pixel_values: np.ndarray, references: Sequence[Sequence[str]],
-                    reward_fn: RewardFn, config: ScstConfig, rng: np.random.Generator) -> ScstBatch:
-    """Generate, decode and score the candidates of a batch (no gradients)."""
+                    reward_fn: RewardFn, config: ScstConfig, rng: np.random.Generator,
+                    questions: Sequence[str | None] | None = None) -> ScstBatch:
+    """Generate, decode and score the candidates of a batch (no gradients); ``questions``: per video (GEBC)."""
     if config.candidates not in CANDIDATES or config.baseline not in BASELINES:
         raise ValueError(f"candidates must be one of {CANDIDATES} and baseline one of {BASELINES}")
     was_training = model.training
     model.set_train(False)
     try:
         k = config.num_candidates
-        ids = _generate(model, encoder, pixel_values, config, greedy=False, rng=rng)
-        greedy_ids = _generate(model, encoder, pixel_values, config, greedy=True, rng=rng) \
+        ids = _generate(model, encoder, pixel_values, config, greedy=False, rng=rng, questions=questions)
+        greedy_ids = _generate(model, encoder, pixel_values, config, greedy=True, rng=rng, questions=questions) \
             if config.baseline == "greedy" else None
     finally:
         model.set_train(was_training)
@@ -96,7 +97,8 @@ def make_candidates(model, encoder: CaptionEncoder, pixel_values: np.ndarray, re
         baseline = np.repeat(rewards.reshape(-1, k).mean(axis=1), k)
     else:
         baseline = np.repeat(reward_fn(encoder.decode(greedy_ids), [list(r) for r in references]), k)
-    tokens = encoder.encode(ids, rows=np.repeat(np.arange(len(pixel_values)), k))
+    tokens = encoder.encode(ids, rows=np.repeat(np.arange(len(pixel_values)), k),
+                            questions=None if questions is None else [q for q in questions for _ in range(k)])
     return ScstBatch(tokens, captions, rewards, rewards - baseline)
 
 

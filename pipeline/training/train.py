@@ -93,10 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val_split_file", help="file of validation video ids (MSVD)")
     a("--video_root", help="folder of the videos")
     a("--video_template", help='video file name from its id, e.g. "{video_id}.mp4"')
+    a("--gebc_questions", help="GEBC annotations: YAML of the question asked for each caption type "
+                               "(default configs/captioning/gebc_questions.yaml); the prompt's {question} gets it")
+    a("--boundary_window", type=float, help="GEBC annotations: seconds before and after a boundary that its "
+                                           "frames are sampled from (default 2)")
     a("--num_frames", type=int, default=8, help="frames per training video (headtail random sampling)")
     a("--eval_num_frames", type=int, help="frames per evaluation video (uniform; default: --num_frames)")
     a("--num_workers", type=int, default=4, help="frame-decoding threads")
-    a("--prompt", default="a video of")
+    a("--prompt", default="a video of", help="text before the caption; {question} in it takes each sample's "
+                                            "question (GEBC annotations)")
     a("--max_txt_len", type=int, default=32, help="longest training caption in tokens (eos included)")
     # optimisation
     a("--batch_size", type=int, default=64, help="videos per device per micro-batch")
@@ -245,13 +250,16 @@ class Trainer:
     def _micro_loss(self, batch, rng: np.random.Generator):
         """(loss function of no arguments, extra metrics) for one micro-batch."""
         pixels = batch.pixel_values
+        asked = getattr(batch, "questions", None)
         if self.args.mode == "ce":
             rows = [row for row, caps in enumerate(batch.captions) for _ in caps]
             texts = [text for caps in batch.captions for text in caps]
-            tokens = self.encoder.encode(self.encoder.caption_ids(texts), rows)
+            questions = None if asked is None else [asked[row] for row in rows]
+            tokens = self.encoder.encode(self.encoder.caption_ids(texts), rows, questions)
             total = self.total_over_ranks(float(tokens.token_counts.sum()))
             return (lambda: caption_loss(self.model, pixels, tokens, total)), None
-        cands = make_candidates(self.model, self.encoder, pixels, batch.captions, self.reward_fn, self.scst, rng)
+        cands = make_candidates(self.model, self.encoder, pixels, batch.captions, self.reward_fn, self.scst, rng,
+                                asked)
         total = self.total_over_ranks(float(len(cands.rewards)))
         reward = self.total_over_ranks(float(cands.rewards.sum())) / total
         return (lambda: scst_loss(self.model, pixels, cands, total)), reward
@@ -301,7 +309,8 @@ def _records(args: argparse.Namespace, annotations: str, split: Optional[str], s
     from pipeline.datasets.captions import load_captions
 
     return load_captions(annotations, format=args.format, video_root=args.video_root, split=split,
-                         split_file=split_file, video_template=args.video_template)
+                         split_file=split_file, video_template=args.video_template,
+                         gebc_questions=args.gebc_questions, boundary_window=args.boundary_window)
 
 
 def build_train_loader(args, records, processor, info):
@@ -320,7 +329,7 @@ def generate_captions(model, encoder: CaptionEncoder, loader, args) -> dict[str,
     model.set_train(False)
     out = {}
     for batch in loader:
-        ids, mask = encoder.prompt_batch(len(batch.video_ids))
+        ids, mask = encoder.prompt_batch(len(batch.video_ids), batch.questions)
         seqs = model.generate(pixel_values=batch.pixel_values, input_ids=ids, attention_mask=mask,
                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                               min_new_tokens=args.min_new_tokens, use_jit=args.jit)
@@ -329,7 +338,10 @@ def generate_captions(model, encoder: CaptionEncoder, loader, args) -> dict[str,
 
 
 def evaluate(model, encoder: CaptionEncoder, records, processor, args) -> dict[str, float]:
-    """Caption the validation videos (uniform frames) and score them with pycocoevalcap (rank 0 only)."""
+    """Caption the validation videos (uniform frames) and score them with pycocoevalcap (rank 0 only).
+
+    Records with a ``group`` (GEBC's caption types) are scored per group: keys ``<group>/<metric>``.
+    """
     from pipeline.datasets.captions import references
     from pipeline.training.data import VideoCaptionLoader
     from pipeline.training.evaluate import score_captions
@@ -339,7 +351,17 @@ def evaluate(model, encoder: CaptionEncoder, records, processor, args) -> dict[s
                                 shuffle=False, drop_last=False, replace_unreadable=False,
                                 num_workers=args.num_workers)
     predictions = generate_captions(model, encoder, loader, args)
-    return score_captions(predictions, references(records))
+    groups: dict[str | None, list] = {}
+    for record in records:
+        groups.setdefault(record.group, []).append(record)
+    if list(groups) == [None]:
+        return score_captions(predictions, references(records))
+    scores = {}
+    for group, members in groups.items():
+        scored = score_captions({r.video_id: predictions[r.video_id] for r in members if r.video_id in predictions},
+                                references(members))
+        scores.update({f"{group}/{metric}": value for metric, value in scored.items()})
+    return scores
 
 
 # ----------------------------------------------------------------------------- the run
@@ -389,6 +411,8 @@ def train(args: argparse.Namespace, loader=None, val_records=None) -> list[StepR
             raise ConfigError("--train_annotations is required")
         train_records = _records(args, args.train_annotations, args.train_split, args.train_split_file)
         loader = build_train_loader(args, train_records, processor, info)
+    first = (getattr(loader, "samples", None) or [None])[0]
+    encoder.prompt_for(getattr(first, "question", None))  # a prompt that cannot work fails before training
     if val_records is None and args.val_annotations and info.is_main:
         val_records = _records(args, args.val_annotations, args.val_split, args.val_split_file)
     evaluating = bool(val_records or args.val_annotations)  # the same on every rank
