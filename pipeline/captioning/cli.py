@@ -58,11 +58,7 @@ def common_parser(description: str, epilog: str = "", model: bool = True) -> arg
     if model:
         p.add_argument("--pretrained_model_name_or_path", help="local folder of the checkpoint "
                                                                "(config.json, *.safetensors, tokenizer files)")
-        p.add_argument("--question", help="the prompt given to the model with each video")
-        p.add_argument("--prompt_preset", choices=sorted(load_yaml(PROMPTS_CONFIG)),
-                       help=f"use a named prompt from {PROMPTS_CONFIG.relative_to(CONFIG_DIR.parent)} instead of "
-                            "--question; the output's prompt column records the name (else the question)")
-        p.add_argument("--max_new_tokens", type=int, help="longest caption, in tokens")
+        add_prompt_flags(p)
     p.add_argument("--bs", type=int, default=4, help="videos captioned together in one batched generate call")
     p.add_argument("--num_frames", type=int, help="frames sampled uniformly from each video")
     resume = p.add_mutually_exclusive_group()
@@ -102,18 +98,31 @@ def common_parser(description: str, epilog: str = "", model: bool = True) -> arg
                         "binds its local device")
     if model:
         add_decoding_flags(p)
-        p.add_argument("--cleanup", action=argparse.BooleanOptionalAction, default=True,
-                       help="clean each caption (strip a boilerplate opening, cut a repetition loop) as "
-                            "--cleanup_config says, keeping the model's own text in text_raw and flagging "
-                            "cut loops in repetition")
-        p.add_argument("--cleanup_config", default=str(CLEANUP_CONFIG),
-                       help="YAML of the clean-up: strip_openings, cut_repetition and the openings list")
+        add_cleanup_flags(p)
         p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                        help="model weights and compute dtype (default: float32 on CPU, bfloat16 on Ascend)")
         p.add_argument("--attention_block_size", type=int, default=attention.DEFAULT_BLOCK_SIZE,
                        help="query/key block length of the tiled attention used for long prompts and large "
                             "frames (smaller uses less memory)")
     return p
+
+
+def add_prompt_flags(p: argparse.ArgumentParser) -> None:
+    """What is asked of each video, and how long the answer may be."""
+    p.add_argument("--question", help="the prompt given to the model with each video")
+    p.add_argument("--prompt_preset", choices=sorted(load_yaml(PROMPTS_CONFIG)),
+                   help=f"use a named prompt from {PROMPTS_CONFIG.relative_to(CONFIG_DIR.parent)} instead of "
+                        "--question; the output's prompt column records the name (else the question)")
+    p.add_argument("--max_new_tokens", type=int, help="longest caption, in tokens")
+
+
+def add_cleanup_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cleanup", action=argparse.BooleanOptionalAction, default=True,
+                   help="clean each caption (strip a boilerplate opening, cut a repetition loop) as "
+                        "--cleanup_config says, keeping the model's own text in text_raw and flagging "
+                        "cut loops in repetition")
+    p.add_argument("--cleanup_config", default=str(CLEANUP_CONFIG),
+                   help="YAML of the clean-up: strip_openings, cut_repetition and the openings list")
 
 
 GENERATION_FLAGS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")

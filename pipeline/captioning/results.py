@@ -1,7 +1,7 @@
 """A captioner's answers turned into output rows, and the out-of-memory retry at half the budget.
 
-``generate`` may answer per video with a caption or a dict of "text" plus its declared extra
-columns. A failed batch is retried one video at a time, so one bad input costs one row; a video
+``generate`` may answer per video with a caption, a dict of "text" plus its declared extra
+columns, or an exception for a video that failed alone. A failed batch is retried one video at a time, so one bad input costs one row; a video
 that runs out of memory alone is retried once through the captioner's ``shrink``.
 """
 from __future__ import annotations
@@ -71,7 +71,10 @@ def failure(exc: BaseException) -> Result:
 
 
 def _parse_output(output: Any, extra_columns: Sequence[str]) -> Result:
-    """A captioner's answer for one video: a caption, or a dict of "text" and declared extra columns."""
+    """A captioner's answer for one video: a caption, a dict of "text" and declared extra columns, or the
+    exception that video alone failed with (the batch's other answers stand)."""
+    if isinstance(output, BaseException):
+        return failure(output)
     if isinstance(output, str):
         return Result(text=output)
     if isinstance(output, Mapping) and isinstance(output.get("text"), str):

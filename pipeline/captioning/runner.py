@@ -122,8 +122,9 @@ class Captioner(Protocol):
         """Turn (T,H,W,3) uint8 RGB frames (or, without a frame_spec, the row's cells) into this model's
         per-video inputs (runs in a worker thread)."""
 
-    def generate(self, batch: Sequence[Any]) -> list[str | dict]:
-        """Caption a batch of prepared inputs: per video a caption, or a dict of "text" and extra columns."""
+    def generate(self, batch: Sequence[Any]) -> list[str | dict | BaseException]:
+        """Caption a batch of prepared inputs: per video a caption, a dict of "text" and extra columns, or
+        the exception that video alone failed with (raising fails the batch: it is retried video by video)."""
 
 
 @dataclass
