@@ -10,6 +10,15 @@ if ! command -v ffmpeg >/dev/null 2>&1; then
     echo "note: ffmpeg not found; tests that generate videos with it are skipped (apt-get install ffmpeg)"
   fi
 fi
+# The test requirements include the web page test, which drives Debian's chromium (no browser download).
+if [ "${1:-requirements.txt}" = requirements-test.txt ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium (apt) for the web page test"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: chromium not found; the web page test is skipped (apt-get install chromium)"
+  fi
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate

@@ -13,6 +13,7 @@ import numpy as np
 from models import from_pretrained
 from models.checkpoint import load_tokenizer
 from models.blip2.processing import Blip2FrameProcessor
+from pipeline.captioning.chat import Turn, left_pad, question_answer_chat, with_token_counts
 from pipeline.captioning.cli import common_parser, generation_options, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
@@ -34,26 +35,40 @@ class Blip2Captioner:
         self.processor = Blip2FrameProcessor.from_pretrained(
             folder, image_size=self.model.config.vision_config.image_size)
         self.frame_spec = FrameSpec(num_frames=num_frames)
-        self.prompt_ids = self.tokenizer(question)["input_ids"]
         image_token = getattr(self.model.config, "image_token_index", None)
-        if image_token is not None:
-            # Checkpoints with an image token (the updated Salesforce ones) mark where the query
-            # outputs go, in front of the prompt as their processor does; others get them prepended.
-            self.prompt_ids = [image_token] * self.model.config.num_query_tokens + self.prompt_ids
+        # Checkpoints with an image token (the updated Salesforce ones) mark where the query
+        # outputs go, in front of the prompt as their processor does; others get them prepended.
+        self.image_ids = [] if image_token is None else [image_token] * self.model.config.num_query_tokens
+        self.prompt_ids = self.image_ids + self.tokenizer(question)["input_ids"]
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.model.config.text_config.pad_token_id or 0)
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                     num_beams=num_beams, **(generation or {}))
 
     def prepare(self, frames: np.ndarray) -> np.ndarray:
         return self.processor(frames)
 
-    def generate(self, batch: Sequence[np.ndarray]) -> list[dict]:
-        input_ids = np.array([self.prompt_ids] * len(batch), np.int64)
-        ids = self.model.generate(pixel_values=np.stack(batch), input_ids=input_ids,
-                                  attention_mask=np.ones_like(input_ids), **self.generate_kwargs)
+    def chat_prompt(self, turns: Sequence[Turn]) -> str:
+        """The conversation as BLIP-2's prompt text (no chat template; the video's queries go in front)."""
+        return question_answer_chat(turns)
+
+    def generate(self, batch: Sequence[np.ndarray], prompts: Sequence[str] | None = None,
+                 options: dict | None = None) -> list[dict]:
+        """Captions (or, with per-video ``prompts`` and ``options``, replies with token counts); see
+        :mod:`pipeline.captioning.chat`."""
+        prompt_ids = [self.prompt_ids] * len(batch) if prompts is None else \
+            [self.image_ids + self.tokenizer(p)["input_ids"] for p in prompts]
+        input_ids, mask = left_pad(prompt_ids, self.pad_id)
+        kwargs = {**self.generate_kwargs, **(options or {})}
+        ids = self.model.generate(pixel_values=np.stack(batch), input_ids=input_ids, attention_mask=mask, **kwargs)
         ids = ids[:, input_ids.shape[1]:] if self.model.is_decoder_only else ids[:, 1:]  # T5: the start token
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return caption_answers(texts, ids, self.model.config.text_config.eos_token_id,
-                               self.generate_kwargs["max_new_tokens"])
+        eos = self.model.config.text_config.eos_token_id
+        answers = caption_answers(texts, ids, eos, kwargs["max_new_tokens"])
+        if prompts is None:
+            return answers
+        visual = 0 if self.image_ids else self.model.config.num_query_tokens  # prepended query outputs
+        return with_token_counts(answers, [len(p) + visual for p in prompt_ids], ids, eos)
 
 
 def build_parser() -> argparse.ArgumentParser:

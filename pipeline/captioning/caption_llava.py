@@ -24,6 +24,7 @@ from models.llava import LlavaNextForConditionalGeneration, PllavaForConditional
 from models.llava.processing import ClipFrameProcessor, LlavaNextFrameProcessor
 from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
                                         uniform_subset)
+from pipeline.captioning.chat import Turn, left_pad, template_chat, template_messages, with_token_counts
 from pipeline.captioning.cli import common_parser, generation_options, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
@@ -31,6 +32,8 @@ from pipeline.config import CONFIG_DIR, ConfigError
 
 BASE_CONFIG = CONFIG_DIR / "captioning" / "llava.yaml"
 IMAGE = "<image>"
+# later user turns of a conversation when the tokenizer has no chat template (LLaVA-1.5's Vicuna format)
+FOLLOW_UP = "USER: {question} ASSISTANT:"
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class LlavaCaptioner:
         self.frame_spec = FrameSpec(num_frames=num_frames)
         self.processor = self.build_processor(folder)
         self.image_token = self.model.config.image_token_index
+        self.prompt_template = prompt_template
         self.prompt_text = prompt_template.format(question=question)
         self.prompts = {self.images_in_prompt(): self.tokenize_prompt(self.prompt_text, self.images_in_prompt())}
         pad = self.tokenizer.pad_token_id
@@ -92,14 +96,19 @@ class LlavaCaptioner:
                              f"image tokens ({self.image_token}); it must know {IMAGE} as one special token")
         return ids
 
-    def expand(self, counts: Sequence[int]) -> list[int]:
-        """The prompt for ``len(counts)`` images with its k-th image token repeated counts[k] times."""
+    def expand(self, counts: Sequence[int], prompt: str | None = None) -> list[int]:
+        """The prompt (default: the fixed one) for ``len(counts)`` images with its k-th image token
+        repeated counts[k] times."""
         markers = len(counts)
-        if markers not in self.prompts:
-            self.prompts[markers] = self.tokenize_prompt(self.prompt_text, markers)
+        if prompt is not None:
+            ids = self.tokenize_prompt(prompt, markers)
+        else:
+            if markers not in self.prompts:
+                self.prompts[markers] = self.tokenize_prompt(self.prompt_text, markers)
+            ids = self.prompts[markers]
         counts = iter(counts)
         out: list[int] = []
-        for i in self.prompts[markers]:
+        for i in ids:
             out += [i] * next(counts) if i == self.image_token else [i]
         return out
 
@@ -130,32 +139,44 @@ class LlavaCaptioner:
             return None
         return smaller if smaller.visual_tokens < video.visual_tokens else None
 
-    def model_inputs(self, batch: Sequence[PreparedVideo]) -> tuple[list[list[int]], dict]:
-        """Per-video prompt ids and the model's pixel inputs for a batch of prepared videos."""
+    def model_inputs(self, batch: Sequence[PreparedVideo], prompts: Sequence[str] | None = None
+                     ) -> tuple[list[list[int]], dict]:
+        """Per-video prompt ids (from ``prompts``, default the fixed prompt) and the model's pixel inputs."""
+        texts = prompts or [None] * len(batch)
         if isinstance(self.model, LlavaNextForConditionalGeneration):
             sizes = np.concatenate([video.inputs[1] for video in batch])
             tiles = max(video.inputs[0].shape[1] for video in batch)
             pixels = np.concatenate([np.pad(p, ((0, 0), (0, tiles - p.shape[1])) + ((0, 0),) * 3)
                                      for p, _ in (video.inputs for video in batch)])
-            prompts = [self.expand([self.model.image_token_count(s) for s in video.inputs[1]]) for video in batch]
-            return prompts, dict(pixel_values=pixels, image_sizes=sizes)
+            ids = [self.expand([self.model.image_token_count(s) for s in video.inputs[1]], text)
+                   for video, text in zip(batch, texts)]
+            return ids, dict(pixel_values=pixels, image_sizes=sizes)
         count = self.model.image_token_count()
-        prompts = [self.expand([count] * video.num_frames_used) for video in batch]
-        return prompts, dict(pixel_values=np.concatenate([video.inputs for video in batch]))
+        ids = [self.expand([count] * video.num_frames_used, text) for video, text in zip(batch, texts)]
+        return ids, dict(pixel_values=np.concatenate([video.inputs for video in batch]))
 
-    def generate(self, batch: Sequence[PreparedVideo]) -> list[dict]:
-        prompts, pixels = self.model_inputs(batch)
-        length = max(len(p) for p in prompts)
-        input_ids = np.full((len(prompts), length), self.pad_id, np.int64)
-        mask = np.zeros((len(prompts), length), np.int64)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, length - len(prompt):] = prompt
-            mask[row, length - len(prompt):] = 1
-        ids = self.model.generate(input_ids=input_ids, attention_mask=mask, **pixels, **self.generate_kwargs)
-        ids = ids[:, length:]
+    def chat_prompt(self, turns: Sequence[Turn]) -> str:
+        """The conversation through the tokenizer's chat template (one ``<image>`` for the video), else
+        ``--prompt_template`` for the video's turn and LLaVA-1.5's format for later ones."""
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(template_messages(turns, {"type": "image"}), tokenize=False,
+                                                      add_generation_prompt=True)
+        return template_chat(turns, self.prompt_template, FOLLOW_UP, IMAGE, end=self.tokenizer.eos_token or "")
+
+    def generate(self, batch: Sequence[PreparedVideo], prompts: Sequence[str] | None = None,
+                 options: dict | None = None) -> list[dict]:
+        """Captions (or, with per-video ``prompts`` and ``options``, replies with token counts); see
+        :mod:`pipeline.captioning.chat`."""
+        prompt_ids, pixels = self.model_inputs(batch, prompts)
+        input_ids, mask = left_pad(prompt_ids, self.pad_id)
+        kwargs = {**self.generate_kwargs, **(options or {})}
+        ids = self.model.generate(input_ids=input_ids, attention_mask=mask, **pixels, **kwargs)
+        ids = ids[:, input_ids.shape[1]:]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        eos = self.generate_kwargs.get("eos_token_id", self.model.config.text_config.eos_token_id)
-        answers = caption_answers(texts, ids, eos, self.generate_kwargs["max_new_tokens"])
+        eos = kwargs.get("eos_token_id", self.model.config.text_config.eos_token_id)
+        answers = caption_answers(texts, ids, eos, kwargs["max_new_tokens"])
+        if prompts is not None:
+            answers = with_token_counts(answers, [len(p) for p in prompt_ids], ids, eos)
         return [{**answer, **video.columns()} for answer, video in zip(answers, batch)]
 
 

@@ -65,9 +65,11 @@ class PllavaCaptioner(LlavaCaptioner):
         """Pooled videos cannot shrink per video (the pooling shape is compiled for the run)."""
         return None
 
-    def model_inputs(self, batch: Sequence[PreparedVideo]) -> tuple[list[list[int]], dict]:
-        prompt = self.expand([self.model.image_token_count(self.num_frames)])
-        return [prompt] * len(batch), dict(pixel_values=np.stack([video.inputs for video in batch]))
+    def model_inputs(self, batch: Sequence[PreparedVideo], prompts: Sequence[str] | None = None
+                     ) -> tuple[list[list[int]], dict]:
+        count = [self.model.image_token_count(self.num_frames)]
+        ids = [self.expand(count, text) for text in prompts] if prompts else [self.expand(count)] * len(batch)
+        return ids, dict(pixel_values=np.stack([video.inputs for video in batch]))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,6 +33,7 @@ from models.qwen2_5_vl.processing import DEFAULT_FPS, Qwen2_5_VLVisionProcessor,
 from models.qwen2_vl.processing import Qwen2VLVisionProcessor
 from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
                                         uniform_subset)
+from pipeline.captioning.chat import Turn, template_messages, with_token_counts
 from pipeline.captioning.cli import checkpoint_decoding, common_parser, generation_options, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
@@ -148,12 +149,32 @@ class Qwen2VLCaptioner:
         except BudgetError:
             return None
 
-    def generate(self, batch: Sequence[PreparedVideo]) -> list[dict]:
-        args = model_inputs([video.inputs for video in batch], self.pad_id)
-        out = self.model.generate(**args, **self.generate_kwargs)[:, args["input_ids"].shape[1]:]
+    def chat_prompt(self, turns: Sequence[Turn]) -> str:
+        """The conversation through the checkpoint's chat template, the video as one ``<|video_pad|>``."""
+        return self.tokenizer.apply_chat_template(template_messages(turns, {"type": "video"}), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def with_prompt(self, video: PreparedVideo, prompt: str) -> VideoInputs:
+        """The video's inputs under another prompt text, its ``<|video_pad|>`` expanded to the video's tokens."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        if ids.count(self.model.config.video_token_id) != 1:
+            raise ValueError(f"a prompt must hold one {VIDEO_PAD} for the video, got {prompt!r}")
+        at = ids.index(self.model.config.video_token_id)
+        return video.inputs._replace(input_ids=ids[:at] + [ids[at]] * video.visual_tokens + ids[at + 1:])
+
+    def generate(self, batch: Sequence[PreparedVideo], prompts: Sequence[str] | None = None,
+                 options: dict | None = None) -> list[dict]:
+        """Captions (or, with per-video ``prompts`` and ``options``, replies with token counts); see
+        :mod:`pipeline.captioning.chat`."""
+        inputs = [video.inputs for video in batch] if prompts is None else \
+            [self.with_prompt(video, prompt) for video, prompt in zip(batch, prompts)]
+        kwargs = {**self.generate_kwargs, **(options or {})}
+        args = model_inputs(inputs, self.pad_id)
+        out = self.model.generate(**args, **kwargs)[:, args["input_ids"].shape[1]:]
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        answers = caption_answers(texts, out, self.generate_kwargs["eos_token_id"],
-                                  self.generate_kwargs["max_new_tokens"])
+        answers = caption_answers(texts, out, kwargs["eos_token_id"], kwargs["max_new_tokens"])
+        if prompts is not None:
+            answers = with_token_counts(answers, [len(i.input_ids) for i in inputs], out, kwargs["eos_token_id"])
         return [{**answer, **video.columns()} for answer, video in zip(answers, batch)]
 
 

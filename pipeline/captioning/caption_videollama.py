@@ -26,6 +26,7 @@ from models import from_pretrained
 from models.blip2.processing import Blip2FrameProcessor
 from models.checkpoint import load_tokenizer
 from models.video_llama.modeling import build_prompt_ids, read_sources
+from pipeline.captioning.chat import Turn, left_pad, template_chat, with_token_counts
 from pipeline.captioning.cli import common_parser, generation_options, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
@@ -35,6 +36,8 @@ from pipeline.datasets.metadata import write_csv_atomic
 
 BASE_CONFIG = CONFIG_DIR / "captioning" / "videollama.yaml"
 VICUNA_TEMPLATE = "###Human: <Video><ImageHere></Video> {question}###Assistant:"
+VIDEO_MARKER = "<Video><ImageHere></Video>"
+FOLLOW_UP = "###Human: {question}###Assistant:"  # later user turns of a conversation (the Vicuna format)
 CAPTION = "text"
 
 
@@ -59,6 +62,7 @@ class VideoLlamaCaptioner:
         self.processor = Blip2FrameProcessor(height=size, width=size)
         self.frame_spec = FrameSpec(num_frames=num_frames)
         questions = dict(questions or {CAPTION: "Describe this video."})
+        self.prompt_template = prompt_template
         try:
             self.prompts = {name: build_prompt_ids(self.tokenizer, prompt_template.replace("{question}", question),
                                                    self.model.config.num_video_query_tokens)
@@ -77,8 +81,12 @@ class VideoLlamaCaptioner:
     def prepare(self, frames: np.ndarray) -> np.ndarray:
         return self.processor(frames)
 
-    def generate(self, batch: Sequence[np.ndarray]) -> list[dict]:
-        """Every question of every video in one left-padded generate call."""
+    def generate(self, batch: Sequence[np.ndarray], prompts: Sequence[str] | None = None,
+                 options: dict | None = None) -> list[dict]:
+        """Every question of every video in one left-padded generate call (with per-video ``prompts``,
+        one reply each: :meth:`reply`)."""
+        if prompts is not None:
+            return self.reply(batch, prompts, options)
         prompts = list(self.prompts.values()) * len(batch)
         width = max(map(len, prompts))
         input_ids = np.array([[self.pad_id] * (width - len(p)) + p for p in prompts], np.int64)
@@ -93,6 +101,23 @@ class VideoLlamaCaptioner:
                                   self.generate_kwargs["max_new_tokens"])
         n = len(self.prompts)
         return [self._row(dict(zip(self.prompts, answers[i:i + n]))) for i in range(0, len(answers), n)]
+
+    def chat_prompt(self, turns: Sequence[Turn]) -> str:
+        """The conversation in ``--prompt_template``'s format (the video's turn) and the Vicuna format after it."""
+        return template_chat(turns, self.prompt_template, FOLLOW_UP, VIDEO_MARKER)
+
+    def reply(self, batch: Sequence[np.ndarray], prompts: Sequence[str], options: dict | None = None) -> list[dict]:
+        """One reply per video to its own prompt text, with token counts (see :mod:`pipeline.captioning.chat`)."""
+        prompt_ids = [build_prompt_ids(self.tokenizer, prompt, self.model.config.num_video_query_tokens)
+                      for prompt in prompts]
+        input_ids, mask = left_pad(prompt_ids, self.pad_id)
+        kwargs = {**self.generate_kwargs, **(options or {})}
+        ids = self.model.generate(pixel_values=np.stack(batch), input_ids=input_ids, attention_mask=mask, **kwargs)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        if self.separator:
+            texts = [text.split(self.separator)[0] for text in texts]
+        answers = caption_answers(texts, ids, kwargs["eos_token_id"], kwargs["max_new_tokens"])
+        return with_token_counts(answers, [len(p) for p in prompt_ids], ids, kwargs["eos_token_id"])
 
     def _row(self, answers: dict[str, dict]) -> dict:
         """One video's answers as a row: the caption, or the boundary's three captions and their caption line."""

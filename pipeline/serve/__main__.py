@@ -1,0 +1,91 @@
+"""``python -m pipeline.serve --pretrained_model_name_or_path DIR``: serve one checkpoint over HTTP."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from aiohttp import web
+
+from models.checkpoint import CheckpointError
+from pipeline.config import CONFIG_DIR, ConfigError, apply_config
+from pipeline.serve.app import Settings, build_app
+from pipeline.serve.engine import FAMILY_FLAGS_EPILOG, Engine, add_model_flags
+from pipeline.serve.media import MediaPolicy
+
+BASE_CONFIG = CONFIG_DIR / "serve.yaml"
+logger = logging.getLogger("pipeline.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.serve",
+        description="Serve a captioning checkpoint with OpenAI's API: GET /v1/models, POST /v1/chat/completions "
+                    "(text, image_url and video_url parts; stream), POST /v1/frames (the sampled frames), "
+                    "GET /health, and a chat page at /.",
+        epilog=f"defaults come from {BASE_CONFIG.relative_to(CONFIG_DIR.parent)}\n{FAMILY_FLAGS_EPILOG}\n"
+               "example:\n  python -m pipeline.serve --pretrained_model_name_or_path /models/Qwen2-VL-2B-Instruct "
+               "--num_frames 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    p.add_argument("--served_model_name", help="the model's id in /v1/models and requests (default: the folder's name)")
+    p.add_argument("--host", help="address to listen on (default: %(default)s; 0.0.0.0 exposes the server)")
+    p.add_argument("--port", type=int, help="TCP port (default: %(default)s)")
+    p.add_argument("--max_body_mb", type=float, help="largest request body in MiB; larger get 413 (default: %(default)s)")
+    p.add_argument("--max_frames", type=int,
+                   help="most frames per request: images given as frames, and frames an fps-sampled video keeps "
+                        "(evenly spread) (default: %(default)s)")
+    p.add_argument("--max_tokens", type=int,
+                   help="cap on a request's max_tokens (a request without one gets the model's --max_new_tokens, "
+                        "within this cap) (default: %(default)s)")
+    p.add_argument("--max_batch", type=int, help="most requests in one generate call (default: %(default)s)")
+    p.add_argument("--batch_wait_ms", type=float,
+                   help="how long a waiting request waits for others to share its generate call "
+                        "(default: %(default)s)")
+    p.add_argument("--decode_workers", type=int, help="threads decoding media (default: %(default)s)")
+    p.add_argument("--allowed_local_media_path", metavar="DIR",
+                   help="allow media URLs that are local paths (or file://) inside DIR (default: none allowed)")
+    p.add_argument("--allow_remote_media", action="store_true",
+                   help="allow http(s) media URLs, fetched by the server (default: data URLs only)")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    for name in ("max_frames", "max_tokens", "max_batch", "decode_workers"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.batch_wait_ms < 0 or args.max_body_mb <= 0:
+        raise ConfigError("--batch_wait_ms must be 0 or more and --max_body_mb positive")
+    local = None
+    if args.allowed_local_media_path:
+        local = Path(args.allowed_local_media_path).resolve()
+        if not local.is_dir():
+            raise ConfigError(f"--allowed_local_media_path {local} is not a folder")
+    name = args.served_model_name or Path(args.pretrained_model_name_or_path).resolve().name
+    media = MediaPolicy(max_bytes=int(args.max_body_mb * 2 ** 20), allowed_local_path=local,
+                        allow_remote=args.allow_remote_media)
+    return Settings(model_name=name, max_tokens=args.max_tokens, max_frames=args.max_frames,
+                    max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
+                    decode_workers=args.decode_workers, media=media)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    try:
+        apply_config(parser, BASE_CONFIG)
+        args, family_argv = parser.parse_known_args(argv)
+        settings = settings_from(args)
+        engine = Engine.load(args.pretrained_model_name_or_path, family_argv, args.device, args.dtype)
+        engine.limit_frames(settings.max_frames)
+    except (ConfigError, CheckpointError, OSError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    app = build_app(engine, settings, settings.media.max_bytes)
+    logger.info("serving %s on http://%s:%d", settings.model_name, args.host, args.port)
+    web.run_app(app, host=args.host, port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The HTTP application: OpenAI's chat completions over a loaded captioner, a frames endpoint and the web page.
+
+Every error is a JSON body in OpenAI's shape, ``{"error": {"message", "type", "code"}}``, with a
+4xx status for what the client can fix; the handler's failure never stops the server.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+from aiohttp import web
+
+from pipeline.datasets.video import VideoReadError
+from pipeline.serve.batching import Batcher
+from pipeline.serve.engine import Engine, Prepared, RequestError
+from pipeline.serve.media import MediaPolicy, MediaRef, materialise, parse_messages
+
+logger = logging.getLogger(__name__)
+PAGE = Path(__file__).with_name("page.html")
+ENGINE = web.AppKey("engine", Engine)
+SETTINGS = web.AppKey("settings", object)
+BATCHER = web.AppKey("batcher", Batcher)
+DECODERS = web.AppKey("decoders", ThreadPoolExecutor)
+STARTED = web.AppKey("started", int)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_name: str
+    max_tokens: int
+    max_frames: int
+    max_batch: int
+    batch_wait_s: float
+    decode_workers: int
+    media: MediaPolicy
+
+
+def error_body(status: int, message: str, code: str) -> web.Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return web.json_response({"error": {"message": message, "type": kind, "code": code}}, status=status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure as OpenAI's error JSON; the server keeps serving."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return error_body(exc.status, str(exc), exc.code)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "http_error")
+        return error_body(exc.status, exc.text or exc.reason, code)
+    except Exception:  # noqa: BLE001 - logged; the client gets a 500 and the server stays up
+        logger.exception("request %s %s failed", request.method, request.path)
+        return error_body(500, "internal error (see the server's log)", "internal_error")
+
+
+async def read_json(request: web.Request) -> dict:
+    try:
+        body = json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}", "invalid_json") from exc
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", "invalid_json")
+    return body
+
+
+async def decode_frames(request: web.Request, refs: Sequence[MediaRef]) -> np.ndarray:
+    """The media's frames, sampled as the runner samples them, decoded in the decoder threads."""
+    engine: Engine = request.app[ENGINE]
+    settings: Settings = request.app[SETTINGS]
+    loop = asyncio.get_running_loop()
+    with tempfile.TemporaryDirectory(prefix="serve_media_") as folder:
+        paths = await materialise(refs, settings.media, Path(folder))
+        try:
+            if refs[0].kind == "video":
+                frames = await loop.run_in_executor(request.app[DECODERS], engine.video_frames, paths[0])
+            else:
+                frames = await loop.run_in_executor(request.app[DECODERS], engine.image_frames, paths)
+        except VideoReadError as exc:
+            raise RequestError(f"the media cannot be read: {exc}", "unreadable_media") from exc
+    return frames
+
+
+def _number(body: dict, name: str, kind: type, low: float, high: float | None = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise RequestError(f"'{name}' must be a number", "invalid_parameter")
+    if value < low or (high is not None and value > high):
+        limits = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise RequestError(f"'{name}' must be {limits}", "invalid_parameter")
+    return kind(value)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    engine: Engine = request.app[ENGINE]
+    settings: Settings = request.app[SETTINGS]
+    body = await read_json(request)
+    model = body.get("model", settings.model_name)
+    if model != settings.model_name:
+        raise RequestError(f"the model {model!r} does not exist; this server has {settings.model_name!r}",
+                           "model_not_found", 404)
+    if body.get("n") not in (None, 1):
+        raise RequestError("only n=1 is supported", "invalid_parameter")
+    wanted = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
+    max_tokens = min(wanted or engine.max_new_tokens, settings.max_tokens)
+    options = engine.options(max_tokens, _number(body, "temperature", float, 0, 2),
+                             _number(body, "top_p", float, 0, 1), _number(body, "seed", int, 0))
+    turns, refs = parse_messages(body.get("messages"), settings.max_frames)
+    if not refs:
+        raise RequestError("the conversation has no video or image: add a video_url or image_url part",
+                           "missing_media")
+    frames = await decode_frames(request, refs)
+    prepared: Prepared = await asyncio.get_running_loop().run_in_executor(
+        request.app[DECODERS], engine.prepare, frames, turns)
+    seedless = tuple(sorted((k, v) for k, v in options.items() if k != "seed"))
+    key = (prepared.num_frames, seedless, id(options) if "seed" in options else None)  # a seed: its own call
+    try:
+        answer = await request.app[BATCHER].submit(prepared, options, key)
+    except ValueError as exc:  # the prompt cannot be built (e.g. text holding the model's media marker)
+        raise RequestError(f"the model cannot take this conversation: {exc}", "invalid_prompt") from exc
+    reply = Reply(settings.model_name, answer)
+    if body.get("stream"):
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await reply.stream(request, include_usage)
+    return web.json_response(reply.completion())
+
+
+class Reply:
+    """One answer as an OpenAI chat completion, whole or as server-sent event chunks."""
+
+    def __init__(self, model: str, answer: dict):
+        self.model, self.answer = model, answer
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.finish_reason = "length" if answer.get("truncated") == "true" else "stop"
+
+    def usage(self) -> dict:
+        prompt, completion = self.answer["prompt_tokens"], self.answer["completion_tokens"]
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def completion(self) -> dict:
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer["text"]},
+                             "finish_reason": self.finish_reason}],
+                "usage": self.usage()}
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+    async def stream(self, request: web.Request, include_usage: bool) -> web.StreamResponse:
+        """The answer as SSE chunks, word by word (the generation core returns whole sequences)."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        chunks = [self._chunk({"role": "assistant", "content": ""})]
+        chunks += [self._chunk({"content": piece}) for piece in re.findall(r"\s*\S+", self.answer["text"])]
+        chunks.append(self._chunk({}, self.finish_reason))
+        if include_usage:
+            chunks.append({**self._chunk({}), "choices": [], "usage": self.usage()})
+        for chunk in chunks:
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def jpeg_data_url(frame: np.ndarray) -> str:
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(frame[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return "data:image/jpeg;base64," + base64.b64encode(data.tobytes()).decode()
+
+
+async def frames(request: web.Request) -> web.Response:
+    """The frames the model would see of ``{"url": ...}`` (a video; ``"kind": "image"`` for an image)."""
+    body = await read_json(request)
+    url, kind = body.get("url"), body.get("kind", "video")
+    if not isinstance(url, str) or kind not in ("video", "image"):
+        raise RequestError("send {\"url\": <data URL or path>, \"kind\": \"video\" or \"image\"}", "invalid_parameter")
+    sampled = await decode_frames(request, [MediaRef(kind, url)])
+    return web.json_response({"frames": [jpeg_data_url(f) for f in sampled], "num_frames": len(sampled),
+                              "height": int(sampled.shape[1]), "width": int(sampled.shape[2])})
+
+
+async def models(request: web.Request) -> web.Response:
+    name = request.app[SETTINGS].model_name
+    return web.json_response({"object": "list", "data": [{"id": name, "object": "model",
+                                                          "created": request.app[STARTED], "owned_by": "mscaption"}]})
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness plus what clients (the page, tests) read: the model, its default prompt, the batch counter."""
+    engine: Engine = request.app[ENGINE]
+    return web.json_response({"status": "ok", "model": request.app[SETTINGS].model_name, "family": engine.family,
+                              "default_prompt": engine.question, "generate_calls": engine.generate_calls,
+                              "max_frames": request.app[SETTINGS].max_frames})
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(PAGE, headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+def build_app(engine: Engine, settings: Settings, max_body_bytes: int) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_errors])
+    app[ENGINE], app[SETTINGS] = engine, settings
+    app[STARTED] = int(time.time())
+    app[DECODERS] = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+    app[BATCHER] = Batcher(engine.generate, settings.max_batch, settings.batch_wait_s)
+
+    async def lifecycle(app: web.Application):
+        app[BATCHER].start()
+        yield
+        await app[BATCHER].stop()
+        app[DECODERS].shutdown(wait=False, cancel_futures=True)
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/", page)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/frames", frames)
+    return app

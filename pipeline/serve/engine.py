@@ -1,0 +1,196 @@
+"""One loaded captioner answering conversations about videos: what the server and the terminal chat share.
+
+The family's own entry script builds the captioner (its YAML defaults, its flags), so frames are
+sampled as the runner samples them (``frame_spec``) and prepared by the same code; a conversation
+becomes the family's prompt through ``chat_prompt`` (see :mod:`pipeline.captioning.chat`).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from models import attention, model_family
+from models.checkpoint import read_config
+from models.generation import check_generation_args
+from pipeline import distributed
+from pipeline.captioning.chat import Turn
+from pipeline.captioning.cli import check_args, resolve_dtype, resolve_prompt
+from pipeline.config import CONFIG_DIR, ConfigError, apply_config, parse_with_config
+from pipeline.datasets.video import resize_frames, sample_frames, uniform_indices
+
+logger = logging.getLogger(__name__)
+
+# registry family -> (entry module, its configs/captioning presets, in order); PLLaVA is a "llava"
+# config with pooling keys; Qwen2.5-VL's preset (2 fps) goes over Qwen2-VL's
+ENTRY_SCRIPTS = {
+    "blip-2": ("pipeline.captioning.caption_blip2", ("blip2.yaml",)),
+    "llava": ("pipeline.captioning.caption_llava", ("llava.yaml",)),
+    "llava_next": ("pipeline.captioning.caption_llava", ("llava.yaml",)),
+    "pllava": ("pipeline.captioning.caption_pllava", ("pllava.yaml",)),
+    "qwen2_vl": ("pipeline.captioning.caption_qwen2vl", ("qwen2vl.yaml",)),
+    "qwen2_5_vl": ("pipeline.captioning.caption_qwen2vl", ("qwen2vl.yaml", "qwen2_5_vl.yaml")),
+    "video_llama": ("pipeline.captioning.caption_videollama", ("videollama.yaml",)),
+}
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer as asked (the client's fault): a 4xx for the server."""
+
+    def __init__(self, message: str, code: str, status: int = 400):
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+def checkpoint_family(folder: str | Path) -> str:
+    """The captioning family of a checkpoint folder, from its config.json."""
+    raw = read_config(folder)
+    family = model_family(raw)
+    if family == "llava" and raw.get("pooling_shape") is not None:
+        family = "pllava"
+    if family not in ENTRY_SCRIPTS:
+        raise ConfigError(f"{folder} holds a {family!r} model, which takes no video; supported: "
+                          f"{', '.join(sorted(ENTRY_SCRIPTS))}")
+    return family
+
+
+@dataclass
+class Prepared:
+    """A conversation ready for ``generate``: the captioner's prepared video and the prompt text."""
+
+    inputs: Any
+    prompt: str
+    num_frames: int
+
+
+class Engine:
+    """A captioner with per-request prompts; ``generate_calls`` counts the model's batched calls."""
+
+    def __init__(self, captioner: Any, family: str, question: str, max_decode_pixels: int | None):
+        self.captioner = captioner
+        self.family = family
+        self.question = question
+        self.max_decode_pixels = max_decode_pixels
+        self.generate_calls = 0
+        self._lock = threading.Lock()  # one generate at a time: the model's caches are not shared
+
+    @classmethod
+    def load(cls, folder: str, family_argv: Sequence[str] = (), device: str | None = None,
+             dtype: str | None = None) -> Engine:
+        """Build the folder's captioner as its entry script would with ``family_argv`` (its flags)."""
+        family = checkpoint_family(folder)
+        module_name, presets = ENTRY_SCRIPTS[family]
+        module = importlib.import_module(module_name)
+        argv = ["<server>", "--pretrained_model_name_or_path", folder, *family_argv]
+        if dtype:
+            argv += ["--dtype", dtype]
+        parser = module.build_parser()
+        for preset in presets:
+            apply_config(parser, CONFIG_DIR / "captioning" / preset)
+        try:
+            args = parse_with_config(parser, argv)
+        except SystemExit as exc:  # argparse already printed which flag it refused
+            raise ConfigError(f"{module_name} refused the flags {list(family_argv)}") from exc
+        check_args(args)
+        resolve_prompt(args)
+        attention.set_block_size(args.attention_block_size)
+        info = distributed.setup(device or args.device)
+        captioner = module.build_captioner(args, resolve_dtype(args, info.device))
+        logger.info("loaded %s (%s) from %s", type(captioner).__name__, family, folder)
+        return cls(captioner, family, args.question, args.max_decode_pixels or None)
+
+    def limit_frames(self, max_frames: int) -> None:
+        """Sample at most ``max_frames`` per video: an fps-sampled video keeps that many, evenly spread (as
+        the runner's own cap does); a fixed count above it is refused."""
+        spec = self.captioner.frame_spec
+        if spec.fps:
+            self.captioner.frame_spec = replace(spec, num_frames=min(spec.num_frames, max_frames))
+        elif spec.num_frames > max_frames:
+            raise ConfigError(f"the model samples {spec.num_frames} frames per video, above --max_frames {max_frames}")
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The captioner's reply length (--max_new_tokens), for requests that give no max_tokens."""
+        return self.captioner.generate_kwargs["max_new_tokens"]
+
+    @property
+    def fixed_frames(self) -> int | None:
+        """Frames every video must have (PLLaVA's pooling shape is built for one count), else None."""
+        return self.captioner.frame_spec.num_frames if self.family == "pllava" else None
+
+    def video_frames(self, path: str | Path) -> np.ndarray:
+        """A video's frames sampled as the runner samples them for this captioner."""
+        spec = self.captioner.frame_spec
+        frames, _ = sample_frames(path, num_frames=spec.num_frames, sampling=spec.sampling, fps=spec.fps,
+                                  height=spec.height, width=spec.width, max_pixels=self.max_decode_pixels)
+        return frames
+
+    def image_frames(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """Images as the frames of one video, in order, at the first one's size (and the spec's, if set)."""
+        spec = self.captioner.frame_spec
+        images = [sample_frames(p, num_frames=1, height=spec.height, width=spec.width)[0][0] for p in paths]
+        height, width = images[0].shape[:2]
+        frames = np.stack([resize_frames(image[None], height, width)[0] for image in images])
+        if self.fixed_frames and len(frames) != self.fixed_frames:
+            frames = frames[uniform_indices(len(frames), self.fixed_frames)]
+        return frames
+
+    def prepare(self, frames: np.ndarray, turns: Sequence[Turn]) -> Prepared:
+        """The conversation about ``frames`` as model inputs; a user turn without text asks the default
+        question (the captioner's caption prompt)."""
+        turns = [replace(t, text=self.question) if t.role == "user" and not t.text else t for t in turns]
+        if turns[-1].role != "user":
+            raise RequestError("the last message must be the user's", "invalid_messages")
+        try:
+            inputs = self.captioner.prepare(frames)
+        except ValueError as exc:  # e.g. a budget no frame fits
+            raise RequestError(f"the video cannot be prepared for this model: {exc}", "invalid_media") from exc
+        return Prepared(inputs, self.captioner.chat_prompt(turns), len(frames))
+
+    def options(self, max_tokens: int, temperature: float | None = None, top_p: float | None = None,
+                seed: int | None = None) -> dict:
+        """Generate overrides for a request: at most ``max_tokens`` new tokens; sampling when temperature
+        is above 0 (0 or unset: the captioner's own greedy or beam decoding)."""
+        base = self.captioner.generate_kwargs
+        options: dict[str, Any] = {"max_new_tokens": max_tokens}
+        if base.get("min_new_tokens", 0) > max_tokens:
+            options["min_new_tokens"] = max_tokens
+        if temperature:
+            options.update(do_sample=True, temperature=float(temperature), num_beams=1,
+                           top_p=1.0 if top_p is None else float(top_p))
+            if seed is not None:
+                options["seed"] = np.random.default_rng(seed)
+        try:
+            check_generation_args(**{k: v for k, v in options.items() if k != "seed"})
+        except ValueError as exc:
+            raise RequestError(str(exc), "invalid_parameter") from exc
+        return options
+
+    def generate(self, batch: Sequence[Prepared], options: dict) -> list[dict]:
+        """Replies to a batch of conversations in one model call (options shared by the batch)."""
+        with self._lock:
+            self.generate_calls += 1
+            return self.captioner.generate([p.inputs for p in batch], prompts=[p.prompt for p in batch],
+                                           options=options)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags the server and the chat share; the rest of the command line goes to the family's script."""
+    p.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="local checkpoint folder of any captioning family (BLIP-2, LLaVA, LLaVA-NeXT, PLLaVA, "
+                        "Qwen2-VL, Qwen2.5-VL, Video-LLaMA); config.json picks the family")
+    p.add_argument("--device", choices=["Ascend", "CPU"], help="default: Ascend where MindSpore sees one, else CPU")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="weights and compute dtype (default: float32 on CPU, bfloat16 on Ascend)")
+
+
+FAMILY_FLAGS_EPILOG = (
+    "Any other flag goes to the family's captioning script, over its configs/captioning/*.yaml defaults, "
+    "e.g. --num_frames 4, --fps 2, --num_beams 1, --question '...', --prompt_template '...'\n"
+    "(see python -m pipeline.captioning.caption_<family> --help).")
