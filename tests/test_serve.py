@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import requests
 from aiohttp import web
@@ -29,6 +30,7 @@ from pipeline.serve.app import Settings, build_app
 from pipeline.serve.engine import Engine
 from pipeline.serve.media import MediaPolicy
 from tests import llava_fixtures
+from tests.msrun import kill_when_written
 from tests.test_qwen2vl import save_checkpoint as save_qwen2vl
 from tests.tiny_models import OPT, save_tiny_blip2
 from tests.video_factory import write_caption_clips
@@ -410,3 +412,30 @@ def test_web_page_frames_caption_and_chat_in_chromium(served, videos, tmp_path):
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, results / "serve_page.png")
+
+
+def test_caption_api_against_the_server_resumes_after_a_kill(served, videos, tmp_path):
+    """caption_api.py sends each row's frames to this server; SIGKILLed mid-run, the re-run finishes with
+    every row exactly once and redoes only what was not written."""
+    table = pd.read_csv(videos / "meta.csv")
+    rows = pd.concat([table.assign(path=[str(videos / p) for p in table["path"]], copy=i) for i in range(3)])
+    rows["start"] = [f"{0.1 * i:.1f}" for i in range(len(rows))]  # distinct segments: distinct rows
+    csv_path = tmp_path / "meta.csv"
+    rows.to_csv(csv_path, index=False)
+    out, part = tmp_path / "captions.csv", tmp_path / "captions_part0.csv"
+    cmd = [sys.executable, "-m", "pipeline.captioning.caption_api", str(csv_path), "--base_url", f"{served}/v1",
+           "--bs", "1", "--num_frames", "2", "--max_new_tokens", str(NEW_TOKENS), "--device", "CPU",
+           "--output", str(out), "--no-cleanup"]
+    kill_when_written(cmd, ROOT, dict(os.environ), part, 4)  # the header and 3 rows
+    written = len(pd.read_csv(part))
+    assert 3 <= written < len(rows) and not out.exists(), "the kill lands mid-run"
+    calls = requests.get(f"{served}/health", timeout=10).json()["generate_calls"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    result = pd.read_csv(out, keep_default_na=False, dtype=str)
+    assert sorted(zip(result["path"], result["start"])) == sorted(zip(rows["path"], rows["start"]))
+    good = result[~result["path"].str.endswith("broken.mp4")]
+    assert (good["status"] == "ok").all() and (good["text"] != "").all()
+    assert (good["completion_tokens"].astype(int) > 0).all() and (good["prompt_tokens"].astype(int) > 0).all()
+    assert (result[result["path"].str.endswith("broken.mp4")]["status"] == "error").all()
+    redone = requests.get(f"{served}/health", timeout=10).json()["generate_calls"] - calls
+    assert redone <= len(good) - (written - 1), "rows already written are not sent again"
