@@ -21,6 +21,13 @@ filler rows whose mask is all zero, left padding), so a dataset of many prompt l
 few graphs. Prompts longer than one attention block run op by op (no graph) and unpadded.
 A multi-token ``decode_step`` is always a prompt written at slot 0 (see ``models.attention``).
 
+Tokens are selected on the device, in a small compiled graph that runs on each step's logits
+(``_Pick``, ``_best``; the model's own step graph stays the same): greedy decoding gets the argmax
+ids back, beam search each row's best 2 x beams log-probs (plus running score) with their ids, with
+min length's eos ban applied there too; ties go to the lower id exactly as a stable host sort. Only
+rules that need the whole row on the host (repetition penalty, no-repeat n-grams, sampling) copy the
+full (rows, V) logits every step, and the host then ranks with ``argpartition``, not a full sort.
+
 Return contract (same as transformers 4.56 ``generate``):
 - decoder-only with ``input_ids``: ``sequences`` = prompt ids + new tokens;
 - decoder-only with ``inputs_embeds`` only: ``sequences`` = new tokens only;
@@ -152,32 +159,135 @@ def _gather_rows(index: Tensor, *cache: Tensor) -> tuple:
 _gather_rows_jit = ms.jit(_gather_rows)
 
 
-class _Session:
-    """Drives one model's cache: prefill, one-token steps and beam reordering."""
+GROUP = 128  # columns per group in the two-stage top-k of ``_best``
 
-    def __init__(self, model, max_slots: int, use_jit: bool):
+_TOPK = ops.TopK(sorted=True)
+
+
+@dataclass(frozen=True)
+class _Pick:
+    """What a decoding step hands the host, so that only a few numbers per row leave the device.
+
+    ``k`` 0: the full (rows, V) logits, for rules only the host applies (repetition penalty, no-repeat
+    n-grams, sampling). Otherwise the ``k`` best entries per row in (value desc, id asc) order, as
+    ``np.argsort(-x, kind="stable")`` ranks them: of the logits (``log_probs`` False: greedy, k 1) or of
+    the log-softmax plus the beam's running score (beam search), with eos banned on the steps the caller
+    says (min length). The ``k`` entries come back as (values, ids), not sorted among themselves.
+    """
+
+    k: int = 0
+    log_probs: bool = False
+
+
+def _keyed_top(x: Tensor, k: int, ids: Tensor, span: int) -> Tensor:
+    """Positions of the ``k`` entries per row that come first in (value desc, id asc) order.
+
+    TopK's order among equal values is unspecified (MindSpore's CPU kernel returns ties in no fixed order),
+    so a second TopK runs on keys that are all distinct: entries above the k-th value, then the entries
+    equal to it, each lower id first (``ids``: distinct float ids below ``span``, exact up to 2**24)."""
+    kth = _TOPK(x, k)[0][:, k - 1:k]
+    key = ops.where(x > kth, 2.0 * span - ids, ops.where(x == kth, span - ids, -1.0 - ids))
+    return _TOPK(key, k)[1]
+
+
+def _banned(x: Tensor, ids: Tensor, eos: Optional[Tensor], ban: Optional[Tensor]) -> Tensor:
+    """``x`` with the eos columns at -inf when ``ban`` is true (min length); ``ids``: each entry's column."""
+    if eos is None:
+        return x
+    hit = (ids[..., None] == eos).any(-1)
+    return ops.where(ops.logical_and(hit, ban), ops.full(x.shape, float("-inf"), dtype=x.dtype), x)
+
+
+def _best(x: Tensor, k: int, eos: Optional[Tensor], ban: Optional[Tensor],
+          shift: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The ``k`` best entries per row of ``where(eos banned, -inf, x) + shift`` as (values, ids).
+
+    A full TopK over a 152k-column row is slow on CPU (about 90 ms for 40 rows, whatever k), so the
+    row is cut into groups of ``GROUP`` columns: the k best entries lie in the k groups with the best
+    maxima (ties to the lower group), plus one group per eos id, whose maximum may be a banned entry.
+    Only those groups' columns are ranked exactly. Adding ``shift`` is monotone, so it is applied to
+    the group maxima and the candidates only, as is the ban."""
+    n, v = x.shape
+    k = min(k, v)
+    if eos is not None:
+        eos = ops.where(eos < 0, eos + v, eos)
+    extra = 0 if eos is None else eos.shape[0]
+    groups = (v + GROUP - 1) // GROUP
+    if groups <= k + extra:
+        ids = ops.arange(v).astype(ms.int32)
+        x = _banned(x, ids, eos, ban)
+        if shift is not None:
+            x = x + shift[:, None]
+        pos = _keyed_top(x, k, ids.astype(ms.float32), v)
+        return ops.gather_elements(x, 1, pos), pos
+    if groups * GROUP > v:
+        x = ops.concat((x, ops.full((n, groups * GROUP - v), float("-inf"), dtype=x.dtype)), axis=1)
+    blocks = x.reshape(n, groups, GROUP)
+    maxima = blocks.max(axis=-1)
+    if shift is not None:
+        maxima = maxima + shift[:, None]
+    top = _keyed_top(maxima, k + extra, ops.arange(groups).astype(ms.float32), groups)
+    cand = ops.gather_elements(blocks, 1, ops.broadcast_to(top[:, :, None], (n, k + extra, GROUP)))
+    cand = cand.reshape(n, (k + extra) * GROUP)
+    ids = (top[:, :, None] * GROUP + ops.arange(GROUP).astype(ms.int32)).reshape(n, (k + extra) * GROUP)
+    cand = _banned(cand, ids, eos, ban)
+    if shift is not None:
+        cand = cand + shift[:, None]
+    pos = _keyed_top(cand, k, ids.astype(ms.float32), groups * GROUP)
+    return ops.gather_elements(cand, 1, pos), ops.gather_elements(ids, 1, pos)
+
+
+def _select(pick: _Pick, logits: Tensor, eos: Optional[Tensor], ban: Optional[Tensor], shift: Optional[Tensor],
+            rows: Optional[Tensor]) -> tuple:
+    """What ``pick`` asks of one step's logits; ``rows`` repeats rows first (a prompt's row per beam)."""
+    if not pick.k:
+        return (logits,)
+    if pick.log_probs:
+        logits = ops.log_softmax(logits, -1)
+    if rows is not None:
+        logits = ops.gather(logits, rows, 0)
+    return _best(logits, pick.k, eos, ban, shift)
+
+
+_select_jit = ms.jit(_select)
+
+
+class _Session:
+    """Drives one model's cache: prefill, one-token steps and beam reordering.
+
+    Each step returns what ``pick`` asks for, as numpy arrays (see ``_Pick``); ``eos`` are the columns a
+    step bans when asked to (min length)."""
+
+    def __init__(self, model, max_slots: int, use_jit: bool, pick: _Pick = _Pick(), eos: Sequence[int] = ()):
         self.model = model
         self.use_jit = use_jit
+        self.pick = pick
         attention.refresh_device()
         self.step_fn = _jitted(model, "decode_step") if use_jit else model.decode_step
+        # The selection is its own small graph on the step's device logits (one per row count and pick).
+        # It is not counted in models.jit.COMPILES, which counts the model's graphs.
+        self.select_fn = _select_jit if use_jit else _select
         self.encode_fn = _jitted(model, "encode") if use_jit and model.is_encoder_decoder else getattr(
             model, "encode", None)
         self.gather_fn = _gather_rows_jit if use_jit else _gather_rows
+        self.eos = Tensor(np.asarray(eos, np.int32)) if eos and pick.k else None
         self.max_slots = max_slots
         self.cache: tuple = ()
         self.mask: Optional[np.ndarray] = None
         self.next_slot = 0
 
-    def prefill(self, ids, embeds, mask: np.ndarray, encoder_state: tuple = ()) -> np.ndarray:
+    def prefill(self, ids, embeds, mask: np.ndarray, encoder_state: tuple = (), ban: bool = False,
+                shift: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None) -> tuple:
+        """Run the prompt; ``rows``/``shift``: the selection's rows (repeated per beam) and running scores."""
         batch, length = mask.shape
         self.cache = tuple(self.model.init_cache(batch, self.max_slots, *encoder_state))
         self.mask = np.zeros((batch, self.max_slots), np.int32)
         self.mask[:, :length] = mask
-        return self._run(ids, embeds, length)
+        return self._run(ids, embeds, length, ban, shift, rows)
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
+    def step(self, tokens: np.ndarray, ban: bool = False, shift: Optional[np.ndarray] = None) -> tuple:
         self.mask[:, self.next_slot] = 1
-        return self._run(Tensor(tokens.astype(np.int32)[:, None]), None, 1)
+        return self._run(Tensor(tokens.astype(np.int32)[:, None]), None, 1, ban, shift, None)
 
     def call(self, name: str, fn, *args):
         """Run ``fn``, counting each new compiled shape in ``models.jit.COMPILES``."""
@@ -190,17 +300,22 @@ class _Session:
         self.cache = tuple(self.call("reorder", self.gather_fn, Tensor(index.astype(np.int32)), *self.cache))
         self.mask = self.mask[index]
 
-    def _run(self, ids, embeds, length: int) -> np.ndarray:
-        args = (ids, embeds, Tensor(self.mask), Tensor(self.next_slot, ms.int32), *self.cache)
+    def _run(self, ids, embeds, length: int, ban: bool, shift: Optional[np.ndarray],
+             rows: Optional[np.ndarray]) -> tuple:
+        args = (ids, embeds, Tensor(self.mask), Tensor(self.next_slot, ms.int32))
+        selection = (self.eos, Tensor(ban) if self.eos is not None else None,
+                     None if shift is None else Tensor(shift.astype(np.float32)),
+                     None if rows is None else Tensor(rows.astype(np.int32)))
         if length > attention.block_size():
             # A long prompt runs op by op: its ops are large, so a graph buys little, and MindSpore's CPU
             # graphs keep every attention tile of an unrolled loop alive (memory quadratic in the prompt).
-            out = self.model.decode_step(*args)
+            out = self.model.decode_step(*args, *self.cache)
         else:
-            out = self.call("decode_step", self.step_fn, *args)
+            out = self.call("decode_step", self.step_fn, *args, *self.cache)
         self.cache = tuple(out[1:])
         self.next_slot += length
-        return out[0].asnumpy().astype(np.float32)
+        picked = self.select_fn(self.pick, out[0], *selection) if self.pick.k else (out[0],)
+        return tuple(o.asnumpy() for o in picked)
 
 
 def to_numpy(x, dtype=None) -> Optional[np.ndarray]:
@@ -279,11 +394,20 @@ class _Rules:
     no_repeat_ngram_size: int
     skip: int
 
+    @property
+    def on_device(self) -> bool:
+        """Whether the decoding step can apply these rules itself (only min length: one banned column)."""
+        return self.repetition_penalty == 1.0 and self.no_repeat_ngram_size <= 0
+
+    def bans_eos(self, length: int) -> bool:
+        """Whether eos is banned for the token after a sequence of ``length`` columns."""
+        return bool(self.eos) and length - self.prompt_len < self.min_new_tokens
+
     def apply(self, scores: np.ndarray, seqs: np.ndarray) -> np.ndarray:
         real = seqs[:, self.skip:]
         scores = _penalise_repeats(scores, real, self.repetition_penalty)
         scores = _ban_repeated_ngrams(scores, real, self.no_repeat_ngram_size)
-        if self.eos and seqs.shape[1] - self.prompt_len < self.min_new_tokens:
+        if self.bans_eos(seqs.shape[1]):
             scores = scores.copy()
             scores[:, self.eos] = -np.inf
         return scores
@@ -321,7 +445,8 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
              repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
              seed: Union[int, np.random.Generator, None] = None,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
-             decoder_start_token_id: Optional[int] = None, use_jit: bool = True) -> GenerateOutput:
+             decoder_start_token_id: Optional[int] = None, use_jit: bool = True,
+             select_on_device: bool = True) -> GenerateOutput:
     """Generate token ids with transformers' semantics (see the module docstring for the contract).
 
     ``max_length``/``min_length`` count the returned sequence (prompt ids or the decoder start token
@@ -329,6 +454,9 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     ``max_length=20``. ``seed`` is an int or a ``numpy.random.Generator`` for sampling.
     ``repetition_penalty`` and ``no_repeat_ngram_size`` apply to the prompt ids and the new tokens
     (the decoder's tokens for an encoder-decoder), in greedy, beam and sampling, as transformers does.
+    ``select_on_device``: greedy and beam search pick their tokens inside the compiled step, so only
+    the ids (and, for beams, the best log-probs) leave the device; False, or a rule only the host
+    applies (repetition penalty, no-repeat n-grams, sampling), copies the full logits every step.
     """
     check_generation_args(num_beams, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                           repetition_penalty, no_repeat_ngram_size)
@@ -378,7 +506,8 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     rules = _Rules(eos, prefix.shape[1], min_new_tokens, repetition_penalty, no_repeat_ngram_size, drop)
     out = _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                            rules, num_beams, num_return_sequences, length_penalty,
-                           early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad, use_jit)
+                           early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad, use_jit,
+                           select_on_device)
     per_row = num_return_sequences if num_beams > 1 else 1
     out.sequences = out.sequences[:real_rows * per_row, drop:]
     if out.sequences_scores is not None:
@@ -389,43 +518,58 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
 def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                      rules: _Rules, num_beams, num_return_sequences, length_penalty,
                      early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad,
-                     use_jit) -> GenerateOutput:
+                     use_jit, select_on_device) -> GenerateOutput:
     """The search loops over a bucket-shaped batch; rows not ``live`` are fillers, finished from the start."""
-    session, first_logits = _start(model, input_ids, inputs_embeds, attention_mask, prefix, max_new_tokens, use_jit)
+    on_device = select_on_device and rules.on_device and not do_sample
     if num_beams > 1:
-        return _beam_search(session, first_logits, prefix, live, max_new_tokens, num_beams, num_return_sequences,
-                            length_penalty, early_stopping, eos, pad, rules)
+        keep = max(2, 1 + len(eos)) * num_beams
+        pick = _Pick(keep, log_probs=True) if on_device else _Pick()
+        return _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
+                            num_beams, num_return_sequences, length_penalty, early_stopping, eos, pad, rules,
+                            keep, use_jit, pick)
+    pick = _Pick(1) if on_device else _Pick()
+    session = _Session(model, _cache_length(model, attention_mask, max_new_tokens), use_jit, pick, eos)
+    picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, rules.bans_eos(prefix.shape[1]))
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    seqs, finished, logits = prefix, ~live, first_logits
+    seqs, finished = prefix, ~live
     for t in range(max_new_tokens):
-        scores = rules.apply(logits, seqs)
-        if do_sample:
-            probs = np.exp(_log_softmax(_warp_for_sampling(scores, temperature, top_k, top_p).astype(np.float64)))
-            u = rng.random((probs.shape[0], 1))
-            tokens = np.minimum((np.cumsum(probs, axis=-1) < u * probs.sum(-1, keepdims=True)).sum(-1),
-                                probs.shape[-1] - 1)
+        if pick.k:
+            tokens = picked[1][:, 0]
         else:
-            tokens = scores.argmax(axis=-1)
+            scores = rules.apply(picked[0].astype(np.float32), seqs)
+            if do_sample:
+                probs = np.exp(_log_softmax(_warp_for_sampling(scores, temperature, top_k, top_p).astype(np.float64)))
+                u = rng.random((probs.shape[0], 1))
+                tokens = np.minimum((np.cumsum(probs, axis=-1) < u * probs.sum(-1, keepdims=True)).sum(-1),
+                                    probs.shape[-1] - 1)
+            else:
+                tokens = scores.argmax(axis=-1)
         tokens = np.where(finished, pad, tokens)
         seqs = np.concatenate([seqs, tokens[:, None]], axis=1)
         finished |= np.isin(tokens, eos)
         if finished.all() or t == max_new_tokens - 1:
             break
-        logits = session.step(tokens)
+        picked = session.step(tokens, rules.bans_eos(seqs.shape[1]))
     return GenerateOutput(seqs.astype(np.int64))
 
 
-def _start(model, input_ids, inputs_embeds, attention_mask, prefix, max_new_tokens, use_jit):
-    """Build the session and run the prompt (decoder-only) or the encoder and the start token."""
+def _cache_length(model, attention_mask: np.ndarray, max_new_tokens: int) -> int:
+    """Cache slots: the decoder's start token or the prompt (a bucketed length bounds the step's graphs)."""
+    if model.is_encoder_decoder:
+        return 1 + max_new_tokens
+    return bucket_length(attention_mask.shape[1]) + max_new_tokens
+
+
+def _start(session: _Session, input_ids, inputs_embeds, attention_mask, prefix, ban: bool,
+           shift: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None) -> tuple:
+    """Run the prompt (decoder-only) or the encoder and the start token; returns the first selection."""
     ids = None if inputs_embeds is not None else Tensor(input_ids.astype(np.int32))
     embeds = to_tensor(inputs_embeds)
-    if not model.is_encoder_decoder:  # a bucketed cache length bounds the decoding step's graphs
-        session = _Session(model, bucket_length(attention_mask.shape[1]) + max_new_tokens, use_jit)
-        return session, session.prefill(ids, embeds, attention_mask)
-    session = _Session(model, 1 + max_new_tokens, use_jit)
+    if not session.model.is_encoder_decoder:
+        return session.prefill(ids, embeds, attention_mask, ban=ban, shift=shift, rows=rows)
     state = session.encode(ids, embeds, attention_mask)
     start_mask = np.ones((prefix.shape[0], 1), np.int32)
-    return session, session.prefill(Tensor(prefix.astype(np.int32)), None, start_mask, tuple(state))
+    return session.prefill(Tensor(prefix.astype(np.int32)), None, start_mask, tuple(state), ban, shift, rows)
 
 
 def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -434,21 +578,49 @@ def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _topk(x: np.ndarray, k: int) -> np.ndarray:
-    return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    """``np.argsort(-x, axis=-1, kind="stable")[:, :k]`` (largest first, ties to the lower index), found
+    with ``argpartition`` in linear time; only the ``k`` winners are sorted."""
+    n = x.shape[-1]
+    if k >= n:
+        return np.argsort(-x, axis=-1, kind="stable")
+    part = np.argpartition(-x, k - 1, axis=-1)[:, :k]
+    kth = np.take_along_axis(x, part, -1).min(axis=-1, keepdims=True)
+    ties = (x == kth).sum(axis=-1) > (np.take_along_axis(x, part, -1) == kth).sum(axis=-1)
+    for row in np.flatnonzero(ties):  # the partition kept arbitrary ones among equal k-th values
+        above = np.flatnonzero(x[row] > kth[row])
+        part[row] = np.concatenate([above, np.flatnonzero(x[row] == kth[row])[:k - len(above)]])
+    vals = np.take_along_axis(x, part, -1)
+    return np.take_along_axis(part, np.lexsort((part, -vals), axis=-1), -1)
 
 
-def _beam_search(session: _Session, logits, prefix, live, max_new_tokens, num_beams, num_return_sequences,
-                 length_penalty, early_stopping, eos, pad, rules: _Rules) -> GenerateOutput:
+def _beam_candidates(picked: tuple, running_scores: np.ndarray, rules: _Rules, seqs: np.ndarray,
+                     keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``keep`` best (score, beam, token) per batch row over all its beams, best first, ties to the
+    lower (beam, token): from the full logits (the host applies the rules) or from each beam's best
+    entries that the step picked on the device (already log-probs plus running scores)."""
+    batch, num_beams = running_scores.shape
+    if len(picked) == 1:
+        vocab = picked[0].shape[-1]
+        logp = rules.apply(_log_softmax(picked[0].astype(np.float32)), seqs).reshape(batch, num_beams, vocab)
+        logp = (logp + running_scores[:, :, None]).reshape(batch, num_beams * vocab)
+        idx = _topk(logp, keep)
+        return np.take_along_axis(logp, idx, 1), idx // vocab, idx % vocab
+    vals, ids = (a.reshape(batch, -1) for a in picked)
+    beams = np.broadcast_to(np.repeat(np.arange(num_beams), picked[0].shape[1]), vals.shape)
+    order = np.lexsort((ids, beams, -vals), axis=-1)[:, :keep]
+    return (np.take_along_axis(vals, order, 1), np.take_along_axis(beams, order, 1),
+            np.take_along_axis(ids, order, 1).astype(np.int64))
+
+
+def _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens, num_beams,
+                 num_return_sequences, length_penalty, early_stopping, eos, pad, rules: _Rules, keep: int,
+                 use_jit: bool, pick: _Pick) -> GenerateOutput:
     """transformers 4.56's vectorised beam search, in numpy; keeps all beams for the caller."""
     batch, prompt_len = prefix.shape
-    vocab = logits.shape[-1]
     max_len = prompt_len + max_new_tokens
-    keep = max(2, 1 + len(eos)) * num_beams
     top_nb = np.arange(keep) < num_beams
     fill = (pad if pad else eos[0]) if eos else -1
 
-    session.reorder(np.repeat(np.arange(batch), num_beams))
-    logits = np.repeat(logits, num_beams, axis=0)
     running = np.full((batch, num_beams, max_len), fill, np.int64)
     running[:, :, :prompt_len] = prefix[:, None]
     done_seqs = running.copy()
@@ -459,13 +631,19 @@ def _beam_search(session: _Session, logits, prefix, live, max_new_tokens, num_be
     done_lens = np.zeros((batch, num_beams), np.int64)
     improvable = live.copy()
     cur_len = prompt_len
+
+    session = _Session(model, _cache_length(model, attention_mask, max_new_tokens), use_jit, pick, eos)
+    expand = np.repeat(np.arange(batch), num_beams)
+    if pick.k:  # the prompt's rows are repeated per beam on the device, before selection
+        picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, rules.bans_eos(cur_len),
+                        running_scores.reshape(-1), expand)
+    else:
+        picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, False)
+        picked = (np.repeat(picked[0], num_beams, axis=0),)
+    session.reorder(expand)
     while True:
-        logp = rules.apply(_log_softmax(logits), running[:, :, :cur_len].reshape(batch * num_beams, cur_len))
-        logp = logp.reshape(batch, num_beams, vocab)
-        logp = (logp + running_scores[:, :, None]).reshape(batch, num_beams * vocab)
-        idx = _topk(logp, keep)
-        top_logp = np.take_along_axis(logp, idx, 1)
-        src_beam, tokens = idx // vocab, idx % vocab
+        seqs = running[:, :, :cur_len].reshape(batch * num_beams, cur_len)
+        top_logp, src_beam, tokens = _beam_candidates(picked, running_scores, rules, seqs, keep)
         top_seqs = _take(running, src_beam)
         top_seqs[:, :, cur_len] = tokens
         hits = np.isin(tokens, eos) | (cur_len + 1 >= max_len)
@@ -478,14 +656,14 @@ def _beam_search(session: _Session, logits, prefix, live, max_new_tokens, num_be
         fin_logp = top_logp / np.float32((cur_len + 1 - prompt_len) ** length_penalty)
         fin_logp = fin_logp + (done.all(axis=1, keepdims=True) & (early_stopping is True)) * np.float32(-1e9)
         fin_logp = fin_logp + (~improvable)[:, None] * np.float32(-1e9)
-        just_done = hits & top_nb[None]
+        just_done = hits & top_nb[None, :hits.shape[1]]
         fin_logp = (fin_logp + (~just_done) * np.float32(-1e9)).astype(np.float32)
         merged_scores = np.concatenate([done_scores, fin_logp], 1)
         best = _topk(merged_scores, num_beams)
         done_seqs = _take(np.concatenate([done_seqs, top_seqs], 1), best)
         done_scores = _take(merged_scores, best)
         done = _take(np.concatenate([done, just_done], 1), best)
-        done_lens = _take(np.concatenate([done_lens, np.full((batch, keep), cur_len + 1 - prompt_len)], 1), best)
+        done_lens = _take(np.concatenate([done_lens, np.full(hits.shape, cur_len + 1 - prompt_len)], 1), best)
 
         cur_len += 1
         if early_stopping == "never" and length_penalty > 0.0:
@@ -498,7 +676,8 @@ def _beam_search(session: _Session, logits, prefix, live, max_new_tokens, num_be
         if not improvable.any() or (done[live].all() and early_stopping is True) or hits.all():
             break
         session.reorder((parent + np.arange(batch)[:, None] * num_beams).reshape(-1))
-        logits = session.step(running[:, :, cur_len - 1].reshape(-1))
+        picked = session.step(running[:, :, cur_len - 1].reshape(-1), rules.bans_eos(cur_len),
+                              running_scores.reshape(-1))
 
     n = num_return_sequences
     out_len = prompt_len + int(done_lens[:, :n].max())
