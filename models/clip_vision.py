@@ -11,22 +11,10 @@ from typing import TYPE_CHECKING
 from mindspore import Tensor, nn, ops
 
 from models.attention import attention
-from models.layers import Embedding, LayerNorm, Linear, gelu, zeros_parameter
+from models.layers import Embedding, LayerNorm, Linear, activation, zeros_parameter
 
 if TYPE_CHECKING:
     from transformers import CLIPVisionConfig
-
-
-
-def quick_gelu(x: Tensor) -> Tensor:
-    return x * ops.sigmoid(1.702 * x)
-
-
-def gelu_tanh(x: Tensor) -> Tensor:
-    return ops.gelu(x, approximate="tanh")
-
-
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu, "gelu_pytorch_tanh": gelu_tanh}
 
 
 class CLIPPatchEmbedding(nn.Cell):
@@ -88,9 +76,7 @@ class CLIPAttention(nn.Cell):
 class CLIPMLP(nn.Cell):
     def __init__(self, config: "CLIPVisionConfig"):
         super().__init__()
-        if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIP hidden_act {config.hidden_act!r} not supported ({', '.join(ACTIVATIONS)})")
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.act = activation(config.hidden_act, "CLIP hidden_act")
         self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 

@@ -3,7 +3,9 @@
 MindSpore's own nn.Dense / nn.LayerNorm name their parameters differently
 (``gamma``/``beta``); keeping the transformers names (``weight``/``bias``) lets a
 checkpoint load by plain name matching. Only ``mindspore.ops`` is used, so every
-layer has CPU and Ascend kernels.
+layer has CPU and Ascend kernels. On CPU the norms and activations run fused C++ kernels
+(:mod:`models.kernels`) when those are built, in float32; elsewhere, and with ``CAPTION_KERNELS=0``,
+the ``mindspore.ops`` versions below run, and they are what the kernels are tested against.
 
 Parameters start as zeros (ones for norm scales), which MindSpore creates without
 touching memory: a multi-billion-parameter model is built in a moment and the
@@ -11,10 +13,14 @@ checkpoint fills it. ``init_weights`` draws random values for training from scra
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import One, Zero
+
+from models import kernels
 
 
 def zeros_parameter(shape: tuple, dtype=ms.float32) -> Parameter:
@@ -57,7 +63,13 @@ class Linear(nn.Cell):
 
 
 class LayerNorm(nn.Cell):
-    """Layer normalisation over the last axis, computed in float32 (the fused kernel: 5x a hand-written one on CPU)."""
+    """Layer normalisation over the last axis, computed in float32: the fused CPU kernel (5x ops.LayerNorm at
+    (2056, 1536)), or ops.LayerNorm (5x a hand-written one on CPU).
+
+    In training mode (``set_train(True)``) it keeps ops.LayerNorm: the kernel's gradient equals the
+    builtin's to 1e-6, but the training tests compare one-step Adam updates of near-zero gradients to
+    1e-5, which that rounding difference was enough to tip.
+    """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
@@ -66,10 +78,15 @@ class LayerNorm(nn.Cell):
         self.bias = zeros_parameter((hidden_size,)) if bias else None
         self.zero_bias = Tensor(np.zeros((hidden_size,), np.float32))
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.eps = kernels.scalar(eps)
+        kernels.refresh()
 
     def construct(self, x: Tensor) -> Tensor:
         bias = self.bias.astype(ms.float32) if self.has_bias else self.zero_bias
-        y, _, _ = self.norm(x.astype(ms.float32), self.weight.astype(ms.float32), bias)
+        if kernels.active() and not self.training:
+            y = kernels.op("layer_norm")(x.astype(ms.float32), self.weight.astype(ms.float32), bias, self.eps)
+        else:
+            y, _, _ = self.norm(x.astype(ms.float32), self.weight.astype(ms.float32), bias)
         return y.astype(x.dtype)
 
 
@@ -80,18 +97,67 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.weight = ones_parameter((hidden_size,))
         self.eps = eps
+        self.eps_tensor = kernels.scalar(eps)
+        kernels.refresh()
 
     def construct(self, x: Tensor) -> Tensor:
         dtype = x.dtype
+        if _fused(x) and self.weight.dtype == ms.float32:
+            return kernels.op("rms_norm")(x, self.weight, self.eps_tensor)
         x32 = x.astype(ms.float32)
         var = ops.square(x32).mean(axis=-1, keep_dims=True)
         y = x32 * ops.rsqrt(var + self.eps)
         return self.weight.astype(dtype) * y.astype(dtype)
 
 
+def _fused(x: Tensor) -> bool:
+    """Whether ``x`` goes to a fused kernel: they are on (CPU, built, not switched off) and it is float32."""
+    return kernels.active() and x.dtype == ms.float32
+
+
 def gelu(x: Tensor) -> Tensor:
-    """Exact (erf) GELU; written out because it runs 3x faster than ops.gelu on CPU, same values."""
+    """Exact (erf) GELU, as torch.nn.GELU(); the builtin written out runs 3x faster than ops.gelu on CPU, same values."""
+    if _fused(x):
+        return kernels.op("gelu")(x)
     return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """Tanh-approximated GELU (transformers' gelu_new / gelu_pytorch_tanh)."""
+    if _fused(x):
+        return kernels.op("gelu_tanh")(x)
+    return ops.gelu(x, approximate="tanh")
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """x * sigmoid(1.702 x) (CLIP, Qwen2-VL vision)."""
+    if _fused(x):
+        return kernels.op("quick_gelu")(x)
+    return x * ops.sigmoid(1.702 * x)
+
+
+def silu(x: Tensor) -> Tensor:
+    if _fused(x):
+        return kernels.op("silu")(x)
+    return ops.silu(x)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, the SwiGLU product, in one pass (same shapes)."""
+    if _fused(gate) and up.dtype == ms.float32 and gate.shape == up.shape:
+        return kernels.op("silu_mul")(gate, up)
+    return ops.silu(gate) * up
+
+
+ACTIVATIONS = {"gelu": gelu, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "quick_gelu": quick_gelu,
+               "silu": silu, "relu": ops.relu}
+
+
+def activation(name: str, owner: str = "hidden_act") -> Callable[[Tensor], Tensor]:
+    """The activation a transformers config names (``hidden_act`` and the like); ValueError naming ``owner`` else."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{owner} {name!r} not supported; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 class Embedding(nn.Cell):

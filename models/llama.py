@@ -24,7 +24,7 @@ from mindspore import Tensor, nn, ops
 
 from models.attention import cached_self_attention
 from models.generation import GenerateOutput, causal_lm_loss, generate, slot_ids, to_tensor
-from models.layers import Embedding, Linear, RMSNorm
+from models.layers import Embedding, Linear, RMSNorm, silu_mul
 
 
 @dataclass
@@ -107,7 +107,7 @@ class LlamaMLP(nn.Cell):
             raise ValueError(f"Llama port supports hidden_act='silu', got {config.hidden_act!r}")
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Cell):

@@ -16,7 +16,7 @@ from mindspore import Tensor, nn, ops
 
 from models.attention import attention, cached_self_attention
 from models.generation import GenerateOutput, causal_lm_loss, generate, slot_ids, to_tensor
-from models.layers import Embedding, Linear, RMSNorm, gelu
+from models.layers import Embedding, Linear, RMSNorm, activation
 
 
 @dataclass
@@ -47,16 +47,6 @@ def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distanc
     large = max_exact + np.nan_to_num(large, neginf=0.0).astype(np.int64)
     large = np.minimum(large, num_buckets - 1)
     return (buckets + np.where(rel < max_exact, rel, large)).astype(np.int32)
-
-
-def _activation(name: str):
-    if name == "relu":
-        return ops.relu
-    if name == "gelu_new":
-        return lambda x: ops.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return gelu
-    raise ValueError(f"unsupported T5 dense_act_fn {name!r}")
 
 
 class T5Attention(nn.Cell):
@@ -130,7 +120,7 @@ class T5DenseActDense(nn.Cell):
         super().__init__()
         self.wi = Linear(config.d_model, config.d_ff, bias=False)
         self.wo = Linear(config.d_ff, config.d_model, bias=False)
-        self.act = _activation(config.dense_act_fn)
+        self.act = activation(config.dense_act_fn, "T5 dense_act_fn")
 
     def construct(self, x):
         return self.wo(self.act(self.wi(x)))
@@ -142,7 +132,7 @@ class T5DenseGatedActDense(nn.Cell):
         self.wi_0 = Linear(config.d_model, config.d_ff, bias=False)
         self.wi_1 = Linear(config.d_model, config.d_ff, bias=False)
         self.wo = Linear(config.d_ff, config.d_model, bias=False)
-        self.act = _activation(config.dense_act_fn)
+        self.act = activation(config.dense_act_fn, "T5 dense_act_fn")
 
     def construct(self, x):
         return self.wo(self.act(self.wi_0(x)) * self.wi_1(x))

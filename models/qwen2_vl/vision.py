@@ -22,7 +22,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from models import attention as attn, jit
-from models.layers import LayerNorm, Linear, zeros_parameter
+from models.layers import LayerNorm, Linear, activation, gelu, zeros_parameter
 from models.llama import rotate_half
 
 if TYPE_CHECKING:
@@ -30,25 +30,6 @@ if TYPE_CHECKING:
 
 
 SCORE_LIMIT = 1 << 24  # attention scores per compiled chunk (64 MB in float32): compiled graphs keep them all
-
-
-def quick_gelu(x: Tensor) -> Tensor:
-    return x * ops.sigmoid(1.702 * x)
-
-
-def gelu(x: Tensor) -> Tensor:
-    """Exact (erf) GELU, as torch.nn.GELU()."""
-    return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
-
-
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu, "silu": ops.silu}
-
-
-def activation(name: str):
-    """The vision MLP's activation by its transformers name (ValueError for others)."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported vision hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
 
 
 class GELU(nn.Cell):
