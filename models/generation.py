@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import mindspore as ms
 import numpy as np
@@ -446,7 +446,8 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
              seed: Union[int, np.random.Generator, None] = None,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              decoder_start_token_id: Optional[int] = None, use_jit: bool = True,
-             select_on_device: bool = True) -> GenerateOutput:
+             select_on_device: bool = True,
+             streamer: Optional[Callable[[np.ndarray], None]] = None) -> GenerateOutput:
     """Generate token ids with transformers' semantics (see the module docstring for the contract).
 
     ``max_length``/``min_length`` count the returned sequence (prompt ids or the decoder start token
@@ -457,6 +458,8 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     ``select_on_device``: greedy and beam search pick their tokens inside the compiled step, so only
     the ids (and, for beams, the best log-probs) leave the device; False, or a rule only the host
     applies (repetition penalty, no-repeat n-grams, sampling), copies the full logits every step.
+    ``streamer``: called after every step of greedy decoding or sampling with that step's (N,) new ids
+    of the N returned rows, -1 for a row that had already ended (a server streams replies with it).
     """
     check_generation_args(num_beams, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                           repetition_penalty, no_repeat_ngram_size)
@@ -482,6 +485,8 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
         raise ValueError("num_return_sequences must be <= num_beams")
     if num_beams > 1 and do_sample:
         raise ValueError("beam sampling is not supported; use num_beams=1 with do_sample or do_sample=False")
+    if num_beams > 1 and streamer is not None:
+        raise ValueError("a streamer needs num_beams=1: beam search settles its tokens only at the end")
 
     expand = num_return_sequences if num_beams == 1 else 1
     if num_beams == 1 and num_return_sequences > 1 and not do_sample:
@@ -496,6 +501,7 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     min_new_tokens = max(min_new_tokens, min_length - prefix.shape[1])  # padding below must not count
     prefix_is_prompt = input_ids is not None and not model.is_encoder_decoder
     real_rows, real_cols = prefix.shape[0], attention_mask.shape[1]
+    emit = None if streamer is None else (lambda tokens: streamer(tokens[:real_rows]))
     input_ids, attention_mask = pad_to_buckets(input_ids, attention_mask, pad)
     rows, cols = attention_mask.shape[0] - real_rows, attention_mask.shape[1] - real_cols
     if inputs_embeds is not None and (rows or cols):
@@ -507,7 +513,7 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     out = _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                            rules, num_beams, num_return_sequences, length_penalty,
                            early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad, use_jit,
-                           select_on_device)
+                           select_on_device, emit)
     per_row = num_return_sequences if num_beams > 1 else 1
     out.sequences = out.sequences[:real_rows * per_row, drop:]
     if out.sequences_scores is not None:
@@ -518,7 +524,7 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
 def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                      rules: _Rules, num_beams, num_return_sequences, length_penalty,
                      early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad,
-                     use_jit, select_on_device) -> GenerateOutput:
+                     use_jit, select_on_device, emit=None) -> GenerateOutput:
     """The search loops over a bucket-shaped batch; rows not ``live`` are fillers, finished from the start."""
     on_device = select_on_device and rules.on_device and not do_sample
     if num_beams > 1:
@@ -544,6 +550,8 @@ def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, li
                                     probs.shape[-1] - 1)
             else:
                 tokens = scores.argmax(axis=-1)
+        if emit is not None:
+            emit(np.where(finished, -1, tokens).astype(np.int64))
         tokens = np.where(finished, pad, tokens)
         seqs = np.concatenate([seqs, tokens[:, None]], axis=1)
         finished |= np.isin(tokens, eos)

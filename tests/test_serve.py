@@ -217,6 +217,39 @@ def test_streaming_returns_the_same_text(qwen, videos):
     assert chunks[-1]["usage"] == whole["usage"]
 
 
+def test_streaming_sends_tokens_as_they_are_generated(qwen, videos):
+    """Deltas leave while the reply is being generated: they arrive spread over the decoding time, and
+    more than one arrives (a reply sent whole after generation would come in one burst)."""
+    _, url = qwen
+    body = {"max_tokens": 24, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [video_message(data_url(videos / "v3.mp4"), "describe the video")]}
+    arrivals, chunks = [], []
+    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=300) as response:
+        for line in response.iter_lines():
+            if line.startswith(b"data: {"):
+                chunks.append(json.loads(line[len(b"data: "):]))
+                arrivals.append(time.perf_counter())
+    content = [t for t, c in zip(arrivals, chunks) if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert chunks[-1]["usage"]["completion_tokens"] >= 8, "the tiny model should speak for a while"
+    assert len(content) >= 3 and content[-1] - content[0] > 0.02, (len(content), content[-1] - content[0])
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    whole = complete(url, {**body, "stream": False}).json()["choices"][0]["message"]["content"]
+    assert text == whole
+
+
+def test_text_stream_adds_up_to_the_final_reply():
+    """Leading and trailing space and the start of a stop string wait; a stop string ends the stream."""
+    from pipeline.serve.streaming import TextStream
+
+    pieces = {1: " Hello", 2: " wor", 3: "ld", 4: " #", 5: "#", 6: "#Human", 7: " more"}
+    stream = TextStream(lambda ids: "".join(pieces[i] for i in ids), stop="###")
+    deltas = [stream.add(i) for i in pieces]
+    assert deltas == ["Hello", " wor", "ld", "", "", "", ""]
+    assert "".join(deltas) + stream.finish("Hello world") == "Hello world"
+    plain = TextStream(lambda ids: "".join(pieces[i] for i in ids))
+    assert [plain.add(i) for i in (1, 2, 3)] == ["Hello", " wor", "ld"] and plain.finish("Hello world!") == "!"
+
+
 def test_multi_turn_images_local_paths_and_http(qwen, videos):
     """History goes into the prompt; media may come as images (as API captioners send frames), local paths
     or http URLs."""

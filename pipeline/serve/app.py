@@ -9,14 +9,13 @@ import asyncio
 import base64
 import json
 import logging
-import re
 import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Awaitable, Sequence
 
 import cv2
 import numpy as np
@@ -131,53 +130,101 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         request.app[DECODERS], engine.prepare, frames, turns)
     seedless = tuple(sorted((k, v) for k, v in options.items() if k != "seed"))
     key = (prepared.num_frames, seedless, id(options) if "seed" in options else None)  # a seed: its own call
-    try:
-        answer = await request.app[BATCHER].submit(prepared, options, key)
-    except ValueError as exc:  # the prompt cannot be built (e.g. text holding the model's media marker)
-        raise RequestError(f"the model cannot take this conversation: {exc}", "invalid_prompt") from exc
-    reply = Reply(settings.model_name, answer)
+    reply = Reply(settings.model_name)
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await reply.stream(request, include_usage)
-    return web.json_response(reply.completion())
+        return await reply.stream(request, prepared, options, key, include_usage)
+    return web.json_response(reply.completion(await _answer(request.app[BATCHER].submit(prepared, options, key))))
+
+
+async def _answer(submitted: Awaitable[dict]) -> dict:
+    try:
+        return await submitted
+    except ValueError as exc:  # the prompt cannot be built (e.g. text holding the model's media marker)
+        raise RequestError(f"the model cannot take this conversation: {exc}", "invalid_prompt") from exc
 
 
 class Reply:
     """One answer as an OpenAI chat completion, whole or as server-sent event chunks."""
 
-    def __init__(self, model: str, answer: dict):
-        self.model, self.answer = model, answer
+    def __init__(self, model: str):
+        self.model = model
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        self.finish_reason = "length" if answer.get("truncated") == "true" else "stop"
 
-    def usage(self) -> dict:
-        prompt, completion = self.answer["prompt_tokens"], self.answer["completion_tokens"]
+    @staticmethod
+    def finish_reason(answer: dict) -> str:
+        return "length" if answer.get("truncated") == "true" else "stop"
+
+    @staticmethod
+    def usage(answer: dict) -> dict:
+        prompt, completion = answer["prompt_tokens"], answer["completion_tokens"]
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def completion(self) -> dict:
+    def completion(self, answer: dict) -> dict:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer["text"]},
-                             "finish_reason": self.finish_reason}],
-                "usage": self.usage()}
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer["text"]},
+                             "finish_reason": self.finish_reason(answer)}],
+                "usage": self.usage(answer)}
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
-    async def stream(self, request: web.Request, include_usage: bool) -> web.StreamResponse:
-        """The answer as SSE chunks, word by word (the generation core returns whole sequences)."""
+    async def stream(self, request: web.Request, prepared: Prepared, options: dict, key: Any,
+                     include_usage: bool) -> web.StreamResponse:
+        """The reply as SSE chunks, a delta per token as generation picks it (beam search: the whole text at
+        the end). The response starts with the first text, so a request that fails before any still gets
+        its 4xx error."""
+        engine: Engine = request.app[ENGINE]
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int] = asyncio.Queue()
+        if engine.streams_tokens(options):
+            prepared = replace(prepared, on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token))
+        answer = asyncio.ensure_future(_answer(request.app[BATCHER].submit(prepared, options, key)))
+        text = engine.text_stream()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        chunks = [self._chunk({"role": "assistant", "content": ""})]
-        chunks += [self._chunk({"content": piece}) for piece in re.findall(r"\s*\S+", self.answer["text"])]
-        chunks.append(self._chunk({}, self.finish_reason))
-        if include_usage:
-            chunks.append({**self._chunk({}), "choices": [], "usage": self.usage()})
-        for chunk in chunks:
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        async def send(chunk: dict) -> None:
+            if not response.prepared:
+                await response.prepare(request)
+                await response.write(self._event(self._chunk({"role": "assistant", "content": ""})))
+            await response.write(self._event(chunk))
+
+        async def send_text(delta: str) -> None:
+            if delta:
+                await send(self._chunk({"content": delta}))
+
+        try:
+            while True:
+                token = asyncio.ensure_future(tokens.get())
+                done, _ = await asyncio.wait({token, answer}, return_when=asyncio.FIRST_COMPLETED)
+                if token not in done:
+                    token.cancel()
+                    break
+                await send_text(text.add(token.result()))
+            while not tokens.empty():  # the last tokens came in with the answer
+                await send_text(text.add(tokens.get_nowait()))
+            result = await answer
+        except Exception as exc:  # noqa: BLE001
+            if not response.prepared:
+                raise
+            logger.exception("a streamed reply failed")
+            await response.write(self._event({"error": {"message": str(exc), "type": "server_error",
+                                                        "code": "generation_failed"}}))
+        else:
+            await send_text(text.finish(result["text"]))
+            await send(self._chunk({}, self.finish_reason(result)))
+            if include_usage:
+                await send({**self._chunk({}), "choices": [], "usage": self.usage(result)})
+        finally:
+            answer.cancel()
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    @staticmethod
+    def _event(chunk: dict) -> bytes:
+        return f"data: {json.dumps(chunk)}\n\n".encode()
 
 
 def jpeg_data_url(frame: np.ndarray) -> str:

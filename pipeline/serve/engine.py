@@ -12,7 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from pipeline.captioning.chat import Turn
 from pipeline.captioning.cli import check_args, resolve_dtype, resolve_prompt
 from pipeline.config import CONFIG_DIR, ConfigError, apply_config, parse_with_config
 from pipeline.datasets.video import resize_frames, sample_frames, uniform_indices
+from pipeline.serve.streaming import TextStream
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Prepared:
     inputs: Any
     prompt: str
     num_frames: int
+    on_token: Callable[[int], None] | None = None  # a streamed reply: called with each new token id
 
 
 class Engine:
@@ -172,8 +174,26 @@ class Engine:
             raise RequestError(str(exc), "invalid_parameter") from exc
         return options
 
+    def streams_tokens(self, options: dict) -> bool:
+        """Whether replies made with ``options`` can stream token by token (beam search settles at the end)."""
+        return options.get("num_beams", self.captioner.generate_kwargs.get("num_beams", 1)) == 1
+
+    def text_stream(self) -> TextStream:
+        """The deltas of one streamed reply, decoded and cut as the captioner decodes and cuts replies."""
+        tokenizer = self.captioner.tokenizer
+        return TextStream(lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                          getattr(self.captioner, "separator", "") or "")
+
     def generate(self, batch: Sequence[Prepared], options: dict) -> list[dict]:
-        """Replies to a batch of conversations in one model call (options shared by the batch)."""
+        """Replies to a batch of conversations in one model call (options shared by the batch); the
+        streamed ones get their tokens as they are picked."""
+        hooks = [p.on_token for p in batch]
+        if any(hooks) and self.streams_tokens(options):
+            def streamer(tokens: np.ndarray) -> None:
+                for hook, token in zip(hooks, tokens.tolist()):
+                    if hook is not None and token >= 0:
+                        hook(token)
+            options = {**options, "streamer": streamer}
         with self._lock:
             self.generate_calls += 1
             return self.captioner.generate([p.inputs for p in batch], prompts=[p.prompt for p in batch],
