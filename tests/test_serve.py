@@ -347,6 +347,24 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(qwen, videos, tmp_pat
     assert complete(url, {"messages": [video_message(good)]}).status_code == 200
 
 
+def test_a_hanging_video_gets_a_400_and_the_server_keeps_serving(engines, videos, tmp_path):
+    """Videos decode in processes: one that would hang (an AVI with 64 GiB of sparse zeros) is stopped after
+    --decode_timeout and its request refused, while the next request is served."""
+    from tests.test_decode_pool import write_hanging_avi
+
+    hanging = write_hanging_avi(tmp_path / "hang.avi")
+    shutil.copyfile(videos / "v3.mp4", tmp_path / "v3.mp4")
+    media = MediaPolicy(max_bytes=2 ** 20, allowed_local_path=tmp_path.resolve())
+    with ThreadServer(engines("qwen2_vl"), media=media, decode_timeout=2) as url:
+        started = time.monotonic()
+        refused = complete(url, {"max_tokens": 2, "messages": [video_message(str(hanging))]})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "unreadable_media"
+        assert "decoding took longer than 2 s" in refused.json()["error"]["message"]
+        assert time.monotonic() - started < 60
+        served = complete(url, {"max_tokens": 2, "messages": [video_message(str(tmp_path / "v3.mp4"))]})
+        assert served.status_code == 200 and served.json()["choices"][0]["message"]["content"]
+
+
 def test_chat_cli_two_turns_carry_the_history(checkpoints, videos):
     script = "what is shown\nwhat moves\n/reset\nwhat is shown\n"  # then end of input
     run = subprocess.run([sys.executable, "-m", "pipeline.chat", str(videos / "v2.mp4"),

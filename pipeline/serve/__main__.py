@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_wait_ms", type=float,
                    help="how long a waiting request waits for others to share its generate call "
                         "(default: %(default)s)")
-    p.add_argument("--decode_workers", type=int, help="threads decoding media (default: %(default)s)")
+    p.add_argument("--decode_workers", type=int, help="processes decoding videos, and threads reading images and "
+                                                      "preparing model inputs (default: %(default)s)")
+    p.add_argument("--decode_timeout", type=float,
+                   help="seconds one video's decoding may take before its decoder process is stopped and the "
+                        "request gets a 400 (default: 120, plus 120 per 32 frames above 32); 0: decode in threads, "
+                        "with no limit")
     p.add_argument("--allowed_local_media_path", metavar="DIR",
                    help="allow media URLs that are local paths (or file://) inside DIR (default: none allowed)")
     p.add_argument("--allow_remote_media", action="store_true",
@@ -56,8 +61,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for name in ("max_frames", "max_tokens", "max_batch", "decode_workers"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if args.batch_wait_ms < 0 or args.max_body_mb <= 0:
-        raise ConfigError("--batch_wait_ms must be 0 or more and --max_body_mb positive")
+    if args.batch_wait_ms < 0 or args.max_body_mb <= 0 or (args.decode_timeout or 0) < 0:
+        raise ConfigError("--batch_wait_ms and --decode_timeout must be 0 or more and --max_body_mb positive")
     local = None
     if args.allowed_local_media_path:
         local = Path(args.allowed_local_media_path).resolve()
@@ -68,7 +73,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                         allow_remote=args.allow_remote_media)
     return Settings(model_name=name, max_tokens=args.max_tokens, max_frames=args.max_frames,
                     max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
-                    decode_workers=args.decode_workers, media=media)
+                    decode_workers=args.decode_workers, media=media, decode_timeout=args.decode_timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

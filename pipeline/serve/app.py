@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from aiohttp import web
 
+from pipeline.datasets.decode_pool import DecodePool
 from pipeline.datasets.video import VideoReadError
 from pipeline.serve.batching import Batcher
 from pipeline.serve.engine import Engine, Prepared, RequestError
@@ -44,6 +45,7 @@ class Settings:
     batch_wait_s: float
     decode_workers: int
     media: MediaPolicy
+    decode_timeout: float | None = None  # seconds a video may take to decode (None: by frame count; 0: threads)
 
 
 def error_body(status: int, message: str, code: str) -> web.Response:
@@ -272,9 +274,14 @@ def build_app(engine: Engine, settings: Settings, max_body_bytes: int) -> web.Ap
 
     async def lifecycle(app: web.Application):
         app[BATCHER].start()
+        if settings.decode_timeout != 0:
+            engine.decode_pool, engine.decode_timeout = DecodePool(settings.decode_workers), settings.decode_timeout
         yield
         await app[BATCHER].stop()
         app[DECODERS].shutdown(wait=False, cancel_futures=True)
+        if engine.decode_pool is not None:
+            engine.decode_pool.close()
+            engine.decode_pool = None
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/", page)

@@ -23,6 +23,7 @@ from pipeline import distributed
 from pipeline.captioning.chat import Turn
 from pipeline.captioning.cli import check_args, resolve_dtype, resolve_prompt
 from pipeline.config import CONFIG_DIR, ConfigError, apply_config, parse_with_config
+from pipeline.datasets.decode_pool import DecodePool, default_timeout
 from pipeline.datasets.video import resize_frames, sample_frames, uniform_indices
 from pipeline.serve.streaming import TextStream
 
@@ -79,6 +80,8 @@ class Engine:
         self.family = family
         self.question = question
         self.max_decode_pixels = max_decode_pixels
+        self.decode_pool: DecodePool | None = None  # videos decode in these processes when set (the server)
+        self.decode_timeout: float | None = None     # seconds one video may take there (None: by frame count)
         self.generate_calls = 0
         self._lock = threading.Lock()  # one generate at a time: the model's caches are not shared
 
@@ -127,11 +130,15 @@ class Engine:
         return self.captioner.frame_spec.num_frames if self.family == "pllava" else None
 
     def video_frames(self, path: str | Path) -> np.ndarray:
-        """A video's frames sampled as the runner samples them for this captioner."""
+        """A video's frames sampled as the runner samples them for this captioner; in a decoder process,
+        stopped after ``decode_timeout`` (a ``DecodeTimeoutError``), when the engine has a pool."""
         spec = self.captioner.frame_spec
-        frames, _ = sample_frames(path, num_frames=spec.num_frames, sampling=spec.sampling, fps=spec.fps,
-                                  height=spec.height, width=spec.width, max_pixels=self.max_decode_pixels)
-        return frames
+        sampling = dict(num_frames=spec.num_frames, sampling=spec.sampling, fps=spec.fps, height=spec.height,
+                        width=spec.width, max_pixels=self.max_decode_pixels)
+        if self.decode_pool is None:
+            return sample_frames(path, **sampling)[0]
+        timeout = self.decode_timeout or default_timeout(spec.num_frames)
+        return np.array(self.decode_pool.sample_frames(path, timeout=timeout, **sampling)[0])
 
     def image_frames(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Images as the frames of one video, in order, at the first one's size (and the spec's, if set)."""
