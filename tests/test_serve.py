@@ -459,10 +459,7 @@ def test_web_page_frames_caption_and_chat_in_chromium(served, videos, tmp_path):
         finally:
             browser.close()
     assert caption.strip() and reply.strip()
-    assert shot.stat().st_size > 10_000
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, results / "serve_page.png")
+    assert shot.stat().st_size > 10_000  # benchmarks/results/serve_page.png is one of these
 
 
 def test_caption_api_against_the_server_resumes_after_a_kill(served, videos, tmp_path):
