@@ -362,7 +362,7 @@ def test_a_hanging_video_gets_a_400_and_the_server_keeps_serving(engines, videos
         assert "decoding took longer than 2 s" in refused.json()["error"]["message"]
         assert time.monotonic() - started < 60
         served = complete(url, {"max_tokens": 2, "messages": [video_message(str(tmp_path / "v3.mp4"))]})
-        assert served.status_code == 200 and served.json()["choices"][0]["message"]["content"]
+        assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_chat_cli_two_turns_carry_the_history(checkpoints, videos):
