@@ -53,25 +53,31 @@ def model_family(config: dict) -> str:
     )
 
 
-def from_pretrained(folder: str | Path, dtype: str = "float32", weights: str | Path | None = None):
+def from_pretrained(folder: str | Path, dtype: str = "float32", weights: str | Path | None = None,
+                    tp_size: int = 1):
     """Build the native model named by ``folder``/config.json and load its weights.
 
     ``dtype`` is float32, float16 or bfloat16 (modules the model keeps in float32 stay so).
     ``weights``: a file whose tensors replace the folder's, such as a LAVIS fine-tuning
-    ``.pth`` that holds only the trained parameters. The model is returned in inference
-    mode (``set_train(False)``).
+    ``.pth`` that holds only the trained parameters. ``tp_size`` > 1 (under msrun, process group
+    up): this rank's part of the model split over ``tp_size`` consecutive ranks (``models.parallel``),
+    reading only its slices of the weights; ``forward`` and ``generate`` still return full logits
+    and ids on every rank of the group. The model is returned in inference mode (``set_train(False)``).
     """
     import transformers
 
+    from models import parallel
     from models.checkpoint import load_checkpoint, read_config, weight_files
 
     raw = read_config(folder)
     module, class_name, config_name = MODEL_TYPES[model_family(raw)]
-    if config_name is None:
-        return getattr(importlib.import_module(module), class_name).from_folder(folder, dtype=dtype, weights=weights)
-    weight_files(folder)  # fail on a folder without weights before building a large model
-    config = getattr(transformers, config_name).from_dict(raw)
-    model = getattr(importlib.import_module(module), class_name)(config)
+    with parallel.building(parallel.init_group(tp_size)):
+        if config_name is None:
+            return getattr(importlib.import_module(module), class_name).from_folder(folder, dtype=dtype,
+                                                                                    weights=weights)
+        weight_files(folder)  # fail on a folder without weights before building a large model
+        config = getattr(transformers, config_name).from_dict(raw)
+        model = getattr(importlib.import_module(module), class_name)(config)
     load_checkpoint(model, folder, dtype=dtype, overlay=weights)
     model.set_train(False)
     return model

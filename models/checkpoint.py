@@ -19,6 +19,8 @@ that Cell (so a language model's declarations keep working inside a composite):
   checkpoint keys below the Cell (outer Cells first), mapping published layouts to ours.
 * ``tied_weights_keys``: checkpoint keys that may be present but need no parameter
   of their own (e.g. ``lm_head.weight`` when the head reuses the embedding); dropped.
+* ``checkpoint_slices``: ``{parameter name: (dim, start, stop, full size)}`` for a tensor-parallel
+  cell (``models.parallel``) that holds only part of a tensor; only that part is read.
 * ``keep_in_fp32_modules``: module names (as in transformers: any dotted component run of
   the parameter path below the Cell, e.g. ``"qformer"`` or ``"wo"``) whose parameters stay
   float32 whatever ``dtype`` is.
@@ -34,7 +36,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import mindspore as ms
 import numpy as np
@@ -59,10 +61,21 @@ class CheckpointError(ValueError):
 
 @dataclass
 class TensorRef:
-    """A checkpoint tensor known by shape, read only when needed."""
+    """A checkpoint tensor known by shape, read only when needed.
+
+    ``read_part(index)`` reads only ``tensor[index]`` (a tuple of slices) where the file allows it.
+    """
 
     shape: tuple[int, ...]
     read: Callable[[], np.ndarray]
+    read_part: Optional[Callable[[tuple], np.ndarray]] = None
+
+    def part(self, dim: int, start: int, stop: int) -> np.ndarray:
+        """Entries [start, stop) along ``dim``: a tensor-parallel rank's slice."""
+        index = (slice(None),) * dim + (slice(start, stop),)
+        if self.read_part is not None:
+            return self.read_part(index)
+        return self.read()[index]
 
 
 def read_config(folder: str | Path) -> dict:
@@ -142,9 +155,10 @@ def _header(path: Path) -> tuple[int, dict]:
         return 8 + size, json.loads(f.read(size))
 
 
-def _bf16_reader(path: Path, start: int, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
-    def read() -> np.ndarray:
-        raw = np.memmap(path, dtype=np.uint16, mode="r", offset=start, shape=shape)
+def _bf16_reader(path: Path, start: int, shape: tuple[int, ...]) -> Callable[[tuple], np.ndarray]:
+    """Reads ``tensor[index]`` of a bfloat16 tensor, widened to float32; only the pages it touches are read."""
+    def read(index: tuple = ()) -> np.ndarray:
+        raw = np.memmap(path, dtype=np.uint16, mode="r", offset=start, shape=shape)[index]
         return (raw.astype(np.uint32) << 16).view(np.float32)
 
     return read
@@ -182,12 +196,14 @@ def open_checkpoint(folder: str | Path) -> dict[str, TensorRef]:
                 raise CheckpointError(f"Tensor {name} appears in more than one file of {folder}")
             shape = tuple(info["shape"])
             if info["dtype"] == "BF16":
-                read = _bf16_reader(path, data_start + info["data_offsets"][0], shape)
+                read_part = _bf16_reader(path, data_start + info["data_offsets"][0], shape)
+                read = read_part
             elif info["dtype"] in _NUMPY_DTYPES:
                 read = (lambda h=handle, n=name: h.get_tensor(n))
+                read_part = (lambda index, h=handle, n=name: h.get_slice(n)[index])
             else:
                 raise CheckpointError(f"Tensor {name} in {path} has unsupported dtype {info['dtype']}")
-            tensors[name] = TensorRef(shape, read)
+            tensors[name] = TensorRef(shape, read, read_part)
     return tensors
 
 
@@ -266,10 +282,13 @@ def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
     rules: list[tuple[str, list[tuple[str, str]]]] = []
     tied: set[str] = set()
     fp32_modules: list[tuple[str, str]] = []
+    slices: dict[int, tuple[int, int, int, int]] = {}
     for path, cell in _walk(model):
         for name, param in cell.parameters_and_names(expand=False):
             aliases.setdefault(id(param), []).append(_join(path, name))
             params[id(param)] = param
+            if name in (getattr(cell, "checkpoint_slices", None) or {}):
+                slices[id(param)] = cell.checkpoint_slices[name]
         if getattr(cell, "checkpoint_rename_rules", None):
             rules.append((path, list(cell.checkpoint_rename_rules)))
         tied.update(_join(path, name) for name in getattr(cell, "tied_weights_keys", None) or ())
@@ -286,7 +305,7 @@ def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
         tensors.update(replacing)
         logger.info("%d tensors of %s replace those of %s", len(replacing), overlay, folder)
 
-    plan: list[tuple[Parameter, str, TensorRef]] = []
+    plan: list[tuple[Parameter, str, TensorRef, Optional[tuple[int, int, int, int]]]] = []
     used: set[str] = set()
     missing: list[str] = []
     mismatched: list[str] = []
@@ -298,10 +317,13 @@ def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
             missing.append(names[0])
             continue
         ref = tensors[present[0]]
-        if tuple(ref.shape) != tuple(param.shape):
-            mismatched.append(f"{names[0]} (checkpoint {tuple(ref.shape)}, model {tuple(param.shape)})")
+        expected = list(param.shape)
+        if key in slices:
+            expected[slices[key][0]] = slices[key][3]
+        if tuple(ref.shape) != tuple(expected):
+            mismatched.append(f"{names[0]} (checkpoint {tuple(ref.shape)}, model {tuple(expected)})")
             continue
-        plan.append((param, names[0], ref))
+        plan.append((param, names[0], ref, slices.get(key)))
     unexpected = sorted(set(tensors) - used - tied)
     if missing or unexpected or mismatched:
         parts = [_summary(k, sorted(v)) for k, v in
@@ -310,8 +332,9 @@ def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
             f"Checkpoint in {folder} does not match {type(model).__name__}: " + "; ".join(parts)
         )
 
-    for param, name, ref in plan:
-        value = _cast(ref.read(), ms.float32 if _keeps_fp32(name, fp32_modules) else target)
+    for param, name, ref, part in plan:
+        array = ref.read() if part is None else ref.part(*part[:3])
+        value = _cast(array, ms.float32 if _keeps_fp32(name, fp32_modules) else target)
         if value.dtype != param.dtype:
             param.set_dtype(value.dtype)
         param.set_data(value)

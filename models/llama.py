@@ -1,9 +1,9 @@
 """Llama (and Mistral) decoder-only language model, parameter names as in transformers.
 
 Grouped-query attention with rotary position embeddings (RoPE, incl. Llama-3's ``rope_theta`` and
-``rope_scaling`` types "llama3" and "linear"), RMSNorm and a SwiGLU MLP. Attention heads and the MLP
-stay separate Linear projections (``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``gate_proj``/``up_proj``/
-``down_proj``) so tensor parallelism can split them later.
+``rope_scaling`` types "llama3" and "linear"), RMSNorm and a SwiGLU MLP. Built inside
+``models.parallel.building`` the heads, the MLP and the vocabulary are split across a tensor-parallel
+group (q/k/v, gate/up column-parallel; o/down row-parallel).
 
 Mistral is the same architecture here: its sliding-window attention only differs from full causal
 attention for contexts longer than ``sliding_window`` (4096+ tokens), far beyond captioning prompts,
@@ -24,7 +24,9 @@ from mindspore import Tensor, nn, ops
 
 from models.attention import cached_self_attention
 from models.generation import GenerateOutput, causal_lm_loss, generate, slot_ids, to_tensor
-from models.layers import Embedding, Linear, RMSNorm, silu_mul
+from models.layers import RMSNorm, silu_mul
+from models.parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, split_heads,
+                             tied_logits, vocab_head)
 
 
 @dataclass
@@ -63,22 +65,27 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 class LlamaAttention(nn.Cell):
-    """Grouped-query self-attention: ``num_key_value_heads`` key/value heads shared by groups of query heads."""
+    """Grouped-query self-attention: ``num_key_value_heads`` key/value heads shared by groups of query heads.
+
+    ``num_heads``/``num_kv_heads`` are this rank's (all of them without tensor parallelism)."""
 
     def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None):
         """Biases follow ``config.attention_bias`` unless given (Qwen2: q/k/v with bias, o without)."""
         super().__init__()
         dim = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or dim // self.num_heads
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(config, "head_dim", None) or dim // heads
         self.scaling = self.head_dim ** -0.5
+        split = split_heads(heads, kv_heads, self.head_dim)
+        self.num_heads, self.num_kv_heads = split.heads, split.kv_heads
         bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = bias if qkv_bias is None else qkv_bias
-        self.q_proj = Linear(dim, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, dim, bias=bias if o_bias is None else o_bias)
+        self.q_proj = ColumnParallelLinear(dim, heads * self.head_dim, qkv_bias, rows=split.q_rows)
+        self.k_proj = ColumnParallelLinear(dim, kv_heads * self.head_dim, qkv_bias, rows=split.kv_rows)
+        self.v_proj = ColumnParallelLinear(dim, kv_heads * self.head_dim, qkv_bias, rows=split.kv_rows)
+        self.o_proj = RowParallelLinear(heads * self.head_dim, dim, bias if o_bias is None else o_bias,
+                                        cols=split.q_rows)
 
     def _heads(self, x: Tensor, heads: int) -> Tensor:
         b, t, _ = x.shape
@@ -100,9 +107,10 @@ class LlamaMLP(nn.Cell):
     def __init__(self, config):
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        size, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = ColumnParallelLinear(size, inner, bias, what="intermediate_size")
+        self.up_proj = ColumnParallelLinear(size, inner, bias, what="intermediate_size")
+        self.down_proj = RowParallelLinear(inner, size, bias, what="intermediate_size")
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"Llama port supports hidden_act='silu', got {config.hidden_act!r}")
 
@@ -130,7 +138,7 @@ class LlamaDecoderLayer(nn.Cell):
 class LlamaModel(nn.Cell):
     def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias, o_bias)
                                    for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -172,18 +180,14 @@ class LlamaForCausalLM(nn.Cell):
         self.config = config
         self.model = LlamaModel(config, self.qkv_bias, self.o_bias)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if self.tie_word_embeddings else vocab_head(config.hidden_size, config.vocab_size)
         self.tied_weights_keys = ("lm_head.weight",) if self.tie_word_embeddings else ()
-        self.matmul_t = ops.MatMul(transpose_b=True)
 
-    def get_input_embeddings(self) -> Embedding:
+    def get_input_embeddings(self) -> VocabParallelEmbedding:
         return self.model.embed_tokens
 
     def _logits(self, hidden: Tensor) -> Tensor:
-        if self.lm_head is not None:
-            return self.lm_head(hidden)
-        b, t, d = hidden.shape
-        return self.matmul_t(hidden.reshape(b * t, d), self.model.embed_tokens.weight).reshape(b, t, -1)
+        return tied_logits(hidden, self.model.embed_tokens) if self.lm_head is None else self.lm_head(hidden)
 
     def construct(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None) -> CausalLMOutput:
         """Full-sequence forward (no cache); loss is the shifted next-token cross-entropy."""

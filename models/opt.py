@@ -15,6 +15,8 @@ from mindspore import Tensor, nn, ops
 from models.attention import cached_self_attention
 from models.generation import GenerateOutput, causal_lm_loss, generate, slot_ids, to_tensor
 from models.layers import Embedding, LayerNorm, Linear
+from models.parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, split_heads,
+                             tied_logits, vocab_head)
 
 POSITION_OFFSET = 2
 
@@ -29,14 +31,16 @@ class OPTAttention(nn.Cell):
     """Multi-head self-attention; the query is scaled before the product, as in OPT."""
 
     def __init__(self, hidden_size: int, num_heads: int, bias: bool):
+        """``num_heads`` of the whole model; ``self.num_heads`` are this rank's (tensor parallelism)."""
         super().__init__()
-        self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.scaling = self.head_dim ** -0.5
-        self.k_proj = Linear(hidden_size, hidden_size, bias=bias)
-        self.v_proj = Linear(hidden_size, hidden_size, bias=bias)
-        self.q_proj = Linear(hidden_size, hidden_size, bias=bias)
-        self.out_proj = Linear(hidden_size, hidden_size, bias=bias)
+        split = split_heads(num_heads, num_heads, self.head_dim)
+        self.num_heads = split.heads
+        self.k_proj = ColumnParallelLinear(hidden_size, hidden_size, bias, rows=split.q_rows)
+        self.v_proj = ColumnParallelLinear(hidden_size, hidden_size, bias, rows=split.q_rows)
+        self.q_proj = ColumnParallelLinear(hidden_size, hidden_size, bias, rows=split.q_rows)
+        self.out_proj = RowParallelLinear(hidden_size, hidden_size, bias, cols=split.q_rows)
 
     def _heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -57,8 +61,8 @@ class OPTDecoderLayer(nn.Cell):
         self.do_layer_norm_before = config.do_layer_norm_before
         self.self_attn = OPTAttention(dim, config.num_attention_heads, config.enable_bias)
         self.self_attn_layer_norm = LayerNorm(dim, bias=affine)
-        self.fc1 = Linear(dim, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = Linear(config.ffn_dim, dim, bias=config.enable_bias)
+        self.fc1 = ColumnParallelLinear(dim, config.ffn_dim, config.enable_bias, what="ffn_dim")
+        self.fc2 = RowParallelLinear(config.ffn_dim, dim, config.enable_bias, what="ffn_dim")
         self.final_layer_norm = LayerNorm(dim, bias=affine)
         if config.activation_function != "relu":
             raise ValueError(f"OPT port supports activation_function='relu', got {config.activation_function!r}")
@@ -83,7 +87,7 @@ class OPTDecoderLayer(nn.Cell):
 class OPTDecoder(nn.Cell):
     def __init__(self, config):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.word_embed_proj_dim)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.word_embed_proj_dim)
         self.embed_positions = Embedding(config.max_position_embeddings + POSITION_OFFSET, config.hidden_size)
         projected = config.word_embed_proj_dim != config.hidden_size
         self.project_in = Linear(config.word_embed_proj_dim, config.hidden_size, bias=False) if projected else None
@@ -135,19 +139,14 @@ class OPTForCausalLM(nn.Cell):
         self.config = config
         self.model = OPTModel(config)
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", True)
-        self.lm_head = None if self.tie_word_embeddings else Linear(
-            config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = None if self.tie_word_embeddings else vocab_head(config.word_embed_proj_dim, config.vocab_size)
         self.tied_weights_keys = ("lm_head.weight",) if self.tie_word_embeddings else ()
-        self.matmul_t = ops.MatMul(transpose_b=True)
 
-    def get_input_embeddings(self) -> Embedding:
+    def get_input_embeddings(self) -> VocabParallelEmbedding:
         return self.model.decoder.embed_tokens
 
     def _logits(self, hidden: Tensor) -> Tensor:
-        if self.lm_head is not None:
-            return self.lm_head(hidden)
-        b, t, d = hidden.shape
-        return self.matmul_t(hidden.reshape(b * t, d), self.model.decoder.embed_tokens.weight).reshape(b, t, -1)
+        return tied_logits(hidden, self.model.decoder.embed_tokens) if self.lm_head is None else self.lm_head(hidden)
 
     def construct(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None) -> CausalLMOutput:
         """Full-sequence forward (no cache); loss is the shifted next-token cross-entropy."""
@@ -165,11 +164,10 @@ class OPTForCausalLM(nn.Cell):
     # --- generation protocol (see models.generation)
 
     def init_cache(self, batch_size: int, max_length: int) -> tuple:
-        cfg = self.config
-        heads = cfg.num_attention_heads
-        shape = (batch_size, heads, max_length, cfg.hidden_size // heads)
+        attn = self.model.decoder.layers[0].self_attn  # this rank's heads
+        shape = (batch_size, attn.num_heads, max_length, attn.head_dim)
         dtype = self.model.decoder.embed_tokens.weight.dtype
-        return tuple(ops.zeros(shape, dtype) for _ in range(2 * cfg.num_hidden_layers))
+        return tuple(ops.zeros(shape, dtype) for _ in range(2 * len(self.model.decoder.layers)))
 
     def decode_step(self, input_ids, inputs_embeds, attention_mask, cache_position, *cache):
         if inputs_embeds is None:

@@ -17,6 +17,7 @@ from mindspore import Tensor, nn, ops
 from models.attention import attention, cached_self_attention
 from models.generation import GenerateOutput, causal_lm_loss, generate, slot_ids, to_tensor
 from models.layers import Embedding, Linear, RMSNorm, activation
+from models.parallel import require_unsplit
 
 
 @dataclass
@@ -212,6 +213,7 @@ class T5ForConditionalGeneration(nn.Cell):
     is_encoder_decoder = True
 
     def __init__(self, config):
+        require_unsplit("T5 (the language model of BLIP-2 FlanT5)")
         super().__init__()
         self.config = config
         self.model_dim = config.d_model

@@ -30,8 +30,9 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from models.generation import GenerateOutput, causal_lm_loss, generate, pad_to_buckets, slot_ids
-from models.layers import Embedding, Linear, RMSNorm
+from models.layers import RMSNorm
 from models.llama import LlamaDecoderLayer
+from models.parallel import VocabParallelEmbedding, tied_logits, vocab_head
 from models.qwen2_vl.vision import Qwen2VisionTransformer
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ class Qwen2VLTextModel(nn.Cell):
         super().__init__()
         if getattr(config, "use_sliding_window", False):
             raise NotImplementedError("sliding-window attention is not supported (Qwen2-VL does not use it)")
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # Qwen2's decoder is Llama's with biased q/k/v projections (and M-RoPE, applied through cos/sin).
         self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias=True, o_bias=False)
                                    for _ in range(config.num_hidden_layers)])
@@ -198,19 +199,15 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         self.visual = self.vision_class(config.vision_config)
         self.model = Qwen2VLTextModel(text)
         self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.lm_head = None if self.tie_word_embeddings else vocab_head(text.hidden_size, text.vocab_size)
         self.tied_weights_keys = ("lm_head.weight",) if self.tie_word_embeddings else ()
-        self.matmul_t = ops.MatMul(transpose_b=True)
         self._prompt_positions: Optional[tuple[np.ndarray, np.ndarray]] = None
 
-    def get_input_embeddings(self) -> Embedding:
+    def get_input_embeddings(self) -> VocabParallelEmbedding:
         return self.model.embed_tokens
 
     def _logits(self, hidden: Tensor) -> Tensor:
-        if self.lm_head is not None:
-            return self.lm_head(hidden)
-        b, t, d = hidden.shape
-        return self.matmul_t(hidden.reshape(b * t, d), self.model.embed_tokens.weight).reshape(b, t, -1)
+        return tied_logits(hidden, self.model.embed_tokens) if self.lm_head is None else self.lm_head(hidden)
 
     def get_image_features(self, pixel_values, image_grid_thw) -> Tensor:
         """Image patch rows -> (sum of t*h*w/4, hidden) LM tokens, images in order."""
@@ -282,11 +279,10 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         table = np.empty((batch_size, 3, max_length), np.int32)
         table[:, :, :length] = positions.transpose(1, 0, 2)
         table[:, :, length:] = (np.arange(length, max_length)[None, :] + deltas)[:, None, :]
-        text = self.config.text_config
-        head_dim = text.hidden_size // text.num_attention_heads
-        shape = (batch_size, text.num_key_value_heads, max_length, head_dim)
+        attn = self.model.layers[0].self_attn  # this rank's key/value heads
+        shape = (batch_size, attn.num_kv_heads, max_length, attn.head_dim)
         dtype = self.model.embed_tokens.weight.dtype
-        return (Tensor(table),) + tuple(ops.zeros(shape, dtype) for _ in range(2 * text.num_hidden_layers))
+        return (Tensor(table),) + tuple(ops.zeros(shape, dtype) for _ in range(2 * len(self.model.layers)))
 
     def decode_step(self, input_ids, inputs_embeds, attention_mask, cache_position, *cache):
         if inputs_embeds is None:

@@ -1,0 +1,211 @@
+"""Tensor parallelism (models.parallel): split models under msrun on CPU equal the whole model and transformers.
+
+One msrun run of 2 workers loads each tiny model with tp_size 2: LLaVA-NeXT (Mistral decoder with one
+key/value head, so both ranks keep a copy of it), Qwen2-VL (two key/value heads, one per rank) and
+BLIP-2 OPT (tied, vocabulary-split embeddings). Both ranks' logits must equal transformers' and the
+whole model's within 1e-4, and their greedy ids must be identical.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from models import parallel
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.llama import LlamaForCausalLM
+from tests.llava_fixtures import IMAGE_TOKEN as LLAVA_IMAGE, left_pad, save_checkpoint as save_llava
+from tests.msrun import run_msrun
+from tests.tiny_models import OPT, save_tiny_blip2
+from tests.test_blip2_parity import prompts as blip2_prompts
+from tests import test_qwen2vl as qwen
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 8  # tests/tp_worker.py generates this many
+
+
+def _hf_outputs(hf, inputs: dict, alone: dict | None = None) -> dict:
+    """transformers' logits and greedy ids. ``alone`` (pad id -> each row's own inputs): generate row by row
+    without padding, laid out as our batched output (left padding, then pad after an early end)."""
+    tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    with torch.no_grad():
+        logits = hf(**tensors).logits.numpy()
+        if alone is None:
+            ids = hf.generate(**tensors, max_new_tokens=NEW_TOKENS, do_sample=False).numpy()
+        else:
+            mask = inputs["attention_mask"]
+            ids = np.full((len(mask), mask.shape[1] + NEW_TOKENS), alone["pad"], np.int64)
+            for row, row_inputs in enumerate(alone["rows"]):
+                pad = int((mask[row] == 0).sum())
+                out = hf.generate(**{k: torch.from_numpy(v) for k, v in row_inputs.items()},
+                                  max_new_tokens=NEW_TOKENS, do_sample=False).numpy()[0]
+                ids[row, pad:pad + len(out)] = out
+    return {"logits": logits, "ids": ids, "mask": inputs["attention_mask"].astype(bool)}
+
+
+def _llava_next(folder: Path) -> tuple[dict, dict]:
+    hf = save_llava(folder, "next")
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (40, 70, 3), dtype=np.uint8), rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)]
+    processed = transformers.LlavaNextImageProcessor.from_pretrained(folder)(images, return_tensors="np")
+    hf_processor = transformers.LlavaNextProcessor(
+        image_processor=transformers.LlavaNextImageProcessor.from_pretrained(folder),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(folder), patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    expanded = hf_processor(images=images, text=["<image>"] * 2, return_tensors="np")["input_ids"]
+    counts = [int((row == LLAVA_IMAGE).sum()) for row in expanded]
+    rows = [[7] + [LLAVA_IMAGE] * count + [int(t) for t in rng.integers(5, 90, 2 + 3 * i)]
+            for i, count in enumerate(counts)]
+    ids, mask = left_pad(rows)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=processed["pixel_values"],
+                  image_sizes=processed["image_sizes"])
+    return inputs, _hf_outputs(hf, inputs)
+
+
+def _qwen2vl(folder: Path) -> tuple[dict, dict]:
+    qwen.save_checkpoint(folder)
+    hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
+    proc = qwen.Qwen2VLVisionProcessor.from_pretrained(folder)
+    pixels, grids, prompts = qwen.video_batch(proc, [(3, 4, [24, 25, 26]), (4, 2, [27])])
+    ids, mask = qwen.left_pad(prompts)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values_videos=np.concatenate(pixels),
+                  video_grid_thw=np.concatenate(grids))
+    rows = [dict(input_ids=np.array([p]), pixel_values_videos=x, video_grid_thw=g)
+            for p, x, g in zip(prompts, pixels, grids)]
+    # transformers' batched Qwen2-VL generation gives padded rows other positions; one by one is the reference
+    return inputs, _hf_outputs(hf, inputs, alone={"pad": qwen.ENDOFTEXT, "rows": rows})
+
+
+def _blip2_opt(folder: Path) -> tuple[dict, dict]:
+    save_tiny_blip2(folder, OPT)
+    hf = transformers.Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+    ids, mask = blip2_prompts(2, image_tokens=True)
+    pixels = np.random.default_rng(11).standard_normal((2, 3, 28, 28)).astype(np.float32)
+    inputs = dict(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+    return inputs, _hf_outputs(hf, inputs)
+
+
+FAMILIES = {"llava_next": _llava_next, "qwen2vl": _qwen2vl, "blip2_opt": _blip2_opt}
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory):
+    """Build the models and transformers' outputs, run the msrun workers; -> (out folder, references)."""
+    root = tmp_path_factory.mktemp("tp")
+    spec, references = {}, {}
+    for name, build in FAMILIES.items():
+        inputs, references[name] = build(root / name)
+        np.savez(root / f"{name}_inputs.npz", **inputs)
+        spec[name] = {"folder": str(root / name), "inputs": str(root / f"{name}_inputs.npz")}
+    (root / "spec.json").write_text(json.dumps(spec))
+    out = root / "out"
+    out.mkdir()
+    result = run_msrun(ROOT / "tests/tp_worker.py", [str(root / "spec.json"), str(out)], cwd=root, timeout=900)
+    assert result.returncode == 0, result.problems
+    return out, references
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_tp2_equals_tp1_and_transformers_on_every_rank(split_run, name):
+    out, references = split_run
+    ref = references[name]
+    whole = np.load(out / f"{name}_tp1.npz")
+    ranks = [np.load(out / f"{name}_tp2_rank{r}.npz") for r in range(2)]
+    mask = ref["mask"]  # left padding's logits are meaningless
+    for split in ranks:
+        assert np.abs(split["logits"] - ref["logits"])[mask].max() < 1e-4
+        assert np.abs(split["logits"] - whole["logits"])[mask].max() < 1e-4
+        np.testing.assert_array_equal(split["ids"], ref["ids"][:, :split["ids"].shape[1]])
+    np.testing.assert_array_equal(ranks[0]["logits"], ranks[1]["logits"])  # same bits on both ranks
+    np.testing.assert_array_equal(ranks[0]["ids"], ranks[1]["ids"])
+    np.testing.assert_array_equal(whole["ids"], ranks[0]["ids"])
+
+
+# ---------------------------------------------------------------- single-process checks of the split layout
+
+
+def _as_rank(rank: int, size: int) -> parallel.TensorParallelGroup:
+    """A group position without a communicator: enough to build and load a rank's part, not to run it."""
+    return parallel.TensorParallelGroup(size=size, rank=rank, first_rank=0, comm=_NoComm())
+
+
+class _NoComm(parallel.Communicator):
+    def reducer(self):
+        return None
+
+    def gatherer(self):
+        return None
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> tuple[Path, transformers.LlamaConfig]:
+    folder = tmp_path_factory.mktemp("llama")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder, config
+
+
+def test_each_rank_loads_only_its_slices(tiny_llama):
+    folder, config = tiny_llama
+    from safetensors.numpy import load_file
+
+    full = load_file(str(folder / "model.safetensors"))
+    for rank in range(2):
+        with parallel.building(_as_rank(rank, 2)):
+            model = LlamaForCausalLM(config)
+        load_checkpoint(model, folder)
+        params = {name: p.asnumpy() for name, p in model.parameters_and_names()}
+        q = full["model.layers.0.self_attn.q_proj.weight"]
+        np.testing.assert_array_equal(params["model.layers.0.self_attn.q_proj.weight"], q[16 * rank:16 * (rank + 1)])
+        k = full["model.layers.1.self_attn.k_proj.weight"]  # 2 key/value heads of 8: one per rank
+        np.testing.assert_array_equal(params["model.layers.1.self_attn.k_proj.weight"], k[8 * rank:8 * (rank + 1)])
+        o = full["model.layers.0.self_attn.o_proj.weight"]
+        np.testing.assert_array_equal(params["model.layers.0.self_attn.o_proj.weight"], o[:, 16 * rank:16 * (rank + 1)])
+        down = full["model.layers.0.mlp.down_proj.weight"]
+        np.testing.assert_array_equal(params["model.layers.0.mlp.down_proj.weight"], down[:, 32 * rank:32 * (rank + 1)])
+        embed = full["model.embed_tokens.weight"]
+        np.testing.assert_array_equal(params["model.embed_tokens.weight"], embed[48 * rank:48 * (rank + 1)])
+        np.testing.assert_array_equal(params["model.norm.weight"], full["model.norm.weight"])  # replicated
+        assert model.init_cache(1, 4)[0].shape == (1, 1, 4, 8)  # the cache holds this rank's head only
+
+
+def test_fewer_key_value_heads_than_ranks_are_copied():
+    with parallel.building(_as_rank(3, 4)):
+        split = parallel.split_heads(8, 2, 16)
+    assert (split.heads, split.kv_heads) == (2, 1)
+    assert split.q_rows == (96, 128) and split.kv_rows == (16, 32)  # query heads 6, 7 read key/value head 1
+
+
+def test_sizes_that_do_not_divide_fail_by_name(tiny_llama):
+    _, config = tiny_llama
+    with parallel.building(_as_rank(0, 3)), pytest.raises(parallel.TensorParallelError, match="num_attention_heads"):
+        LlamaForCausalLM(config)
+    with parallel.building(_as_rank(0, 8)), pytest.raises(parallel.TensorParallelError, match="num_key_value_heads"):
+        parallel.split_heads(8, 3, 16)
+
+
+def test_t5_refuses_a_split_and_a_wrong_checkpoint_is_named(tiny_llama, tmp_path):
+    from tests.tiny_models import T5
+    from models.t5 import T5ForConditionalGeneration
+
+    with parallel.building(_as_rank(0, 2)), pytest.raises(parallel.TensorParallelError, match="T5"):
+        T5ForConditionalGeneration(transformers.T5Config(**{k: v for k, v in T5.items() if k != "model_type"}))
+    folder, config = tiny_llama
+    wider = transformers.LlamaConfig(**{**config.to_dict(), "intermediate_size": 128})
+    with parallel.building(_as_rank(1, 2)):
+        model = LlamaForCausalLM(wider)
+    with pytest.raises(CheckpointError, match=r"gate_proj.weight \(checkpoint \(64, 32\), model \(128, 32\)\)"):
+        load_checkpoint(model, folder)
+
+
+def test_without_msrun_tp_size_2_says_how_to_launch(tiny_llama):
+    from models import from_pretrained
+
+    with pytest.raises(parallel.TensorParallelError, match="msrun"):
+        from_pretrained(tiny_llama[0], tp_size=2)

@@ -1,0 +1,42 @@
+"""msrun worker for tests/test_tensor_parallel.py: each named model split over all ranks (tp = world size).
+
+Usage: tp_worker.py <spec.json> <out folder>. ``spec.json``: ``{name: {"folder": ..., "inputs": <npz>}}``.
+Every rank writes ``<name>_tp<N>_rank<r>.npz`` (forward logits and greedy ids); rank 0 also writes
+``<name>_tp1.npz`` from the whole model, for the comparison.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import from_pretrained  # noqa: E402
+from pipeline import distributed  # noqa: E402
+
+NEW_TOKENS = 8
+
+
+def outputs(model, inputs: dict) -> dict:
+    logits = model(**inputs).logits.asnumpy()
+    ids = np.asarray(model.generate(**inputs, max_new_tokens=NEW_TOKENS))
+    return {"logits": logits, "ids": ids}
+
+
+def main() -> None:
+    spec, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+    info = distributed.setup("CPU")
+    for name, entry in spec.items():
+        inputs = dict(np.load(entry["inputs"]))
+        split = from_pretrained(entry["folder"], tp_size=info.world_size)
+        np.savez(out / f"{name}_tp{info.world_size}_rank{info.rank}.npz", **outputs(split, inputs))
+        if info.rank == 0:
+            np.savez(out / f"{name}_tp1.npz", **outputs(from_pretrained(entry["folder"]), inputs))
+
+
+if __name__ == "__main__":
+    main()
