@@ -209,3 +209,29 @@ def test_without_msrun_tp_size_2_says_how_to_launch(tiny_llama):
 
     with pytest.raises(parallel.TensorParallelError, match="msrun"):
         from_pretrained(tiny_llama[0], tp_size=2)
+
+
+# ---------------------------------------------------------------- captioning: tp 2 x dp 2 under msrun
+
+
+def test_tp2_dp2_captions_every_row_once_as_tp1(tmp_path):
+    from pipeline.captioning.caption_qwen2vl import main as qwen_main
+    from tests.video_factory import write_caption_clips
+
+    checkpoint = qwen.save_checkpoint(tmp_path / "qwen2vl")
+    (tmp_path / "videos").mkdir()
+    table = write_caption_clips(tmp_path / "videos", qwen.SOURCES, clip_id="c{}")
+    flags = ["--pretrained_model_name_or_path", str(checkpoint), "--bs", "2", *qwen.CLI]
+    whole = tmp_path / "tp1.csv"
+    qwen_main([str(table), "--output", str(whole), *flags])
+    split = tmp_path / "tp2dp2.csv"
+    result = run_msrun(ROOT / "pipeline/captioning/caption_qwen2vl.py",
+                       [str(table), "--output", str(split), "--tp_size", "2", *flags], cwd=tmp_path, workers=4,
+                       timeout=900)
+    assert result.returncode == 0, result.problems
+    assert "tensor-parallel rank 1 of 2 (ranks 2..3)" in result.logs
+    want, got = qwen.read_rows(whole), qwen.read_rows(split)
+    assert [r["clip_id"] for r in got] == [r["clip_id"] for r in want]  # each row once, in input order
+    assert [(r["status"], r["text"]) for r in got] == [(r["status"], r["text"]) for r in want]
+    assert sum(r["status"] == "ok" for r in got) == len(got) - 1  # the broken video is the one error row
+    assert not list(tmp_path.glob("tp2dp2_part*.csv"))

@@ -29,9 +29,9 @@ class Blip2Captioner:
 
     def __init__(self, folder: str, dtype: str = "float32", question: str = "a video of", num_frames: int = 8,
                  max_new_tokens: int = 32, min_new_tokens: int = 5, num_beams: int = 5, weights: str | None = None,
-                 generation: dict | None = None):
+                 generation: dict | None = None, tp_size: int = 1):
         self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
-        self.model = from_pretrained(folder, dtype=dtype, weights=weights)
+        self.model = from_pretrained(folder, dtype=dtype, weights=weights, tp_size=tp_size)
         self.processor = Blip2FrameProcessor.from_pretrained(
             folder, image_size=self.model.config.vision_config.image_size)
         self.frame_spec = FrameSpec(num_frames=num_frames)
@@ -91,7 +91,7 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> Blip2Captioner:
     return Blip2Captioner(args.pretrained_model_name_or_path, dtype, question=args.question,
                           num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                           min_new_tokens=args.min_new_tokens, num_beams=args.num_beams, weights=args.weights,
-                          generation=generation_options(args))
+                          generation=generation_options(args), tp_size=args.tp_size)
 
 
 def main(argv: Sequence[str] | None = None) -> RunSummary:

@@ -53,9 +53,9 @@ class LlavaCaptioner:
     def __init__(self, folder: str, dtype: str = "float32", question: str = "Describe the video in detail",
                  num_frames: int = 1, max_new_tokens: int = 200, num_beams: int = 1,
                  prompt_template: str = "USER: <image>\n{question} ASSISTANT:", max_visual_tokens: int | None = None,
-                 generation: dict | None = None):
+                 generation: dict | None = None, tp_size: int = 1):
         self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
-        self.model = from_pretrained(folder, dtype=dtype)
+        self.model = from_pretrained(folder, dtype=dtype, tp_size=tp_size)
         self.num_frames = num_frames
         self.frame_spec = FrameSpec(num_frames=num_frames)
         self.processor = self.build_processor(folder)
@@ -207,7 +207,8 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> LlavaCaptioner:
     captioner = LlavaCaptioner(args.pretrained_model_name_or_path, dtype, question=args.question,
                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                                num_beams=args.num_beams, prompt_template=args.prompt_template,
-                               max_visual_tokens=args.max_visual_tokens, generation=generation_options(args))
+                               max_visual_tokens=args.max_visual_tokens, generation=generation_options(args),
+                               tp_size=args.tp_size)
     if isinstance(captioner.model, PllavaForConditionalGeneration):
         raise ConfigError("this checkpoint is PLLaVA: use pipeline/captioning/caption_pllava.py")
     return captioner

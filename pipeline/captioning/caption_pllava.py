@@ -90,7 +90,8 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> PllavaCaptioner:
     return PllavaCaptioner(args.pretrained_model_name_or_path, dtype, pooling_shape=args.pooling_shape,
                            question=args.question, num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                            num_beams=args.num_beams, prompt_template=args.prompt_template,
-                           max_visual_tokens=args.max_visual_tokens, generation=generation_options(args))
+                           max_visual_tokens=args.max_visual_tokens, generation=generation_options(args),
+                           tp_size=args.tp_size)
 
 
 def main(argv: Sequence[str] | None = None) -> RunSummary:

@@ -70,9 +70,9 @@ class Qwen2VLCaptioner:
     def __init__(self, folder: str, dtype: str = "float32", question: str = "Describe the video in detail",
                  fps: float = 4.0, num_frames: int | None = None, max_frames: int = 768, height: int = 448,
                  width: int = 672, max_new_tokens: int = 200, max_visual_tokens: int | None = None,
-                 generation: dict | None = None):
+                 generation: dict | None = None, tp_size: int = 1):
         self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
-        self.model = from_pretrained(folder, dtype=dtype)
+        self.model = from_pretrained(folder, dtype=dtype, tp_size=tp_size)
         self.timed = self.model.config.model_type == "qwen2_5_vl"  # Qwen2.5-VL: time-based positions
         processor = Qwen2_5_VLVisionProcessor if self.timed else Qwen2VLVisionProcessor
         self.processor = processor.from_pretrained(folder)
@@ -217,7 +217,8 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> Qwen2VLCaptioner:
     return Qwen2VLCaptioner(args.pretrained_model_name_or_path, dtype, question=args.question, fps=args.fps,
                             num_frames=args.num_frames, max_frames=args.max_frames, height=args.height,
                             width=args.width, max_new_tokens=args.max_new_tokens,
-                            max_visual_tokens=args.max_visual_tokens, generation=generation_options(args))
+                            max_visual_tokens=args.max_visual_tokens, generation=generation_options(args),
+                            tp_size=args.tp_size)
 
 
 def main(argv: Sequence[str] | None = None) -> RunSummary:

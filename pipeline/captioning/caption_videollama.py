@@ -51,10 +51,10 @@ class VideoLlamaCaptioner:
     def __init__(self, folder: str, dtype: str = "float32", questions: Mapping[str, str] | None = None,
                  prompt_template: str = VICUNA_TEMPLATE, separator: str = "###", num_frames: int = 8,
                  max_new_tokens: int = 128, min_new_tokens: int = 1, num_beams: int = 1,
-                 generation: dict | None = None):
+                 generation: dict | None = None, tp_size: int = 1):
         # the tokenizer first: a broken LLaMA folder fails before the model loads
         self.tokenizer = load_tokenizer(read_sources(folder).llama_model)
-        self.model = from_pretrained(folder, dtype=dtype)
+        self.model = from_pretrained(folder, dtype=dtype, tp_size=tp_size)
         if num_frames > self.model.config.max_frame_pos:
             raise ConfigError(f"--num_frames {num_frames} is above the {self.model.config.max_frame_pos} frame "
                               f"positions this checkpoint has")
@@ -162,7 +162,7 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> VideoLlamaCaptioner
                                prompt_template=args.prompt_template, separator=args.separator,
                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                                min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
-                               generation=generation_options(args))
+                               generation=generation_options(args), tp_size=args.tp_size)
 
 
 def gebc_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:

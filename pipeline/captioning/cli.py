@@ -101,10 +101,18 @@ def common_parser(description: str, epilog: str = "", model: bool = True) -> arg
         add_cleanup_flags(p)
         p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                        help="model weights and compute dtype (default: float32 on CPU, bfloat16 on Ascend)")
+        add_tp_flag(p)
         p.add_argument("--attention_block_size", type=int, default=attention.DEFAULT_BLOCK_SIZE,
                        help="query/key block length of the tiled attention used for long prompts and large "
                             "frames (smaller uses less memory)")
     return p
+
+
+def add_tp_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp_size", type=int, default=1,
+                   help="tensor parallelism: split the language model over this many consecutive msrun ranks "
+                        "(a group; keep it inside one node). The workers form tp_size x data-parallel groups; "
+                        "rows are shared out over the groups and each group's first rank writes its part")
 
 
 def add_prompt_flags(p: argparse.ArgumentParser) -> None:
@@ -224,7 +232,7 @@ def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespa
             seed=args.seed, window_seconds=args.window_seconds, window_min_seconds=args.window_min_seconds,
             force=args.force, max_attempts=args.max_attempts, prompt=prompt, cleanup=cleanup,
             decode_timeout=args.decode_timeout, max_decode_pixels=args.max_decode_pixels or None,
-            sidecar=args.sidecar, sidecar_dir=args.sidecar_dir)
+            sidecar=args.sidecar, sidecar_dir=args.sidecar_dir, tp_size=getattr(args, "tp_size", 1))
         check_run_options(opts)
         if getattr(args, "attention_block_size", None) is not None:
             try:

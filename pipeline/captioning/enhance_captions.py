@@ -23,8 +23,8 @@ from jinja2.exceptions import TemplateError
 
 from models import from_pretrained, model_family
 from models.checkpoint import CheckpointError, load_tokenizer, read_config
-from pipeline.captioning.cli import (add_decoding_flags, checkpoint_decoding, common_parser, generation_options,
-                                     main_with)
+from pipeline.captioning.cli import (add_decoding_flags, add_tp_flag, checkpoint_decoding, common_parser,
+                                     generation_options, main_with)
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import RunSummary
 from pipeline.config import CONFIG_DIR, ConfigError, load_yaml
@@ -69,7 +69,7 @@ class CaptionEnhancer:
 
     def __init__(self, folder: str, captions: dict[RowKey, tuple[str, str, str]], template: dict[str, str],
                  dtype: str = "float32", max_new_tokens: int = 256, num_beams: int = 1,
-                 generation: dict | None = None, column: str = "text"):
+                 generation: dict | None = None, column: str = "text", tp_size: int = 1):
         family = model_family(read_config(folder))
         if family not in TEXT_MODEL_TYPES:
             raise CheckpointError(f"{folder} is a {family!r} model; caption enhancement needs a text-only chat "
@@ -78,7 +78,7 @@ class CaptionEnhancer:
         if not self.tokenizer.chat_template:
             raise CheckpointError(f"the tokenizer in {folder} has no chat template; use an instruction-tuned "
                                   f"checkpoint (e.g. Qwen2.5-*-Instruct)")
-        self.model = from_pretrained(folder, dtype=dtype)
+        self.model = from_pretrained(folder, dtype=dtype, tp_size=tp_size)
         self.captions = captions
         self.template = template
         self.column = column
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_beams", type=int, help="beam search width (1: greedy)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="model weights and compute dtype (default: float32 on CPU, bfloat16 on Ascend)")
+    add_tp_flag(p)
     add_decoding_flags(p)
     return p
 
@@ -158,7 +159,8 @@ def build_enhancer(args: argparse.Namespace, dtype: str) -> CaptionEnhancer:
         raise FileNotFoundError("--pretrained_model_name_or_path is required: a local chat checkpoint folder")
     return CaptionEnhancer(args.pretrained_model_name_or_path, read_captions(args.input, args.text_column),
                            load_template(args.template), dtype, max_new_tokens=args.max_new_tokens,
-                           num_beams=args.num_beams, generation=generation_options(args), column=args.text_column)
+                           num_beams=args.num_beams, generation=generation_options(args), column=args.text_column,
+                           tp_size=args.tp_size)
 
 
 def main(argv: Sequence[str] | None = None) -> RunSummary:

@@ -147,6 +147,7 @@ class RunOptions:
     max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS  # larger frames are scaled down while decoding
     sidecar: bool = False  # after the merge, write each ok row's caption to <video stem>.txt (see sidecars)
     sidecar_dir: str | None = None  # put the sidecars in this folder instead of next to the videos
+    tp_size: int = 1  # ranks per tensor-parallel group: rows go to groups, the group's first rank writes them
 
     def __post_init__(self) -> None:
         if self.decode_timeout is not None and not self.decode_timeout >= 0:
@@ -154,6 +155,8 @@ class RunOptions:
                            f"(got {self.decode_timeout})")
         if self.max_decode_pixels is not None and self.max_decode_pixels < 1:
             raise RunError(f"--max_decode_pixels must be at least 1 (got {self.max_decode_pixels})")
+        if self.tp_size < 1:
+            raise RunError(f"--tp_size must be at least 1 (got {self.tp_size})")
 
     def output_schema(self) -> Schema:
         """The column types a Parquet/JSONL output keeps: the input's, where the input is Parquet/JSONL.
@@ -237,6 +240,39 @@ def rows_to_do(data: pd.DataFrame, progress: Progress, retry_errors: bool,
 def shard(rows: pd.DataFrame, rank: int, world_size: int) -> pd.DataFrame:
     """Round-robin shard: disjoint, covers every row, no padding duplicates."""
     return rows.iloc[rank::world_size]
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Ranks in tensor-parallel groups of ``tp_size`` consecutive ranks: each group is one data-parallel replica,
+    captions one shard, and only its first rank writes (the others run the same batches in lockstep)."""
+
+    group: int
+    count: int
+    writes: bool
+
+    @classmethod
+    def of(cls, info: distributed.DistInfo, tp_size: int) -> "Groups":
+        if info.world_size % tp_size:
+            raise RunError(f"--tp_size {tp_size} must divide the number of msrun workers ({info.world_size}): "
+                           f"the workers form tp_size x data-parallel groups")
+        return cls(info.rank // tp_size, info.world_size // tp_size, info.rank % tp_size == 0)
+
+
+class _Discard:
+    """Stands in for the part and in-flight files on a rank whose group's first rank writes them."""
+
+    def write(self, rows: list[dict]) -> None:
+        pass
+
+    def set(self, rows: list[dict]) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------- output
@@ -655,10 +691,11 @@ def run(captioner: CaptionerOrBuilder, opts: RunOptions) -> RunSummary:
         meet.wait("read")
 
         summary = RunSummary(output=output, total_rows=len(data), skipped=len(data) - len(todo))
-        mine = shard(todo, info.rank, info.world_size)
+        groups = Groups.of(info, opts.tp_size)
+        mine = shard(todo, groups.group, groups.count)
         if len(mine):
             finished = progress.done if opts.retry_errors else progress.done | progress.failed
-            _caption(captioner, opts, info, data, output, mine, finished, suspects, summary)
+            _caption(captioner, opts, info, groups, data, output, mine, finished, suspects, summary)
 
         # Each rank leaves once its part is on disk; rank 0 waits for all of them and merges.
         if info.is_main:
@@ -686,24 +723,25 @@ def run(captioner: CaptionerOrBuilder, opts: RunOptions) -> RunSummary:
     return summary
 
 
-def _caption(captioner: CaptionerOrBuilder, opts: RunOptions, info: distributed.DistInfo, data: pd.DataFrame,
-             output: Path, mine: pd.DataFrame, finished: frozenset[RowKey], suspects: frozenset[RowKey],
-             summary: RunSummary) -> None:
+def _caption(captioner: CaptionerOrBuilder, opts: RunOptions, info: distributed.DistInfo, groups: Groups,
+             data: pd.DataFrame, output: Path, mine: pd.DataFrame, finished: frozenset[RowKey],
+             suspects: frozenset[RowKey], summary: RunSummary) -> None:
     """This rank's share: build the captioner, decode ahead, caption in batches, append to the part file.
 
     The decoder processes start first, so their start-up overlaps the model's loading.
     """
     decoder = DecodePool(max(1, opts.num_workers)) if opts.decode_timeout != 0 else None
     try:
-        _caption_with(captioner, decoder, opts, info, data, output, mine, finished, suspects, summary)
+        _caption_with(captioner, decoder, opts, info, groups, data, output, mine, finished, suspects, summary)
     finally:
         if decoder is not None:
             decoder.close()
 
 
 def _caption_with(captioner: CaptionerOrBuilder, decoder: DecodePool | None, opts: RunOptions,
-                  info: distributed.DistInfo, data: pd.DataFrame, output: Path, mine: pd.DataFrame,
-                  finished: frozenset[RowKey], suspects: frozenset[RowKey], summary: RunSummary) -> None:
+                  info: distributed.DistInfo, groups: Groups, data: pd.DataFrame, output: Path,
+                  mine: pd.DataFrame, finished: frozenset[RowKey], suspects: frozenset[RowKey],
+                  summary: RunSummary) -> None:
     windowing = opts.windowing()
     if not hasattr(captioner, "generate"):
         captioner = captioner()
@@ -711,8 +749,8 @@ def _caption_with(captioner: CaptionerOrBuilder, decoder: DecodePool | None, opt
     columns = _output_columns(data, opts, extra_columns_of(captioner))
     planner = _Planner(windowing, finished, Path(opts.input).resolve().parent, opts.video_root,
                        has_segment_columns(data.columns))
-    writer = PartWriter(part_path(output, info.rank), columns)
-    inflight = attempts.InflightFile(attempts.inflight_path(output, info.rank))
+    writer = PartWriter(part_path(output, info.rank), columns) if groups.writes else _Discard()
+    inflight = attempts.InflightFile(attempts.inflight_path(output, info.rank)) if groups.writes else _Discard()
     loader = _Loader(captioner, planner, mine.to_dict("records"), opts.num_workers,
                      lookahead=opts.bs + opts.num_workers, decode_timeout=opts.decode_timeout,
                      max_pixels=opts.max_decode_pixels, decoder=decoder)
