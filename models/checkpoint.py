@@ -3,9 +3,9 @@
 One loader for every model family. A folder holds ``config.json`` and either
 ``model.safetensors`` or shards listed in ``model.safetensors.index.json``, or, where only
 those were published, PyTorch's ``pytorch_model.bin`` or its shards (read without torch,
-by ``models.torch_checkpoint``). Tensors are read lazily, one at a time (bfloat16, which
-numpy lacks, is widened to float32 from the raw bytes), so peak memory stays near the
-model's own size.
+by ``models.torch_checkpoint``). Tensors are read lazily, one at a time, with plain file
+reads (bfloat16, which numpy lacks, is widened to float32 from the raw bytes), so peak memory
+stays near the model's own size; a tensor-parallel rank reads only its slices.
 
 Every parameter must be filled and every tensor consumed, otherwise
 :class:`CheckpointError` names the missing, unexpected and wrongly shaped entries.
@@ -155,11 +155,45 @@ def _header(path: Path) -> tuple[int, dict]:
         return 8 + size, json.loads(f.read(size))
 
 
-def _bf16_reader(path: Path, start: int, shape: tuple[int, ...]) -> Callable[[tuple], np.ndarray]:
-    """Reads ``tensor[index]`` of a bfloat16 tensor, widened to float32; only the pages it touches are read."""
+_CHUNK_BYTES = 32 * 2**20  # a column slice is read this many bytes of whole rows at a time
+
+
+def _read_exactly(f, target: np.ndarray) -> None:
+    view, got = memoryview(target.reshape(-1).view(np.uint8)), 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{f.name} ends inside a tensor; a download cut short? Fetch the file again")
+        got += n
+
+
+def _file_reader(path: Path, start: int, kind: str, shape: tuple[int, ...]) -> Callable[[tuple], np.ndarray]:
+    """Reads ``tensor[index]`` (all of it, or one slice along one axis: a tensor-parallel part) with plain
+    reads, not a memory map, so the file's pages never count against the process's memory; a slice
+    reads only its bytes, or, across rows, whole rows a chunk at a time. bfloat16 is widened to float32."""
+    item = np.dtype(np.uint16 if kind == "BF16" else _NUMPY_DTYPES[kind])
+
     def read(index: tuple = ()) -> np.ndarray:
-        raw = np.memmap(path, dtype=np.uint16, mode="r", offset=start, shape=shape)[index]
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        dim = len(index) - 1 if index else 0
+        size = shape[dim] if shape else 1
+        lo, hi, _ = index[-1].indices(size) if index else (0, size, 1)
+        outer, inner = int(np.prod(shape[:dim])), int(np.prod(shape[dim + 1:]))
+        out = np.empty((outer, hi - lo, inner), item)
+        row = size * inner * item.itemsize
+        with open(path, "rb") as f:
+            if outer == 1 or (lo, hi) == (0, size):
+                f.seek(start + lo * inner * item.itemsize)
+                _read_exactly(f, out)
+            else:
+                rows = max(1, _CHUNK_BYTES // row)
+                buffer = np.empty((rows, size, inner), item)
+                for first in range(0, outer, rows):
+                    n = min(rows, outer - first)
+                    f.seek(start + first * row)
+                    _read_exactly(f, buffer[:n])
+                    out[first:first + n] = buffer[:n, lo:hi]
+        out = out.reshape(shape[:dim] + (hi - lo,) + shape[dim + 1:] if shape else ())
+        return (out.astype(np.uint32) << 16).view(np.float32) if kind == "BF16" else out
 
     return read
 
@@ -184,7 +218,8 @@ def open_checkpoint(folder: str | Path) -> dict[str, TensorRef]:
                 tensors[name] = ref
             continue
         try:
-            handle = safe_open(str(path), framework="np")
+            with safe_open(str(path), framework="np"):  # checks the header against the file's size
+                pass
             data_start, header = _header(path)
         except Exception as exc:  # noqa: BLE001 - safetensors' own error type is not importable
             raise CheckpointError(f"{path} is damaged or incomplete ({exc}); a download cut short? "
@@ -195,15 +230,10 @@ def open_checkpoint(folder: str | Path) -> dict[str, TensorRef]:
             if name in tensors:
                 raise CheckpointError(f"Tensor {name} appears in more than one file of {folder}")
             shape = tuple(info["shape"])
-            if info["dtype"] == "BF16":
-                read_part = _bf16_reader(path, data_start + info["data_offsets"][0], shape)
-                read = read_part
-            elif info["dtype"] in _NUMPY_DTYPES:
-                read = (lambda h=handle, n=name: h.get_tensor(n))
-                read_part = (lambda index, h=handle, n=name: h.get_slice(n)[index])
-            else:
+            if info["dtype"] != "BF16" and info["dtype"] not in _NUMPY_DTYPES:
                 raise CheckpointError(f"Tensor {name} in {path} has unsupported dtype {info['dtype']}")
-            tensors[name] = TensorRef(shape, read, read_part)
+            read = _file_reader(path, data_start + info["data_offsets"][0], info["dtype"], shape)
+            tensors[name] = TensorRef(shape, read, read)
     return tensors
 
 

@@ -235,3 +235,21 @@ def test_tp2_dp2_captions_every_row_once_as_tp1(tmp_path):
     assert [(r["status"], r["text"]) for r in got] == [(r["status"], r["text"]) for r in want]
     assert sum(r["status"] == "ok" for r in got) == len(got) - 1  # the broken video is the one error row
     assert not list(tmp_path.glob("tp2dp2_part*.csv"))
+
+
+def test_sliced_reads_equal_slices_of_the_whole_tensor(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    from models import checkpoint
+
+    rng = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(7, 5, 3, generator=rng), "b": torch.randn(6, 10, generator=rng).bfloat16(),
+               "h": torch.randn(4, 9, generator=rng).half()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 64)  # column slices in several chunks of rows
+    refs = checkpoint.open_checkpoint(tmp_path)
+    for name, tensor in tensors.items():
+        whole = tensor.float().numpy() if name == "b" else tensor.numpy()
+        np.testing.assert_array_equal(refs[name].read(), whole)
+        for dim in range(whole.ndim):
+            index = (slice(None),) * dim + (slice(1, 3),)
+            np.testing.assert_array_equal(refs[name].part(dim, 1, 3), whole[index])
