@@ -268,15 +268,29 @@ class HostCommunicator(Communicator):
                 time.sleep(0.05)
 
     def _exchange(self, x: np.ndarray, gather: bool) -> np.ndarray:
+        """Each message starts with its byte count; the first rank answers a count that differs from its own
+        (ranks that reached a collective with different inputs) with -1, and every rank raises."""
         x = np.ascontiguousarray(x)
         shape = x.shape[:-1] + (x.shape[-1] * self.size,) if gather else x.shape
         if self.rank:
-            self.leader.sendall(x.tobytes())
-            return np.frombuffer(_receive(self.leader, x.nbytes * (self.size if gather else 1)), x.dtype).reshape(shape)
-        parts = [x] + [np.frombuffer(_receive(p, x.nbytes), x.dtype).reshape(x.shape) for p in self.peers]
+            self.leader.sendall(struct.pack("<q", x.nbytes) + x.tobytes())
+            (size,) = struct.unpack("<q", _receive(self.leader, 8))
+            if size < 0:
+                raise TensorParallelError(_MISMATCH)
+            return np.frombuffer(_receive(self.leader, size), x.dtype).reshape(shape)
+        parts, sizes = [x], [x.nbytes]
+        for peer in self.peers:
+            (size,) = struct.unpack("<q", _receive(peer, 8))
+            sizes.append(size)
+            parts.append(np.frombuffer(_receive(peer, size), x.dtype))
+        if len(set(sizes)) > 1:
+            for peer in self.peers:
+                peer.sendall(struct.pack("<q", -1))
+            raise TensorParallelError(f"{_MISMATCH} (bytes per rank: {sizes})")
+        parts = [parts[0]] + [part.reshape(x.shape) for part in parts[1:]]
         out = np.ascontiguousarray(np.concatenate(parts, axis=-1) if gather else _sum(parts))
         for peer in self.peers:
-            peer.sendall(out.tobytes())
+            peer.sendall(struct.pack("<q", out.nbytes) + out.tobytes())
         return out
 
     def _reduce(self, x: np.ndarray) -> np.ndarray:
@@ -284,6 +298,10 @@ class HostCommunicator(Communicator):
 
     def _gather(self, x: np.ndarray) -> np.ndarray:
         return self._exchange(x, gather=True)
+
+
+_MISMATCH = ("the ranks of a tensor-parallel group reached a collective with inputs of different sizes (a batch "
+             "that differs between them, e.g. a video that failed to decode on one rank only)")
 
 
 def _sum(parts: list[np.ndarray]) -> np.ndarray:

@@ -3,7 +3,8 @@
 One msrun run of 2 workers loads each tiny model with tp_size 2: LLaVA-NeXT (Mistral decoder with one
 key/value head, so both ranks keep a copy of it), Qwen2-VL (two key/value heads, one per rank) and
 BLIP-2 OPT (tied, vocabulary-split embeddings). Both ranks' logits must equal transformers' and the
-whole model's within 1e-4, and their greedy ids must be identical.
+whole model's within 1e-4, and their greedy ids (and, for OPT, beam search and seeded sampling) must be
+identical. Then 4 workers as tp 2 x dp 2 caption a table as one process does.
 """
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ def split_run(tmp_path_factory):
     for name, build in FAMILIES.items():
         inputs, references[name] = build(root / name)
         np.savez(root / f"{name}_inputs.npz", **inputs)
-        spec[name] = {"folder": str(root / name), "inputs": str(root / f"{name}_inputs.npz")}
+        spec[name] = {"folder": str(root / name), "inputs": str(root / f"{name}_inputs.npz"),
+                      "decoding": name == "blip2_opt"}
     (root / "spec.json").write_text(json.dumps(spec))
     out = root / "out"
     out.mkdir()
@@ -123,6 +125,16 @@ def test_tp2_equals_tp1_and_transformers_on_every_rank(split_run, name):
     np.testing.assert_array_equal(ranks[0]["logits"], ranks[1]["logits"])  # same bits on both ranks
     np.testing.assert_array_equal(ranks[0]["ids"], ranks[1]["ids"])
     np.testing.assert_array_equal(whole["ids"], ranks[0]["ids"])
+
+
+def test_tp2_beams_and_seeded_sampling_decide_alike_on_every_rank(split_run):
+    out, _ = split_run
+    whole = np.load(out / "blip2_opt_tp1.npz")
+    ranks = [np.load(out / f"blip2_opt_tp2_rank{r}.npz") for r in range(2)]
+    for kind in ("beams", "sampled"):
+        for split in ranks:
+            np.testing.assert_array_equal(split[kind], whole[kind])
+    assert not np.array_equal(whole["sampled"], whole["ids"])  # sampling did sample
 
 
 # ---------------------------------------------------------------- single-process checks of the split layout
@@ -253,3 +265,21 @@ def test_sliced_reads_equal_slices_of_the_whole_tensor(tmp_path, monkeypatch):
         for dim in range(whole.ndim):
             index = (slice(None),) * dim + (slice(1, 3),)
             np.testing.assert_array_equal(refs[name].part(dim, 1, 3), whole[index])
+
+
+def test_host_exchange_sums_gathers_and_refuses_different_sizes():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        comms = list(pool.map(lambda r: parallel.HostCommunicator(r, 3, f"unit-{id(pool)}"), range(3)))
+        arrays = [np.arange(6, dtype=np.float32).reshape(2, 3) * (r + 1) for r in range(3)]
+        sums = list(pool.map(lambda r: comms[r]._reduce(arrays[r]), range(3)))
+        gathered = list(pool.map(lambda r: comms[r]._gather(arrays[r]), range(3)))
+        for r in range(3):
+            np.testing.assert_array_equal(sums[r], arrays[0] * 6)
+            np.testing.assert_array_equal(gathered[r], np.concatenate(arrays, axis=-1))
+        uneven = [np.ones((2, 3), np.float32), np.ones((1, 3), np.float32), np.ones((2, 3), np.float32)]
+        futures = [pool.submit(comms[r]._reduce, uneven[r]) for r in range(3)]
+        for future in futures:
+            with pytest.raises(parallel.TensorParallelError, match="different sizes"):
+                future.result(timeout=30)

@@ -1,6 +1,7 @@
 """msrun worker for tests/test_tensor_parallel.py: each named model split over all ranks (tp = world size).
 
-Usage: tp_worker.py <spec.json> <out folder>. ``spec.json``: ``{name: {"folder": ..., "inputs": <npz>}}``.
+Usage: tp_worker.py <spec.json> <out folder>. ``spec.json``: ``{name: {"folder": ..., "inputs": <npz>,
+"decoding": bool}}``.
 Every rank writes ``<name>_tp<N>_rank<r>.npz`` (forward logits and greedy ids); rank 0 also writes
 ``<name>_tp1.npz`` from the whole model, for the comparison.
 """
@@ -21,10 +22,15 @@ from pipeline import distributed  # noqa: E402
 NEW_TOKENS = 8
 
 
-def outputs(model, inputs: dict) -> dict:
-    logits = model(**inputs).logits.asnumpy()
-    ids = np.asarray(model.generate(**inputs, max_new_tokens=NEW_TOKENS))
-    return {"logits": logits, "ids": ids}
+def outputs(model, inputs: dict, decoding: bool) -> dict:
+    """Logits and greedy ids; with ``decoding`` also beam search (3 beams) and seeded sampling."""
+    result = {"logits": model(**inputs).logits.asnumpy(),
+              "ids": np.asarray(model.generate(**inputs, max_new_tokens=NEW_TOKENS))}
+    if decoding:
+        result["beams"] = np.asarray(model.generate(**inputs, max_new_tokens=NEW_TOKENS, num_beams=3))
+        result["sampled"] = np.asarray(model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True,
+                                                      top_k=0, temperature=1.5, seed=7))
+    return result
 
 
 def main() -> None:
@@ -33,9 +39,10 @@ def main() -> None:
     for name, entry in spec.items():
         inputs = dict(np.load(entry["inputs"]))
         split = from_pretrained(entry["folder"], tp_size=info.world_size)
-        np.savez(out / f"{name}_tp{info.world_size}_rank{info.rank}.npz", **outputs(split, inputs))
+        decoding = entry.get("decoding", False)
+        np.savez(out / f"{name}_tp{info.world_size}_rank{info.rank}.npz", **outputs(split, inputs, decoding))
         if info.rank == 0:
-            np.savez(out / f"{name}_tp1.npz", **outputs(from_pretrained(entry["folder"]), inputs))
+            np.savez(out / f"{name}_tp1.npz", **outputs(from_pretrained(entry["folder"]), inputs, decoding))
 
 
 if __name__ == "__main__":
