@@ -221,7 +221,7 @@ def test_streaming_sends_tokens_as_they_are_generated(qwen, videos):
     """Deltas leave while the reply is being generated: they arrive spread over the decoding time, and
     more than one arrives (a reply sent whole after generation would come in one burst)."""
     _, url = qwen
-    body = {"max_tokens": 24, "stream": True, "stream_options": {"include_usage": True},
+    body = {"max_tokens": 24, "min_tokens": 12, "stream": True, "stream_options": {"include_usage": True},
             "messages": [video_message(data_url(videos / "v3.mp4"), "describe the video")]}
     arrivals, chunks = [], []
     with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=300) as response:
@@ -230,7 +230,7 @@ def test_streaming_sends_tokens_as_they_are_generated(qwen, videos):
                 chunks.append(json.loads(line[len(b"data: "):]))
                 arrivals.append(time.perf_counter())
     content = [t for t, c in zip(arrivals, chunks) if c["choices"] and c["choices"][0]["delta"].get("content")]
-    assert chunks[-1]["usage"]["completion_tokens"] >= 8, "the tiny model should speak for a while"
+    assert chunks[-1]["usage"]["completion_tokens"] >= 12, "min_tokens holds the end back"
     assert len(content) >= 3 and content[-1] - content[0] > 0.02, (len(content), content[-1] - content[0])
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     whole = complete(url, {**body, "stream": False}).json()["choices"][0]["message"]["content"]
@@ -361,7 +361,8 @@ def test_a_hanging_video_gets_a_400_and_the_server_keeps_serving(engines, videos
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "unreadable_media"
         assert "decoding took longer than 2 s" in refused.json()["error"]["message"]
         assert time.monotonic() - started < 60
-        served = complete(url, {"max_tokens": 2, "messages": [video_message(str(tmp_path / "v3.mp4"))]})
+        served = complete(url, {"max_tokens": 2, "min_tokens": 1,
+                                "messages": [video_message(str(tmp_path / "v3.mp4"))]})
         assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] >= 1
 
 

@@ -122,7 +122,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     wanted = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
     max_tokens = min(wanted or engine.max_new_tokens, settings.max_tokens)
     options = engine.options(max_tokens, _number(body, "temperature", float, 0, 2),
-                             _number(body, "top_p", float, 0, 1), _number(body, "seed", int, 0))
+                             _number(body, "top_p", float, 0, 1), _number(body, "seed", int, 0),
+                             _number(body, "min_tokens", int, 0))
     turns, refs = parse_messages(body.get("messages"), settings.max_frames)
     if not refs:
         raise RequestError("the conversation has no video or image: add a video_url or image_url part",

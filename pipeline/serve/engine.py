@@ -163,12 +163,15 @@ class Engine:
         return Prepared(inputs, self.captioner.chat_prompt(turns), len(frames))
 
     def options(self, max_tokens: int, temperature: float | None = None, top_p: float | None = None,
-                seed: int | None = None) -> dict:
-        """Generate overrides for a request: at most ``max_tokens`` new tokens; sampling when temperature
-        is above 0 (0 or unset: the captioner's own greedy or beam decoding)."""
+                seed: int | None = None, min_tokens: int | None = None) -> dict:
+        """Generate overrides for a request: at most ``max_tokens`` new tokens, at least ``min_tokens`` (capped by
+        ``max_tokens``; unset: the captioner's own); sampling when temperature is above 0 (0 or unset: the
+        captioner's own greedy or beam decoding)."""
         base = self.captioner.generate_kwargs
         options: dict[str, Any] = {"max_new_tokens": max_tokens}
-        if base.get("min_new_tokens", 0) > max_tokens:
+        if min_tokens is not None:
+            options["min_new_tokens"] = min(min_tokens, max_tokens)
+        elif base.get("min_new_tokens", 0) > max_tokens:
             options["min_new_tokens"] = max_tokens
         if temperature:
             options.update(do_sample=True, temperature=float(temperature), num_beams=1,
