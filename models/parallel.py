@@ -114,7 +114,7 @@ def init_group(tp_size: int) -> TensorParallelGroup:
         return SINGLE
     if tp_size in _GROUPS:
         return _GROUPS[tp_size]
-    from mindspore.communication import get_group_size, get_rank
+    from mindspore.communication import get_group_size, get_local_rank_size, get_rank
 
     try:
         world, rank = get_group_size(), get_rank()
@@ -125,6 +125,10 @@ def init_group(tp_size: int) -> TensorParallelGroup:
         raise TensorParallelError(f"tp_size {tp_size} must divide the number of workers ({world}): the world is "
                                   f"tp_size x data-parallel groups; launch a multiple of {tp_size} workers with "
                                   f"msrun (msrun --worker_num={tp_size} ... for one group)")
+    local = get_local_rank_size()
+    if local % tp_size:
+        raise TensorParallelError(f"tp_size {tp_size} must divide the workers per node ({local}), so that a "
+                                  f"group sits inside one node: set msrun's --local_worker_num to a multiple of it")
     first = rank - rank % tp_size
     if tp_size == world:
         comm: Communicator = MindSporeCommunicator("hccl_world_group" if _on_ascend() else None, tp_size)
