@@ -120,6 +120,14 @@ def pad_to_buckets(ids: Optional[np.ndarray], mask: np.ndarray, pad_id: int) -> 
     return ids, mask
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts left-padded to one width, with their attention mask (0 on the padding)."""
+    width = max(len(p) for p in prompts)
+    ids = np.array([[pad_id] * (width - len(p)) + list(p) for p in prompts], np.int64)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int64)
+    return ids, mask
+
+
 def _pad_embeds(embeds, batch: int, length: int):
     """Zero embeddings to the left and below, to (batch, length, D)."""
     embeds = to_tensor(embeds)

@@ -12,8 +12,9 @@ import numpy as np
 
 from models import from_pretrained
 from models.checkpoint import load_tokenizer
+from models.generation import left_pad
 from models.blip2.processing import Blip2FrameProcessor
-from pipeline.captioning.chat import Turn, left_pad, question_answer_chat, with_token_counts
+from pipeline.captioning.chat import Turn, question_answer_chat, with_token_counts
 from pipeline.captioning.cli import common_parser, generation_options, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary

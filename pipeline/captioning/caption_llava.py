@@ -20,11 +20,12 @@ import numpy as np
 
 from models import from_pretrained
 from models.checkpoint import load_tokenizer
+from models.generation import left_pad
 from models.llava import LlavaNextForConditionalGeneration, PllavaForConditionalGeneration
 from models.llava.processing import ClipFrameProcessor, LlavaNextFrameProcessor
 from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
                                         uniform_subset)
-from pipeline.captioning.chat import Turn, left_pad, template_chat, template_messages, with_token_counts
+from pipeline.captioning.chat import Turn, template_chat, template_messages, with_token_counts
 from pipeline.captioning.cli import common_parser, generation_options, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary

@@ -29,6 +29,7 @@ import numpy as np
 
 from models import from_pretrained
 from models.checkpoint import load_tokenizer
+from models.generation import left_pad
 from models.qwen2_5_vl.processing import DEFAULT_FPS, Qwen2_5_VLVisionProcessor, sampled_fps
 from models.qwen2_vl.processing import Qwen2VLVisionProcessor
 from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
@@ -181,10 +182,8 @@ class Qwen2VLCaptioner:
 def model_inputs(batch: Sequence[VideoInputs], pad_id: int) -> dict[str, np.ndarray]:
     """A batch's generate arguments under transformers' names: left-padded ``input_ids`` and
     ``attention_mask``, the videos' patch rows and grids, and (Qwen2.5-VL) ``second_per_grid_ts``."""
-    width = max(len(b.input_ids) for b in batch)
-    args = {"input_ids": np.array([[pad_id] * (width - len(b.input_ids)) + b.input_ids for b in batch], np.int64),
-            "attention_mask": np.array([[0] * (width - len(b.input_ids)) + [1] * len(b.input_ids) for b in batch],
-                                       np.int64),
+    input_ids, mask = left_pad([b.input_ids for b in batch], pad_id)
+    args = {"input_ids": input_ids, "attention_mask": mask,
             "pixel_values_videos": np.concatenate([b.pixel_values_videos for b in batch]),
             "video_grid_thw": np.concatenate([b.video_grid_thw for b in batch])}
     if batch[0].second_per_grid_t is not None:

@@ -25,8 +25,9 @@ import numpy as np
 from models import from_pretrained
 from models.blip2.processing import Blip2FrameProcessor
 from models.checkpoint import load_tokenizer
+from models.generation import left_pad
 from models.video_llama.modeling import build_prompt_ids, read_sources
-from pipeline.captioning.chat import Turn, left_pad, template_chat, with_token_counts
+from pipeline.captioning.chat import Turn, template_chat, with_token_counts
 from pipeline.captioning.cli import common_parser, generation_options, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
@@ -88,9 +89,7 @@ class VideoLlamaCaptioner:
         if prompts is not None:
             return self.reply(batch, prompts, options)
         prompts = list(self.prompts.values()) * len(batch)
-        width = max(map(len, prompts))
-        input_ids = np.array([[self.pad_id] * (width - len(p)) + p for p in prompts], np.int64)
-        mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int64)
+        input_ids, mask = left_pad(prompts, self.pad_id)
         pixels = np.repeat(np.stack(batch), len(self.prompts), axis=0)
         ids = self.model.generate(pixel_values=pixels, input_ids=input_ids, attention_mask=mask,
                                   **self.generate_kwargs)

@@ -79,14 +79,6 @@ def question_answer_chat(turns: Sequence[Turn]) -> str:
     return f"{system} {text}" if system else text
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts left-padded to one width, with their attention mask (0 on the padding)."""
-    width = max(len(p) for p in prompts)
-    ids = np.array([[pad_id] * (width - len(p)) + list(p) for p in prompts], np.int64)
-    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int64)
-    return ids, mask
-
-
 def with_token_counts(answers: list[dict], prompt_lengths: Sequence[int], new_ids: np.ndarray,
                       eos_token_id: Any) -> list[dict]:
     """Answers with ``prompt_tokens`` (visual tokens included) and ``completion_tokens`` (up to and

@@ -20,6 +20,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
+from models.generation import left_pad
+
 QUESTION = "{question}"
 
 
@@ -93,14 +95,7 @@ class CaptionEncoder:
     def prompt_batch(self, batch: int, questions: Optional[Sequence[str | None]] = None
                      ) -> tuple[np.ndarray, np.ndarray]:
         """Prompt ids and mask for ``generate``, left-padded when the questions differ."""
-        prompts = self._prompt_list(batch, questions)
-        width = max(len(p) for p in prompts)
-        ids = np.full((batch, width), self.pad, np.int64)
-        mask = np.zeros((batch, width), np.int64)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt):] = prompt
-            mask[i, width - len(prompt):] = 1
-        return ids, mask
+        return left_pad(self._prompt_list(batch, questions), self.pad)
 
     def caption_ids(self, captions: Sequence[str]) -> list[list[int]]:
         """Token ids of each caption, truncated to ``max_txt_len`` tokens including the final eos."""
