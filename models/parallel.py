@@ -41,7 +41,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from models.layers import Embedding, Linear, zeros_parameter
+from models.layers import Embedding, Linear
 
 logger = logging.getLogger(__name__)
 
@@ -350,20 +350,15 @@ class ColumnParallelLinear(Linear):
         return y if self.gather is None else self.gather(y)
 
 
-class RowParallelLinear(nn.Cell):
+class RowParallelLinear(Linear):
     """A Linear holding input features [start, stop) of this rank: partial products summed over the group,
     then the (whole) bias added once."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  cols: Optional[tuple[int, int]] = None, what: str = "input features"):
-        super().__init__()
         group = current()
         start, stop = cols or group.split(in_features, what)
-        self.in_features, self.out_features = stop - start, out_features
-        self.weight = zeros_parameter((out_features, stop - start))
-        self.has_bias = bias
-        self.bias = zeros_parameter((out_features,)) if bias else None
-        self.matmul = ops.MatMul(transpose_b=True)
+        super().__init__(stop - start, out_features, bias)
         self.reduce = group.reducer()
         if (start, stop) != (0, in_features):
             self.checkpoint_slices = {"weight": (1, start, stop, in_features)}

@@ -75,7 +75,7 @@ def apply_lora(model: nn.Cell, targets: Iterable[str], rank: int = 8, alpha: flo
     targets = set(targets)
     wrapped = []
     for i, (path, parent, name, child) in enumerate(list(_children(getattr(model, root), root))):
-        if name in targets and type(child) is Linear:
+        if name in targets and _plain_linear(child):
             lora = LoRALinear(child, rank, alpha, dropout, seed=seed + i)
             setattr(parent, name, lora)
             _name_parameters(lora, path)
@@ -83,6 +83,13 @@ def apply_lora(model: nn.Cell, targets: Iterable[str], rank: int = 8, alpha: flo
     if not wrapped:
         raise ValueError(f"LoRA targets {sorted(targets)} match no Linear layer under {root}")
     return wrapped
+
+
+def _plain_linear(cell: nn.Cell) -> bool:
+    """A Linear LoRA can wrap: not wrapped yet, and whole (a tensor-parallel slice declares checkpoint_slices)."""
+    if not isinstance(cell, Linear) or isinstance(cell, LoRALinear):
+        return False
+    return not getattr(cell, "checkpoint_slices", None)
 
 
 def _name_parameters(cell: nn.Cell, path: str) -> None:
