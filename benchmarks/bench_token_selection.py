@@ -3,14 +3,16 @@
 The decoder is tiny (Qwen2, 2 layers, hidden 64, 4 heads, 2 KV heads) with Qwen2-VL's vocabulary of
 151,936 and an untied LM head, so a step's cost is the vocabulary side. Random prompts of 24 tokens,
 batch 8, ``max_new_tokens`` 16 with ``min_new_tokens`` 16 (every step runs, eos banned on all of them,
-as min length does). Cases: greedy (bs 8) and beam search (bs 8 x 5 beams, all beams returned).
+as min length does). Cases: greedy (bs 8) and beam search (bs 8 x 5 beams, all beams returned), each
+also with Qwen2-VL's repetition penalty of 1.05 (``_rp``).
 
 Three implementations:
   before: ``models/generation.py`` as of ``--before-rev`` (default: the newest commit whose file has
           no on-device selection), loaded from git: full logits to the host, numpy log-softmax and a
           full stable ``argsort`` over beams x vocabulary;
   full:   today's file with ``select_on_device=False`` (full logits, host selection by ``argpartition``);
-  device: today's default (argmax / top-k log-probs picked inside the compiled step).
+  device: today's default (argmax / top-k log-probs picked inside the compiled step, the repetition
+          penalty applied there from a seen-token mask kept on the device).
 
 Times come from wrapping ``models.jit.call``: every compiled call (prefill, decoding step, beam
 reorder) is timed until its first output is on the host (graphs run asynchronously, and
@@ -42,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 151936
 BATCH, PROMPT, NEW = 8, 24, 16
-CASES = {"greedy": 1, "beam": 5}
+CASES = {"greedy": (1, 1.0), "beam": (5, 1.0), "greedy_rp": (1, 1.05), "beam_rp": (5, 1.05)}  # beams, penalty
 IMPLS = ("before", "full", "device")
 MARKER = "select_on_device"  # present in the generation module once it selects on the device
 
@@ -90,7 +92,7 @@ def child(impl: str, case: str, repeats: int, rev: str) -> dict:
     folder = tempfile.TemporaryDirectory()  # kept to the end: ms.jit reads the old module's source
     module = load_before(rev, Path(folder.name)) if impl == "before" else generation
     kwargs = {"select_on_device": False} if impl == "full" else {}
-    beams = CASES[case]
+    beams, penalty = CASES[case]
     ids = np.random.default_rng(0).integers(0, 151643, (BATCH, PROMPT))
     timed: dict[str, list[float]] = {}
     original = jit.call
@@ -106,7 +108,7 @@ def child(impl: str, case: str, repeats: int, rev: str) -> dict:
 
     def run():
         return module.generate(model, input_ids=ids, max_new_tokens=NEW, min_new_tokens=NEW, num_beams=beams,
-                               num_return_sequences=beams, **kwargs)
+                               num_return_sequences=beams, repetition_penalty=penalty, **kwargs)
 
     run()
     rows = []
@@ -153,11 +155,11 @@ def main() -> None:
             if proc.returncode:
                 raise RuntimeError(f"{case}/{impl} failed:\n{proc.stderr[-3000:]}")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    header = (f"{'case':8s} {'impl':7s} {'steps':>5s} {'host ms':>9s} {'step ms':>9s} {'reorder ms':>10s} "
+    header = (f"{'case':10s} {'impl':7s} {'steps':>5s} {'host ms':>9s} {'step ms':>9s} {'reorder ms':>10s} "
               f"{'whole ms':>9s} {'total s':>8s} {'peak RSS MB':>11s}")
     print(header)
     for r in results:
-        print(f"{r['case']:8s} {r['impl']:7s} {r['steps']:5.0f} {r['host_ms']:9.2f} {r['step_ms']:9.2f} "
+        print(f"{r['case']:10s} {r['impl']:7s} {r['steps']:5.0f} {r['host_ms']:9.2f} {r['step_ms']:9.2f} "
               f"{r['reorder_ms']:10.2f} {r['whole_ms']:9.2f} {r['total_s']:8.3f} {r['peak_rss_mb']:11.0f}")
     for case in CASES:
         hashes = {r["impl"]: r["sequences_sha1"] for r in results if r["case"] == case}

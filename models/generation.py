@@ -176,15 +176,18 @@ _TOPK = ops.TopK(sorted=True)
 class _Pick:
     """What a decoding step hands the host, so that only a few numbers per row leave the device.
 
-    ``k`` 0: the full (rows, V) logits, for rules only the host applies (repetition penalty, no-repeat
-    n-grams, sampling). Otherwise the ``k`` best entries per row in (value desc, id asc) order, as
+    ``k`` 0: the full (rows, V) logits, for rules only the host applies (no-repeat n-grams, sampling).
+    Otherwise the ``k`` best entries per row in (value desc, id asc) order, as
     ``np.argsort(-x, kind="stable")`` ranks them: of the logits (``log_probs`` False: greedy, k 1) or of
-    the log-softmax plus the beam's running score (beam search), with eos banned on the steps the caller
-    says (min length). The ``k`` entries come back as (values, ids), not sorted among themselves.
+    the log-softmax plus the beam's running score (beam search), after the repetition ``penalty`` on the
+    tokens each row has seen, with eos banned on the steps the caller says (min length). The ``k``
+    entries come back as (values, ids), not sorted among themselves, then, with a penalty, the (rows, V)
+    seen-token mask the next step starts from.
     """
 
     k: int = 0
     log_probs: bool = False
+    penalty: float = 1.0
 
 
 def _keyed_top(x: Tensor, k: int, ids: Tensor, span: int) -> Tensor:
@@ -246,15 +249,24 @@ def _best(x: Tensor, k: int, eos: Optional[Tensor], ban: Optional[Tensor],
 
 
 def _select(pick: _Pick, logits: Tensor, eos: Optional[Tensor], ban: Optional[Tensor], shift: Optional[Tensor],
-            rows: Optional[Tensor]) -> tuple:
-    """What ``pick`` asks of one step's logits; ``rows`` repeats rows first (a prompt's row per beam)."""
+            rows: Optional[Tensor], seen: Optional[Tensor] = None, tokens: Optional[Tensor] = None) -> tuple:
+    """What ``pick`` asks of one step's logits; ``rows`` repeats rows first (a prompt's row per beam).
+
+    ``seen`` (rows, V) bool marks the tokens of each row so far, ``tokens`` (rows,) the ones this step
+    added: they are penalised as transformers' repetition penalty does (a positive score divided by the
+    penalty, a negative one multiplied), and the updated mask is returned last."""
     if not pick.k:
         return (logits,)
     if pick.log_probs:
         logits = ops.log_softmax(logits, -1)
     if rows is not None:
         logits = ops.gather(logits, rows, 0)
-    return _best(logits, pick.k, eos, ban, shift)
+    if seen is None:
+        return _best(logits, pick.k, eos, ban, shift)
+    if tokens is not None:
+        seen = ops.logical_or(seen, ops.arange(logits.shape[1]).astype(ms.int32)[None, :] == tokens[:, None])
+    logits = ops.where(seen, ops.where(logits < 0, logits * pick.penalty, logits / pick.penalty), logits)
+    return _best(logits, pick.k, eos, ban, shift) + (seen,)
 
 
 _select_jit = ms.jit(_select)
@@ -283,19 +295,25 @@ class _Session:
         self.cache: tuple = ()
         self.mask: Optional[np.ndarray] = None
         self.next_slot = 0
+        self.seen: Optional[Tensor] = None  # the repetition penalty's (rows, V) mask, kept on the device
+        self.seen_ids: Optional[np.ndarray] = None
 
     def prefill(self, ids, embeds, mask: np.ndarray, encoder_state: tuple = (), ban: bool = False,
-                shift: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None) -> tuple:
-        """Run the prompt; ``rows``/``shift``: the selection's rows (repeated per beam) and running scores."""
+                shift: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
+                seen_ids: Optional[np.ndarray] = None) -> tuple:
+        """Run the prompt; ``rows``/``shift``: the selection's rows (repeated per beam) and running scores;
+        ``seen_ids``: each selection row's tokens so far, for an on-device repetition penalty."""
         batch, length = mask.shape
         self.cache = tuple(self.model.init_cache(batch, self.max_slots, *encoder_state))
         self.mask = np.zeros((batch, self.max_slots), np.int32)
         self.mask[:, :length] = mask
+        self.seen_ids = seen_ids
         return self._run(ids, embeds, length, ban, shift, rows)
 
     def step(self, tokens: np.ndarray, ban: bool = False, shift: Optional[np.ndarray] = None) -> tuple:
         self.mask[:, self.next_slot] = 1
-        return self._run(Tensor(tokens.astype(np.int32)[:, None]), None, 1, ban, shift, None)
+        ids = Tensor(tokens.astype(np.int32)[:, None])
+        return self._run(ids, None, 1, ban, shift, None, ids[:, 0])
 
     def call(self, name: str, fn, *args):
         """Run ``fn``, counting each new compiled shape in ``models.jit.COMPILES``."""
@@ -304,12 +322,26 @@ class _Session:
     def encode(self, ids, embeds, mask: np.ndarray) -> tuple:
         return tuple(self.call("encode", self.encode_fn, ids, embeds, Tensor(mask)))
 
-    def reorder(self, index: np.ndarray) -> None:
-        self.cache = tuple(self.call("reorder", self.gather_fn, Tensor(index.astype(np.int32)), *self.cache))
+    def reorder(self, index: np.ndarray, expand: bool = False) -> None:
+        """Reorder the cache rows (beam search); ``expand``: the prompt's rows become one per beam, which the
+        selection's seen-token mask already is."""
+        carried = self.cache if self.seen is None or expand else self.cache + (self.seen,)
+        out = tuple(self.call("reorder", self.gather_fn, Tensor(index.astype(np.int32)), *carried))
+        self.cache = out[:len(self.cache)]
+        if len(out) > len(self.cache):
+            self.seen = out[-1]
         self.mask = self.mask[index]
 
+    def _seen(self, rows: int, vocab: int) -> Tensor:
+        """The seen-token mask, built on the host once, from the prompt's rows."""
+        if self.seen is None:
+            seen = np.zeros((rows, vocab), np.bool_)
+            np.put_along_axis(seen, self.seen_ids.astype(np.int64), True, 1)
+            self.seen = Tensor(seen)
+        return self.seen
+
     def _run(self, ids, embeds, length: int, ban: bool, shift: Optional[np.ndarray],
-             rows: Optional[np.ndarray]) -> tuple:
+             rows: Optional[np.ndarray], tokens: Optional[Tensor] = None) -> tuple:
         args = (ids, embeds, Tensor(self.mask), Tensor(self.next_slot, ms.int32))
         selection = (self.eos, Tensor(ban) if self.eos is not None else None,
                      None if shift is None else Tensor(shift.astype(np.float32)),
@@ -322,8 +354,14 @@ class _Session:
             out = self.call("decode_step", self.step_fn, *args, *self.cache)
         self.cache = tuple(out[1:])
         self.next_slot += length
-        picked = self.select_fn(self.pick, out[0], *selection) if self.pick.k else (out[0],)
-        return tuple(o.asnumpy() for o in picked)
+        if not self.pick.k:
+            return (out[0].asnumpy(),)
+        if self.pick.penalty == 1.0:
+            return tuple(o.asnumpy() for o in self.select_fn(self.pick, out[0], *selection))
+        count = out[0].shape[0] if rows is None else len(rows)
+        picked = self.select_fn(self.pick, out[0], *selection, self._seen(count, out[0].shape[1]), tokens)
+        self.seen = picked[-1]
+        return tuple(o.asnumpy() for o in picked[:-1])
 
 
 def to_numpy(x, dtype=None) -> Optional[np.ndarray]:
@@ -404,8 +442,8 @@ class _Rules:
 
     @property
     def on_device(self) -> bool:
-        """Whether the decoding step can apply these rules itself (only min length: one banned column)."""
-        return self.repetition_penalty == 1.0 and self.no_repeat_ngram_size <= 0
+        """Whether the decoding step can apply these rules itself (min length and the repetition penalty)."""
+        return self.no_repeat_ngram_size <= 0
 
     def bans_eos(self, length: int) -> bool:
         """Whether eos is banned for the token after a sequence of ``length`` columns."""
@@ -463,9 +501,9 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     ``max_length=20``. ``seed`` is an int or a ``numpy.random.Generator`` for sampling.
     ``repetition_penalty`` and ``no_repeat_ngram_size`` apply to the prompt ids and the new tokens
     (the decoder's tokens for an encoder-decoder), in greedy, beam and sampling, as transformers does.
-    ``select_on_device``: greedy and beam search pick their tokens inside the compiled step, so only
-    the ids (and, for beams, the best log-probs) leave the device; False, or a rule only the host
-    applies (repetition penalty, no-repeat n-grams, sampling), copies the full logits every step.
+    ``select_on_device``: greedy and beam search pick their tokens inside the compiled step (the
+    repetition penalty included), so only the ids (and, for beams, the best log-probs) leave the device;
+    False, or a rule only the host applies (no-repeat n-grams, sampling), copies the full logits every step.
     ``streamer``: called after every step of greedy decoding or sampling with that step's (N,) new ids
     of the N returned rows, -1 for a row that had already ended (a server streams replies with it).
     """
@@ -537,13 +575,14 @@ def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, li
     on_device = select_on_device and rules.on_device and not do_sample
     if num_beams > 1:
         keep = max(2, 1 + len(eos)) * num_beams
-        pick = _Pick(keep, log_probs=True) if on_device else _Pick()
+        pick = _Pick(keep, log_probs=True, penalty=rules.repetition_penalty) if on_device else _Pick()
         return _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                             num_beams, num_return_sequences, length_penalty, early_stopping, eos, pad, rules,
                             keep, use_jit, pick)
-    pick = _Pick(1) if on_device else _Pick()
+    pick = _Pick(1, penalty=rules.repetition_penalty) if on_device else _Pick()
     session = _Session(model, _cache_length(model, attention_mask, max_new_tokens), use_jit, pick, eos)
-    picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, rules.bans_eos(prefix.shape[1]))
+    picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, rules.bans_eos(prefix.shape[1]),
+                    seen_ids=prefix[:, rules.skip:])
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     seqs, finished = prefix, ~live
     for t in range(max_new_tokens):
@@ -577,15 +616,17 @@ def _cache_length(model, attention_mask: np.ndarray, max_new_tokens: int) -> int
 
 
 def _start(session: _Session, input_ids, inputs_embeds, attention_mask, prefix, ban: bool,
-           shift: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None) -> tuple:
+           shift: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
+           seen_ids: Optional[np.ndarray] = None) -> tuple:
     """Run the prompt (decoder-only) or the encoder and the start token; returns the first selection."""
     ids = None if inputs_embeds is not None else Tensor(input_ids.astype(np.int32))
     embeds = to_tensor(inputs_embeds)
     if not session.model.is_encoder_decoder:
-        return session.prefill(ids, embeds, attention_mask, ban=ban, shift=shift, rows=rows)
+        return session.prefill(ids, embeds, attention_mask, ban=ban, shift=shift, rows=rows, seen_ids=seen_ids)
     state = session.encode(ids, embeds, attention_mask)
     start_mask = np.ones((prefix.shape[0], 1), np.int32)
-    return session.prefill(Tensor(prefix.astype(np.int32)), None, start_mask, tuple(state), ban, shift, rows)
+    return session.prefill(Tensor(prefix.astype(np.int32)), None, start_mask, tuple(state), ban, shift, rows,
+                           seen_ids)
 
 
 def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -652,11 +693,11 @@ def _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, 
     expand = np.repeat(np.arange(batch), num_beams)
     if pick.k:  # the prompt's rows are repeated per beam on the device, before selection
         picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, rules.bans_eos(cur_len),
-                        running_scores.reshape(-1), expand)
+                        running_scores.reshape(-1), expand, np.repeat(prefix[:, rules.skip:], num_beams, axis=0))
     else:
         picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, False)
         picked = (np.repeat(picked[0], num_beams, axis=0),)
-    session.reorder(expand)
+    session.reorder(expand, expand=True)
     while True:
         seqs = running[:, :, :cur_len].reshape(batch * num_beams, cur_len)
         top_logp, src_beam, tokens = _beam_candidates(picked, running_scores, rules, seqs, keep)
