@@ -80,7 +80,6 @@ def llama():
     dict(num_beams=1, min_new_tokens=5),
     dict(num_beams=4, num_return_sequences=4, min_new_tokens=5),
     dict(num_beams=3, num_return_sequences=2, eos_token_id=[7, 11], length_penalty=0.7),
-    dict(num_beams=1, repetition_penalty=1.8, min_new_tokens=3),
     dict(num_beams=3, num_return_sequences=3, repetition_penalty=0.6),
 ])
 def test_device_selection_equals_full_logits(llama, kw):
