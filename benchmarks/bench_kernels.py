@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 SHAPES = [(2056, 1536), (256, 768)]
-OPS = ("gelu", "gelu_tanh", "quick_gelu", "silu_mul", "layer_norm", "rms_norm")
+OPS = ("gelu", "gelu_tanh", "quick_gelu", "silu_mul", "layer_norm", "rms_norm", "rotary")
 IMPLS = ("builtin", "kernel", "torch")
 MODEL_MODES = ("builtin jit", "kernel jit", "builtin pynative", "kernel pynative", "torch eager")
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +65,23 @@ def ms_ops(shape: tuple, on: bool) -> dict[str, Callable[[], object]]:
     calls = {name: (lambda f=ms.jit(fn): f(x)) for name, fn in unary.items()}
     compiled = ms.jit(layers.silu_mul)
     calls["silu_mul"] = lambda: compiled(x, up)
+    heads, cos, sin = (Tensor(a) for a in rotary_operands(x.asnumpy(), rng))
+    rotary = ms.jit(layers.apply_rotary)
+    calls["rotary"] = lambda: rotary(heads, cos, sin)
     for call in calls.values():
         call().asnumpy()  # compile (and trace the kernel setting) now
     return calls
+
+
+ROTARY_DIM = 128  # head size of the rotary case: x of (rows, cols) is (1, cols / 128 heads, rows, 128)
+
+
+def rotary_operands(x: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``x`` as (1, heads, rows, 128) queries, and cos and sin of (1, 1, rows, 128) shared by the heads,
+    as in a Llama/Qwen2 attention layer."""
+    heads = np.ascontiguousarray(x.reshape(1, x.shape[0], -1, ROTARY_DIM).swapaxes(1, 2))
+    angles = rng.standard_normal((1, 1, x.shape[0], ROTARY_DIM)).astype(np.float32)
+    return heads, np.cos(angles), np.sin(angles)
 
 
 def torch_ops(shape: tuple) -> dict[str, Callable[[], object]]:
@@ -76,7 +90,12 @@ def torch_ops(shape: tuple) -> dict[str, Callable[[], object]]:
     rng = np.random.default_rng(0)
     x, up = (torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for _ in range(2))
     w, b = torch.ones(shape[-1]), torch.zeros(shape[-1])
-    return {"gelu": lambda: F.gelu(x), "gelu_tanh": lambda: F.gelu(x, approximate="tanh"),
+    heads, cos, sin = (torch.from_numpy(a) for a in rotary_operands(x.numpy(), rng))
+
+    def rotary():
+        half = ROTARY_DIM // 2
+        return heads * cos + torch.cat((-heads[..., half:], heads[..., :half]), -1) * sin
+    return {"rotary": rotary, "gelu": lambda: F.gelu(x), "gelu_tanh": lambda: F.gelu(x, approximate="tanh"),
             "quick_gelu": lambda: x * torch.sigmoid(1.702 * x), "silu_mul": lambda: F.silu(x) * up,
             "layer_norm": lambda: F.layer_norm(x, (shape[-1],), w, b, 1e-5),
             "rms_norm": lambda: F.rms_norm(x, (shape[-1],), w, 1e-6)}

@@ -149,6 +149,26 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return ops.silu(gate) * up
 
 
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return ops.concat((-x[..., half:], x[..., :half]), axis=-1)
+
+
+ROTARY_KERNEL_ELEMENTS = 1 << 20  # measured: 2.4x the builtin at 3.2M elements, slower at 0.2M (a decoding step)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotary position embedding x * cos + rotate_half(x) * sin, ``cos``/``sin`` broadcast to ``x``.
+
+    In one fused pass (no broadcast copies) for large 4-D float32 operands whose leading axes are x's or 1
+    (prompts; a decoding step's few rows keep the builtin, which is as fast there)."""
+    if _fused(x) and cos.dtype == ms.float32 and sin.dtype == ms.float32 and x.ndim == 4 and cos.ndim == 4 \
+            and sin.shape == cos.shape and cos.shape[3] == x.shape[3] and x.size >= ROTARY_KERNEL_ELEMENTS \
+            and all(c in (1, n) for c, n in zip(cos.shape[:3], x.shape[:3])):
+        return kernels.op("rotary")(x, cos, sin)
+    return x * cos + rotate_half(x) * sin
+
+
 ACTIVATIONS = {"gelu": gelu, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "quick_gelu": quick_gelu,
                "silu": silu, "relu": ops.relu}
 

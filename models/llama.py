@@ -24,7 +24,7 @@ from mindspore import Tensor, nn, ops
 
 from models.attention import cached_self_attention
 from models.generation import GenerateOutput, causal_lm_loss, generate, slot_ids, to_tensor
-from models.layers import RMSNorm, silu_mul
+from models.layers import RMSNorm, apply_rotary, silu_mul
 from models.parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, split_heads,
                              tied_logits, vocab_head)
 
@@ -59,11 +59,6 @@ def rope_inverse_frequencies(config) -> np.ndarray:
     raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return ops.concat((-x[..., half:], x[..., :half]), axis=-1)
-
-
 class LlamaAttention(nn.Cell):
     """Grouped-query self-attention: ``num_key_value_heads`` key/value heads shared by groups of query heads.
 
@@ -95,8 +90,7 @@ class LlamaAttention(nn.Cell):
         query = self._heads(self.q_proj(x), self.num_heads)
         key = self._heads(self.k_proj(x), self.num_kv_heads)
         value = self._heads(self.v_proj(x), self.num_kv_heads)
-        query = query * cos + rotate_half(query) * sin
-        key = key * cos + rotate_half(key) * sin
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         out, key, value = cached_self_attention(query * self.scaling, key, value, mask, slots, past_key, past_value)
         return self.o_proj(out), key, value
 

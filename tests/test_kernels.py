@@ -222,3 +222,56 @@ def test_cache_is_keyed_and_reused(tmp_path, monkeypatch):
     second = kernels._compile(compiler, kernels._cache_dir(compiler))
     assert first == second and second.stat().st_mtime_ns == stamp
     assert first.parent.parent == tmp_path
+
+
+ROTARY_SHAPES = [((2, 4, 9, 16), (2, 1, 9, 16)),   # Llama: angles per row and position, shared by the heads
+                 ((3, 50, 2, 8), (1, 50, 1, 8)),   # Qwen2-VL vision: per patch, shared by frames and heads
+                 ((1, 3, 1, 6), (1, 1, 1, 6)),     # one decoding step
+                 ((2, 2, 70001, 2), (2, 1, 70001, 2))]  # many rows, split over threads
+
+
+@pytest.fixture
+def rotary_kernel_always(monkeypatch):
+    """The kernel for every size (it is kept for large operands only, where it measured faster)."""
+    monkeypatch.setattr(layers, "ROTARY_KERNEL_ELEMENTS", 0)
+
+
+def run_rotary(x_shape: tuple, angle_shape: tuple, compiled: bool) -> tuple[np.ndarray, np.ndarray]:
+    x, w = Tensor(data(x_shape)), Tensor(data(x_shape, 2, 1.0))
+    angles = data(angle_shape, 1)
+    cos, sin = Tensor(np.cos(angles)), Tensor(np.sin(angles))
+
+    def loss(a):
+        return (layers.apply_rotary(a, cos, sin) * w).sum()
+
+    def forward(a):
+        return layers.apply_rotary(a, cos, sin)
+
+    wrap = ms.jit if compiled else (lambda f: f)
+    return wrap(forward)(x).asnumpy(), wrap(ms.grad(loss, grad_position=0))(x).asnumpy()
+
+
+@needs_kernels
+@pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "jit"])
+@pytest.mark.parametrize("shapes", ROTARY_SHAPES, ids=str)
+def test_rotary_kernel_equals_builtin(shapes, compiled, monkeypatch, rotary_kernel_always):
+    if not compiled:  # the kernel runs, not the builtin twice (graphs cannot call a recording spy)
+        asked, real = [], kernels.op
+
+        def spy(key):
+            asked.append(key)
+            return real(key)
+        monkeypatch.setattr(kernels, "op", spy)
+        run_rotary(*shapes, compiled)
+        assert asked == ["rotary"] * 2  # the forward, and the forward the gradient differentiates
+        monkeypatch.setattr(kernels, "op", real)
+    ours = run_rotary(*shapes, compiled)
+    monkeypatch.setenv(kernels.SWITCH, "0")
+    assert not kernels.refresh()
+    try:
+        builtin = run_rotary(*shapes, compiled)
+    finally:
+        monkeypatch.delenv(kernels.SWITCH)
+        assert kernels.refresh()
+    for got, want in zip(ours, builtin):
+        assert got.shape == want.shape and rel_diff(got, want) < TOLERANCE

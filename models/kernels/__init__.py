@@ -1,7 +1,7 @@
 """Fused CPU kernels for the hot non-matmul ops, as MindSpore "aot" custom operators.
 
 MindSpore 2.7's CPU kernels for erf, GELU, LayerNorm and friends run 5 to 30 times slower than
-PyTorch's. The C++ sources next to this file (``activations.cc``, ``norms.cc``) do each op in one
+PyTorch's. The C++ sources next to this file (``activations.cc``, ``norms.cc``, ``rotary.cc``) do each op in one
 pass over memory on 8-float vectors, large ones split over the CPUs (plain threads, not OpenMP,
 whose spinning workers slowed the next MindSpore matmul); ``ops.Custom(func_type="aot")`` runs them
 inside ``ms.jit`` graphs and in PyNative alike, and each has a bprop, so training keeps them.
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 SWITCH = "CAPTION_KERNELS"
 CACHE = "CAPTION_KERNELS_CACHE"
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("activations.cc", "norms.cc", "infer.cc")
+SOURCES = ("activations.cc", "norms.cc", "rotary.cc", "infer.cc")
 HEADERS = ("common.h",)
 COMPILER = "g++"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-pthread")
@@ -188,6 +188,12 @@ def _make_ops(lib: str) -> None:
         dx, dw = rms_grad(x, weight, dout, eps)
         return dx, dw, ops.zeros_like(eps)
     _ops["rms_norm"] = _custom(lib, "RmsNorm", 3, 1, rms_bprop)
+
+    rotary_grad = _custom(lib, "RotaryGrad", 3, 1)
+
+    def rotary_bprop(x, cos, sin, out, dout):
+        return rotary_grad(dout, cos, sin), ops.zeros_like(cos), ops.zeros_like(sin)
+    _ops["rotary"] = _custom(lib, "Rotary", 3, 1, rotary_bprop)
 
 
 def op(key: str) -> ops.Custom:

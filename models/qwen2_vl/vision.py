@@ -22,8 +22,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from models import attention as attn, jit
-from models.layers import LayerNorm, Linear, activation, gelu, zeros_parameter
-from models.llama import rotate_half
+from models.layers import LayerNorm, Linear, activation, apply_rotary, gelu, zeros_parameter
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -80,10 +79,9 @@ class VisionAttention(nn.Cell):
         n, s, dim = x.shape
         qkv = self.qkv(x).reshape(n, s, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        q32, k32 = q.astype(ms.float32), k.astype(ms.float32)
-        q = (q32 * cos + rotate_half(q32) * sin).astype(x.dtype)
-        k = (k32 * cos + rotate_half(k32) * sin).astype(x.dtype)
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        q = apply_rotary(q.astype(ms.float32), cos, sin).astype(x.dtype)
+        k = apply_rotary(k.astype(ms.float32), cos, sin).astype(x.dtype)
         rows, length = n, s
         if self.window is not None:
             rows, length = n * (s // self.window), self.window
