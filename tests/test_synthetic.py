@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline.datasets import synthetic
 from pipeline.datasets.synthetic import BACKGROUNDS, COLOURS, Clip, captions, generate, render
 from pipeline.datasets.video import sample_frames
 
@@ -55,3 +56,35 @@ def test_generated_dataset_splits_and_videos(tmp_path):
     assert frames.shape == (8, 64, 64, 3) and list(indices) == list(range(8))
     again = generate(tmp_path / "again", num_videos=10, seed=3, num_frames=8, size=64)
     assert pd.read_csv(again["train"])["text"].tolist() == tables["train"]["text"].tolist()
+
+
+def test_every_generated_caption_reads_back_to_its_clip():
+    from pipeline.datasets.synthetic_accuracy import read_caption
+
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(400):
+        clip = synthetic.random_clip(rng)
+        for text in synthetic.captions(clip, rng, count=6):
+            assert read_caption(text) == (clip.colour, clip.shape, clip.action), text
+            seen.add(clip.action)
+    assert seen == set(synthetic.ACTIONS)
+
+
+def test_accuracy_counts_each_attribute_and_motion(tmp_path):
+    from pipeline.datasets import synthetic_accuracy
+
+    refs = pd.DataFrame({"video_id": ["a", "a", "b", "c"],
+                         "text": ["a red circle moves to the left", "the red circle slides to the left",
+                                  "a blue square grows", "a green triangle stays still"],
+                         "path": ["videos/a.mp4", "videos/a.mp4", "videos/b.mp4", "videos/c.mp4"]})
+    preds = pd.DataFrame({"path": ["videos/a.mp4", "videos/b.mp4", "videos/c.mp4"],
+                          "text": ["a red square moves to the right", "a blue square gets bigger", "oops"],
+                          "status": ["ok", "ok", "error"]})
+    refs.to_csv(tmp_path / "test.csv", index=False)
+    preds.to_csv(tmp_path / "pred.csv", index=False)
+    result = synthetic_accuracy.main(["--references", str(tmp_path / "test.csv"),
+                                      "--predictions", str(tmp_path / "pred.csv")])
+    assert result["num_videos"] == 2  # the error row is not scored
+    assert (result["colour"], result["shape"], result["action"], result["motion"]) == (1.0, 0.5, 0.5, 0.5)
+    assert result["per_action"]["left"] == {"videos": 1, "right": 0.0}
