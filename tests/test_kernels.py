@@ -275,3 +275,55 @@ def test_rotary_kernel_equals_builtin(shapes, compiled, monkeypatch, rotary_kern
         assert kernels.refresh()
     for got, want in zip(ours, builtin):
         assert got.shape == want.shape and rel_diff(got, want) < TOLERANCE
+
+
+SOFTMAX_SHAPES = [(3, 7, 37), (2, 1, 1), (5, 9), (2, 3, 257, 1024)]  # the last split over threads
+
+
+def run_softmax_lse(shape: tuple, with_bias: bool, compiled: bool) -> list[np.ndarray]:
+    """Probabilities, log-sum-exps and the scores' gradient of attention._softmax_lse, as it decides now."""
+    from models.attention import MASK_MIN, _softmax_lse
+
+    x = Tensor(data(shape))
+    bias = np.where(np.random.default_rng(4).random(shape) < 0.3, MASK_MIN, 0.0).astype(np.float32)
+    bias.reshape(-1, shape[-1])[:, 0] = 0.0  # every row keeps a key, as the callers' rows do
+    bias = Tensor(bias) if with_bias else None
+    dprobs, dlse = Tensor(data(shape, 2, 1.0)), Tensor(data(shape[:-1], 3, 1.0))
+
+    def forward(a):
+        return _softmax_lse(a, bias)
+
+    def loss(a):
+        probs, lse = _softmax_lse(a, bias)
+        return (probs * dprobs).sum() + (lse * dlse).sum()
+
+    wrap = ms.jit if compiled else (lambda f: f)
+    probs, lse = wrap(forward)(x)
+    return [probs.asnumpy(), lse.asnumpy(), wrap(ms.grad(loss, grad_position=0))(x).asnumpy()]
+
+
+@needs_kernels
+@pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "jit"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES, ids=str)
+def test_softmax_lse_kernel_equals_builtin(shape, with_bias, compiled, monkeypatch):
+    if not compiled:
+        asked, real = [], kernels.op
+
+        def spy(key):
+            asked.append(key)
+            return real(key)
+        monkeypatch.setattr(kernels, "op", spy)
+        run_softmax_lse(shape, with_bias, compiled)
+        assert asked == ["softmax_lse_bias" if with_bias else "softmax_lse"] * 2
+        monkeypatch.setattr(kernels, "op", real)
+    ours = run_softmax_lse(shape, with_bias, compiled)
+    monkeypatch.setenv(kernels.SWITCH, "0")
+    assert not kernels.refresh()
+    try:
+        builtin = run_softmax_lse(shape, with_bias, compiled)
+    finally:
+        monkeypatch.delenv(kernels.SWITCH)
+        assert kernels.refresh()
+    for got, want in zip(ours, builtin):
+        assert got.shape == want.shape and rel_diff(got, want) < TOLERANCE

@@ -2,7 +2,8 @@
 
 MindSpore 2.7's CPU kernels for erf, GELU, LayerNorm and friends run 5 to 30 times slower than
 PyTorch's. The C++ sources next to this file (``activations.cc``, ``norms.cc``, ``rotary.cc``) do each op in one
-pass over memory on 8-float vectors, large ones split over the CPUs (plain threads, not OpenMP,
+pass over memory (the attention tile's softmax with its log-sum-exp: three passes over a row that
+stays in cache) on 8-float vectors, large ones split over the CPUs (plain threads, not OpenMP,
 whose spinning workers slowed the next MindSpore matmul); ``ops.Custom(func_type="aot")`` runs them
 inside ``ms.jit`` graphs and in PyNative alike, and each has a bprop, so training keeps them.
 
@@ -188,6 +189,19 @@ def _make_ops(lib: str) -> None:
         dx, dw = rms_grad(x, weight, dout, eps)
         return dx, dw, ops.zeros_like(eps)
     _ops["rms_norm"] = _custom(lib, "RmsNorm", 3, 1, rms_bprop)
+
+    def softmax_grad(probs, lse_grad, probs_grad):
+        inner = (probs_grad * probs).sum(axis=-1, keepdims=True)
+        return probs * (probs_grad - inner + lse_grad[..., None])
+
+    def softmax_lse_bprop(x, out, dout):
+        return (softmax_grad(out[0], dout[1], dout[0]),)
+
+    def softmax_lse_bias_bprop(x, bias, out, dout):
+        dx = softmax_grad(out[0], dout[1], dout[0])
+        return dx, dx
+    _ops["softmax_lse"] = _custom(lib, "SoftmaxLse", 1, 2, softmax_lse_bprop)
+    _ops["softmax_lse_bias"] = _custom(lib, "SoftmaxLseBias", 2, 2, softmax_lse_bias_bprop)
 
     rotary_grad = _custom(lib, "RotaryGrad", 3, 1)
 

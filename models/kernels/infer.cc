@@ -50,3 +50,17 @@ LIKE_INPUT0(RmsNorm)
 LIKE_INPUTS(RmsNormGrad, 0, 1)
 LIKE_INPUT0(Rotary)
 LIKE_INPUT0(RotaryGrad)
+
+// softmax (x's shape) and its log-sum-exp (x's shape without the last axis), from x and maybe a bias.
+#define SOFTMAX_LSE(name)                                                                                      \
+  extern "C" std::vector<std::vector<int64_t>> name##InferShape(int *ndims, int64_t **shapes, AotExtra *) { \
+    std::vector<int64_t> rows = shape_of(ndims, shapes, 0);                                                  \
+    if (!rows.empty()) rows.pop_back();                                                                      \
+    return {shape_of(ndims, shapes, 0), rows};                                                               \
+  }                                                                                                          \
+  extern "C" std::vector<TypeId> name##InferType(std::vector<TypeId> types, AotExtra *) {                   \
+    return {types[0], types[0]};                                                                             \
+  }
+
+SOFTMAX_LSE(SoftmaxLse)
+SOFTMAX_LSE(SoftmaxLseBias)

@@ -1,4 +1,5 @@
-// Row-wise kernels over the last axis, float32: LayerNorm, RMSNorm and their gradients.
+// Row-wise kernels over the last axis, float32: LayerNorm, RMSNorm and their gradients, and the
+// attention tile's softmax with its log-sum-exp.
 // Same AOT entry-point signature as activations.cc; rows are spread over threads (parallel_for).
 #include <cmath>
 #include <vector>
@@ -55,6 +56,17 @@ inline float row_reduce(int64_t cols, F f) {
 
 inline vf head(vf v, int64_t n) { return n == kLanes ? v : select(lane_index() < static_cast<int32_t>(n), v, vf{}); }
 
+inline float row_max(const float *x, int64_t cols) {
+  vf m = splat(-INFINITY);
+  each_vector(cols, [&](int64_t c, int64_t n) {
+    const vf v = get(x + c, n);
+    m = vmax(m, n == kLanes ? v : select(lane_index() < static_cast<int32_t>(n), v, splat(-INFINITY)));
+  });
+  float best = m[0];
+  for (int k = 1; k < kLanes; ++k) best = m[k] > best ? m[k] : best;
+  return best;
+}
+
 inline float row_sum(const float *x, int64_t cols) {
   return row_reduce(cols, [&](int64_t c, int64_t n) { return get(x + c, n); });
 }
@@ -107,9 +119,50 @@ void column_sums(Rows r, int outputs, float *const *out, F row_terms) {
   }
 }
 
+// y = softmax(x + bias) over each row and lse = log(sum(exp(x + bias))): one pass writes the biased
+// scores, one turns them into exponentials and sums them, one scales; the row stays in cache between.
+template <bool with_bias>
+int softmax_lse(void **params, int *ndims, int64_t **shapes) {
+  const Rows r = rows_of(ndims[0], shapes[0]);
+  const float *x = static_cast<const float *>(params[0]);
+  const float *bias = with_bias ? static_cast<const float *>(params[1]) : nullptr;
+  float *y = static_cast<float *>(params[with_bias ? 2 : 1]);
+  float *lse = static_cast<float *>(params[with_bias ? 3 : 2]);
+  if (with_bias && elements(ndims[1], shapes[1]) != r.rows * r.cols) return 1;
+  each_row(r, [&](int64_t i) {
+    const float *xi = x + i * r.cols;
+    float *yi = y + i * r.cols;
+    if (with_bias) {
+      const float *bi = bias + i * r.cols;
+      each_vector(r.cols, [&](int64_t c, int64_t n) { put(yi + c, get(xi + c, n) + get(bi + c, n), n); });
+      xi = yi;
+    }
+    const float top = row_max(xi, r.cols);
+    const float total = row_reduce(r.cols, [&](int64_t c, int64_t n) {
+      const vf e = head(vexp(get(xi + c, n) - top), n);
+      put(yi + c, e, n);
+      return e;
+    });
+    const float inv = 1.0f / total;
+    each_vector(r.cols, [&](int64_t c, int64_t n) { put(yi + c, get(yi + c, n) * inv, n); });
+    lse[i] = top + std::log(total);
+  });
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
+
+// inputs x (..., n) -> softmax over the last axis (..., n), its log-sum-exp (...)
+int SoftmaxLse(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return softmax_lse<false>(params, ndims, shapes);
+}
+
+// inputs x (..., n), bias (x's shape) -> softmax(x + bias), its log-sum-exp
+int SoftmaxLseBias(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return softmax_lse<true>(params, ndims, shapes);
+}
 
 // inputs x (..., H), weight (H), bias (H), eps (1) -> (x - mean) / sqrt(var + eps) * weight + bias
 int LayerNorm(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
