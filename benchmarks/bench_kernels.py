@@ -1,7 +1,8 @@
 """Speed of the fused CPU kernels (models/kernels) against MindSpore's builtins and PyTorch eager.
 
 Per op, on a (2056, 1536) float32 tensor (8 ViT images of 257 tokens by 1536 features) and a
-(256, 768) one: MindSpore builtin under ``ms.jit`` (``CAPTION_KERNELS=0``), our kernel under
+(256, 768) one (for ``softmax_lse``, an attention tile's scores: 2056 queries by 1536 keys; its
+``_bias`` case adds an equal-shape bias, as a causal tile does): MindSpore builtin under ``ms.jit`` (``CAPTION_KERNELS=0``), our kernel under
 ``ms.jit``, and torch eager, in ms per call (median over interleaved rounds, so a load change on a
 shared machine hits all three alike), the ratios, and each implementation's peak RSS (its own process
 running every op once at the large shape).
@@ -29,7 +30,8 @@ from typing import Callable
 import numpy as np
 
 SHAPES = [(2056, 1536), (256, 768)]
-OPS = ("gelu", "gelu_tanh", "quick_gelu", "silu_mul", "layer_norm", "rms_norm", "rotary")
+OPS = ("gelu", "gelu_tanh", "quick_gelu", "silu_mul", "layer_norm", "rms_norm", "rotary", "softmax_lse",
+       "softmax_lse_bias")
 IMPLS = ("builtin", "kernel", "torch")
 MODEL_MODES = ("builtin jit", "kernel jit", "builtin pynative", "kernel pynative", "torch eager")
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +57,7 @@ def ms_ops(shape: tuple, on: bool) -> dict[str, Callable[[], object]]:
     import mindspore as ms
     from mindspore import Tensor
 
-    from models import layers
+    from models import attention, layers
     set_kernels(on)
     rng = np.random.default_rng(0)
     x, up = (Tensor(rng.standard_normal(shape).astype(np.float32)) for _ in range(2))
@@ -68,8 +70,11 @@ def ms_ops(shape: tuple, on: bool) -> dict[str, Callable[[], object]]:
     heads, cos, sin = (Tensor(a) for a in rotary_operands(x.asnumpy(), rng))
     rotary = ms.jit(layers.apply_rotary)
     calls["rotary"] = lambda: rotary(heads, cos, sin)
+    softmax, softmax_bias = ms.jit(attention._softmax_lse), ms.jit(attention._softmax_lse)
+    calls["softmax_lse"] = lambda: softmax(x)
+    calls["softmax_lse_bias"] = lambda: softmax_bias(x, up)
     for call in calls.values():
-        call().asnumpy()  # compile (and trace the kernel setting) now
+        read(call())  # compile (and trace the kernel setting) now
     return calls
 
 
@@ -95,10 +100,21 @@ def torch_ops(shape: tuple) -> dict[str, Callable[[], object]]:
     def rotary():
         half = ROTARY_DIM // 2
         return heads * cos + torch.cat((-heads[..., half:], heads[..., :half]), -1) * sin
-    return {"rotary": rotary, "gelu": lambda: F.gelu(x), "gelu_tanh": lambda: F.gelu(x, approximate="tanh"),
+
+    def softmax_lse(scores):
+        probs = torch.softmax(scores, -1)
+        return probs, scores.amax(-1) - torch.log(probs.amax(-1))
+    return {"rotary": rotary, "softmax_lse": lambda: softmax_lse(x), "softmax_lse_bias": lambda: softmax_lse(x + up), "gelu": lambda: F.gelu(x), "gelu_tanh": lambda: F.gelu(x, approximate="tanh"),
             "quick_gelu": lambda: x * torch.sigmoid(1.702 * x), "silu_mul": lambda: F.silu(x) * up,
             "layer_norm": lambda: F.layer_norm(x, (shape[-1],), w, b, 1e-5),
             "rms_norm": lambda: F.rms_norm(x, (shape[-1],), w, 1e-6)}
+
+
+def read(out) -> None:
+    """Wait for a MindSpore result (one tensor or a tuple from one graph); torch results are ready."""
+    last = out[-1] if isinstance(out, tuple) else out
+    if hasattr(last, "asnumpy"):
+        last.asnumpy()
 
 
 def per_call_ms(call: Callable[[], object], calls: int) -> float:
@@ -106,8 +122,7 @@ def per_call_ms(call: Callable[[], object], calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
         out = call()
-    if hasattr(out, "asnumpy"):
-        out.asnumpy()
+    read(out)
     return (time.perf_counter() - start) * 1e3 / calls
 
 
@@ -138,7 +153,7 @@ def rss_worker(impl: str) -> dict:
             call()
     else:
         for call in ms_ops(SHAPES[0], impl == "kernel").values():
-            call().asnumpy()
+            read(call())
     return {"impl": impl, "peak_rss_mb": peak_rss_mb(), "rss_before_ops_mb": base}
 
 
@@ -247,10 +262,10 @@ def model_rows(repeats: int) -> list[dict]:
 
 
 def print_tables(ops_rows: list[dict], rss: list[dict], models: list[dict]) -> None:
-    print(f"{'op':<11} {'shape':<12} {'builtin ms':>10} {'kernel ms':>10} {'torch ms':>9} "
+    print(f"{'op':<16} {'shape':<12} {'builtin ms':>10} {'kernel ms':>10} {'torch ms':>9} "
           f"{'builtin/kernel':>14} {'torch/kernel':>12}")
     for r in ops_rows:
-        print(f"{r['op']:<11} {'x'.join(map(str, r['shape'])):<12} {r['builtin_ms']:>10.2f} {r['kernel_ms']:>10.2f} "
+        print(f"{r['op']:<16} {'x'.join(map(str, r['shape'])):<12} {r['builtin_ms']:>10.2f} {r['kernel_ms']:>10.2f} "
               f"{r['torch_ms']:>9.2f} {r['builtin_over_kernel']:>13.1f}x {r['torch_over_kernel']:>11.2f}x")
     print()
     for r in rss:
