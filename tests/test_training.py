@@ -18,7 +18,7 @@ from pipeline.training import train as train_mod
 from pipeline.training.checkpointing import export_model
 from pipeline.training.lora import apply_lora, merge_lora, reseed_lora_dropout
 from pipeline.training.objectives import CaptionEncoder
-from pipeline.training.optim import AdamW
+from pipeline.training.optim import AdamW, clip_scale
 from pipeline.training.scst import ScstConfig, make_candidates, normalised_logprobs
 from tests.msrun import run_msrun
 from tests.tiny_models import OPT, T5, save_tiny_blip2
@@ -284,6 +284,31 @@ def test_adamw_matches_torch():
             ours.step(tuple(ms.Tensor(g[k].astype(np.float32)) for k, _ in params), lr)
         for k, p in params:
             np.testing.assert_allclose(p.asnumpy(), ref[k].detach().numpy(), atol=1e-6, err_msg=f"{k} jit={use_jit}")
+
+
+def test_clipping_inside_the_update_matches_torch():
+    """clip_scale + AdamW.step(grad_scale) = torch's clip_grad_norm_ then AdamW, clipped or not."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    values = {"w": rng.standard_normal((5, 3)), "b": rng.standard_normal(3)}
+    grads = [{k: s * rng.standard_normal(v.shape) for k, v in values.items()} for s in (3.0, 0.01, 2.0)]
+    ref = {k: torch.tensor(v, requires_grad=True) for k, v in values.items()}
+    opt = torch.optim.AdamW(list(ref.values()), lr=1e-2, weight_decay=0.0)
+    params = [(k, ms.Parameter(ms.Tensor(v.astype(np.float32)), name=f"clip.{k}")) for k, v in values.items()]
+    ours = AdamW(params, weight_decay=0.0)
+    for g in grads:
+        for k, p in ref.items():
+            p.grad = torch.tensor(g[k])
+        want_norm = float(torch.nn.utils.clip_grad_norm_(list(ref.values()), 1.0))
+        opt.step()
+        tensors = tuple(ms.Tensor(g[k].astype(np.float32)) for k, _ in params)
+        scale, norm = clip_scale(tensors, 1.0)
+        assert norm == pytest.approx(want_norm, rel=1e-6)
+        assert (scale < 1.0) == (want_norm > 1.0)
+        ours.step(tensors, 1e-2, scale)
+    for k, p in params:
+        np.testing.assert_allclose(p.asnumpy(), ref[k].detach().numpy(), atol=1e-6, err_msg=k)
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.stem)

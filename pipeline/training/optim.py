@@ -1,4 +1,4 @@
-"""AdamW, the warmup + cosine learning-rate schedule and global-norm clipping.
+"""AdamW, the warmup + cosine learning-rate schedule and global-norm clipping (applied inside the update).
 
 Our own AdamW rather than ``nn.AdamWeightDecay`` because that one has no bias
 correction (torch's AdamW, which the recipe was tuned with, has), and because its
@@ -36,19 +36,25 @@ def decays(name: str, param: Parameter) -> bool:
     return len(param.shape) >= 2 and "norm" not in name.lower() and not name.endswith(".bias")
 
 
+@ms.jit
+def _square_sums(grads):
+    return ops.stack([ops.square(g.astype(ms.float32)).sum() for g in grads])
+
+
 def global_norm(grads: tuple[Tensor, ...]) -> float:
-    """L2 norm of all gradients together (one device-to-host copy)."""
-    squares = ops.stack([ops.square(g.astype(ms.float32)).sum() for g in grads])
+    """L2 norm of all gradients together: one compiled graph (a few hundred eager ops cost more than
+    a tiny model's backward on CPU) and one device-to-host copy."""
+    squares = _square_sums(ms.mutable(tuple(grads)))
     return float(np.sqrt(squares.asnumpy().astype(np.float64).sum()))
 
 
-def clip_by_global_norm(grads: tuple[Tensor, ...], max_norm: float) -> tuple[tuple[Tensor, ...], float]:
-    """Scale gradients so their global L2 norm is at most ``max_norm`` (<= 0: no clipping); also the norm."""
+def clip_scale(grads: tuple[Tensor, ...], max_norm: float) -> tuple[float, float]:
+    """The factor that brings the gradients' global L2 norm down to ``max_norm`` (1.0 when it is below,
+    or when ``max_norm`` <= 0), and the norm. :meth:`AdamW.step` applies the factor inside its graph."""
     norm = global_norm(grads)
     if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        grads = tuple(g * scale for g in grads)
-    return grads, norm
+        return max_norm / (norm + 1e-6), norm
+    return 1.0, norm
 
 
 class AdamW(nn.Cell):
@@ -70,10 +76,10 @@ class AdamW(nn.Cell):
         self._compiled = ms.jit(self.construct)
         self._use_jit = use_jit
 
-    def construct(self, grads, lr, bias1, bias2):
+    def construct(self, grads, lr, bias1, bias2, grad_scale):
         b1, b2 = self.beta1, self.beta2
         for p, m, v, g, wd in zip(self.params, self.exp_avg, self.exp_avg_sq, grads, self.weight_decay):
-            g = g.astype(ms.float32)
+            g = g.astype(ms.float32) * grad_scale
             m_new = b1 * m + (1.0 - b1) * g
             v_new = b2 * v + (1.0 - b2) * g * g
             ops.assign(m, m_new)
@@ -82,12 +88,12 @@ class AdamW(nn.Cell):
             ops.assign(p, p * (1.0 - lr * wd) - lr * update)
         return lr
 
-    def step(self, grads: tuple[Tensor, ...], lr: float) -> None:
-        """Apply one update with learning rate ``lr``."""
+    def step(self, grads: tuple[Tensor, ...], lr: float, grad_scale: float = 1.0) -> None:
+        """Apply one update with learning rate ``lr`` to the gradients times ``grad_scale`` (clipping)."""
         self.step_count += 1
         args = (ms.mutable(tuple(grads)), Tensor(lr, ms.float32),
                 Tensor(1.0 - self.beta1 ** self.step_count, ms.float32),
-                Tensor(1.0 - self.beta2 ** self.step_count, ms.float32))
+                Tensor(1.0 - self.beta2 ** self.step_count, ms.float32), Tensor(grad_scale, ms.float32))
         if self._use_jit:
             try:
                 self._compiled(*args)

@@ -49,7 +49,7 @@ from pipeline.config import ConfigError, parse_with_config
 from pipeline.training import checkpointing
 from pipeline.training.lora import apply_lora, merge_lora, reseed_lora_dropout
 from pipeline.training.objectives import CaptionEncoder, caption_loss
-from pipeline.training.optim import AdamW, clip_by_global_norm, lr_at
+from pipeline.training.optim import AdamW, clip_scale, lr_at
 from pipeline.training.scst import ScstConfig, make_candidates, scst_loss
 
 logger = logging.getLogger(__name__)
@@ -277,11 +277,13 @@ class Trainer:
             if reward is not None:
                 rewards.append(reward)
         count = len(micro_batches)
-        grads = self._sum_grads([g / count for g in grads])
-        grads, norm = clip_by_global_norm(tuple(grads), self.args.max_grad_norm)
+        if count > 1:
+            grads = [g / count for g in grads]
+        grads = self._sum_grads(grads)
+        scale, norm = clip_scale(tuple(grads), self.args.max_grad_norm)
         lr = lr_at(self.step, self.args.lr, self.args.min_lr, self.args.warmup_steps, self.total_steps,
                    self.args.warmup_start_lr)
-        self.optimizer.step(grads, lr)
+        self.optimizer.step(grads, lr, scale)
         self.step += 1
         loss = self.total_over_ranks(loss_sum) / count
         return StepResult(loss, norm, lr, float(np.mean(rewards)) if rewards else None)
