@@ -141,7 +141,7 @@ def _softmax_lse(scores: Tensor, bias: Optional[Tensor] = None) -> tuple[Tensor,
 
     The builtin path takes the log-sum-exp as the max score minus the log of the largest probability,
     which needs no second exponential pass."""
-    if kernels.active() and scores.dtype == ms.float32 and scores.size >= SOFTMAX_KERNEL_ELEMENTS:
+    if kernels.runs_on(scores) and scores.size >= SOFTMAX_KERNEL_ELEMENTS:
         if bias is None:
             return kernels.op("softmax_lse")(scores)
         return kernels.op("softmax_lse_bias")(scores, bias)

@@ -102,7 +102,7 @@ class RMSNorm(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        if _fused(x) and self.weight.dtype == ms.float32:
+        if kernels.runs_on(x) and self.weight.dtype == ms.float32:
             return kernels.op("rms_norm")(x, self.weight, self.eps_tensor)
         x32 = x.astype(ms.float32)
         var = ops.square(x32).mean(axis=-1, keep_dims=True)
@@ -110,41 +110,36 @@ class RMSNorm(nn.Cell):
         return self.weight.astype(dtype) * y.astype(dtype)
 
 
-def _fused(x: Tensor) -> bool:
-    """Whether ``x`` goes to a fused kernel: they are on (CPU, built, not switched off) and it is float32."""
-    return kernels.active() and x.dtype == ms.float32
-
-
 def gelu(x: Tensor) -> Tensor:
     """Exact (erf) GELU, as torch.nn.GELU(); the builtin written out runs 3x faster than ops.gelu on CPU, same values."""
-    if _fused(x):
+    if kernels.runs_on(x):
         return kernels.op("gelu")(x)
     return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
     """Tanh-approximated GELU (transformers' gelu_new / gelu_pytorch_tanh)."""
-    if _fused(x):
+    if kernels.runs_on(x):
         return kernels.op("gelu_tanh")(x)
     return ops.gelu(x, approximate="tanh")
 
 
 def quick_gelu(x: Tensor) -> Tensor:
     """x * sigmoid(1.702 x) (CLIP, Qwen2-VL vision)."""
-    if _fused(x):
+    if kernels.runs_on(x):
         return kernels.op("quick_gelu")(x)
     return x * ops.sigmoid(1.702 * x)
 
 
 def silu(x: Tensor) -> Tensor:
-    if _fused(x):
+    if kernels.runs_on(x):
         return kernels.op("silu")(x)
     return ops.silu(x)
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up, the SwiGLU product, in one pass (same shapes)."""
-    if _fused(gate) and up.dtype == ms.float32 and gate.shape == up.shape:
+    if kernels.runs_on(gate) and up.dtype == ms.float32 and gate.shape == up.shape:
         return kernels.op("silu_mul")(gate, up)
     return ops.silu(gate) * up
 
@@ -162,7 +157,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     In one fused pass (no broadcast copies) for large 4-D float32 operands whose leading axes are x's or 1
     (prompts; a decoding step's few rows keep the builtin, which is as fast there)."""
-    if _fused(x) and cos.dtype == ms.float32 and sin.dtype == ms.float32 and x.ndim == 4 and cos.ndim == 4 \
+    if kernels.runs_on(x) and cos.dtype == ms.float32 and sin.dtype == ms.float32 and x.ndim == 4 and cos.ndim == 4 \
             and sin.shape == cos.shape and cos.shape[3] == x.shape[3] and x.size >= ROTARY_KERNEL_ELEMENTS \
             and all(c in (1, n) for c, n in zip(cos.shape[:3], x.shape[:3])):
         return kernels.op("rotary")(x, cos, sin)

@@ -210,6 +210,11 @@ def _make_ops(lib: str) -> None:
     _ops["rotary"] = _custom(lib, "Rotary", 3, 1, rotary_bprop)
 
 
+def runs_on(x: Tensor) -> bool:
+    """Whether ``x`` goes to a fused kernel: they are on (CPU, built, not switched off) and it is float32."""
+    return active() and x.dtype == ms.float32
+
+
 def op(key: str) -> ops.Custom:
     """The fused op ``key`` (only call when :func:`active`)."""
     return _ops[key]
