@@ -16,7 +16,7 @@ python -m pipeline.training.train --config configs/demo/scst.yaml
 for stage in ce scst; do
   python -m pipeline.training.evaluate --references "$out/data/test.csv" --checkpoint "$out/$stage/final" \
     --predictions "$out/test_$stage.csv" --output_json "$out/test_$stage.json" --overwrite
-  python -m pipeline.datasets.synthetic_accuracy --references "$out/data/test.csv" \
+  python -m pipeline.training.synthetic_accuracy --references "$out/data/test.csv" \
     --predictions "$out/test_$stage.csv" --output_json "$out/accuracy_$stage.json"
 done
 rm -rf examples/demo_model && cp -r "$out/scst/final" examples/demo_model

@@ -59,7 +59,7 @@ def test_generated_dataset_splits_and_videos(tmp_path):
 
 
 def test_every_generated_caption_reads_back_to_its_clip():
-    from pipeline.datasets.synthetic_accuracy import read_caption
+    from pipeline.training.synthetic_accuracy import read_caption
 
     rng = np.random.default_rng(3)
     seen = set()
@@ -72,7 +72,7 @@ def test_every_generated_caption_reads_back_to_its_clip():
 
 
 def test_accuracy_counts_each_attribute_and_motion(tmp_path):
-    from pipeline.datasets import synthetic_accuracy
+    from pipeline.training import synthetic_accuracy
 
     refs = pd.DataFrame({"video_id": ["a", "a", "b", "c"],
                          "text": ["a red circle moves to the left", "the red circle slides to the left",
