@@ -116,6 +116,8 @@ class TorchQwen2VL:
         """Captions of prepared videos (as the runner passes them) or of their ``inputs``."""
         inputs = [b.inputs if isinstance(b, PreparedVideo) else b for b in batch]
         args = {k: torch.from_numpy(v) for k, v in model_inputs(inputs, self.ours.pad_id).items()}
+        # transformers 5 finds the videos by the processor's mm_token_type_ids: 2 on video placeholders
+        args["mm_token_type_ids"] = (args["input_ids"] == self.model.config.video_token_id).long() * 2
         kw = self.ours.generate_kwargs
         with torch.no_grad():
             out = self.model.generate(**args, do_sample=False, num_beams=1, max_new_tokens=kw["max_new_tokens"],

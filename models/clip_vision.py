@@ -1,4 +1,4 @@
-"""CLIP vision tower (``CLIPVisionModel``) as the LLaVA family uses it, parameter names as in transformers.
+"""CLIP vision tower (``CLIPVisionModel``) as the LLaVA family uses it, parameter names as in published checkpoints.
 
 LLaVA reads the hidden state after a chosen encoder layer (``vision_feature_layer``, e.g. -2 = the
 input of the last layer), not the pooled output, so :meth:`CLIPVisionModel.construct` runs only the
@@ -122,6 +122,9 @@ class CLIPVisionModel(nn.Cell):
     ``image_size`` is supported (no position interpolation).
     """
 
+    # transformers 5's CLIPVisionModel has no ``vision_model`` level, so its save_pretrained may write
+    # ``embeddings.*`` where published checkpoints (and transformers 4) have ``vision_model.embeddings.*``
+    checkpoint_rename_rules = ((r"^(?!vision_model\.)", "vision_model."),)
     # non-persistent in transformers, but present in some older exported checkpoints
     tied_weights_keys = ("vision_model.embeddings.position_ids",)
 

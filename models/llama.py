@@ -1,7 +1,7 @@
 """Llama (and Mistral) decoder-only language model, parameter names as in transformers.
 
-Grouped-query attention with rotary position embeddings (RoPE, incl. Llama-3's ``rope_theta`` and
-``rope_scaling`` types "llama3" and "linear"), RMSNorm and a SwiGLU MLP. Built inside
+Grouped-query attention with rotary position embeddings (RoPE, incl. Llama-3's ``rope_theta`` and the
+rope types "llama3" and "linear"), RMSNorm and a SwiGLU MLP. Built inside
 ``models.parallel.building`` the heads, the MLP and the vocabulary are split across a tensor-parallel
 group (q/k/v, gate/up column-parallel; o/down row-parallel).
 
@@ -36,27 +36,31 @@ class CausalLMOutput:
 
 
 def rope_inverse_frequencies(config) -> np.ndarray:
-    """RoPE inverse frequencies (float32) for ``config``, with Llama-3 or linear ``rope_scaling``."""
+    """RoPE inverse frequencies (float32) for ``config``, with Llama-3 or linear scaling.
+
+    transformers 5 holds ``rope_theta`` and the scaling (``rope_type`` and its keys) in ``config.rope_parameters``,
+    which it fills from config.json's top-level ``rope_theta`` and ``rope_scaling``.
+    """
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    base = float(getattr(config, "rope_theta", 10000.0))
+    rope = config.rope_parameters
+    base = float(rope["rope_theta"])
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / np.power(np.float32(base), exponents)).astype(np.float32)
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = rope.get("rope_type", "default")
     if kind == "default":
         return inv_freq
     if kind == "linear":
-        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+        return (inv_freq / np.float32(rope["factor"])).astype(np.float32)
     if kind == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_context = scaling["original_max_position_embeddings"]
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_context = rope["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
         smooth = (old_context / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
         return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+    raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, llama3)")
 
 
 class LlamaAttention(nn.Cell):

@@ -204,8 +204,11 @@ class T5Stack(nn.Cell):
 
 
 class T5ForConditionalGeneration(nn.Cell):
-    """T5 with its LM head. With ``tie_word_embeddings`` (T5 v1.0) the head is ``shared`` and the
-    decoder output is scaled by d_model**-0.5; Flan-T5 has a separate ``lm_head``.
+    """T5 with its LM head. T5 v1.0 uses ``shared`` as its head and scales the decoder output by
+    d_model**-0.5; T5 v1.1 and Flan-T5 (``tie_word_embeddings: false`` in config.json) have a separate
+    ``lm_head`` and no scaling. transformers 5 reads that flag into ``config.scale_decoder_outputs`` and
+    sets ``config.tie_word_embeddings`` to True for every T5 (it ties unless the checkpoint holds its own
+    ``lm_head``), so the scaling flag decides both here.
 
     ``tied_weights_keys`` lists checkpoint keys that may be present but are copies of ``shared``.
     """
@@ -220,10 +223,10 @@ class T5ForConditionalGeneration(nn.Cell):
         self.shared = Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, is_decoder=False)
         self.decoder = T5Stack(config, is_decoder=True)
-        self.tie_word_embeddings = config.tie_word_embeddings
-        self.lm_head = None if self.tie_word_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
+        tied = config.scale_decoder_outputs
+        self.lm_head = None if tied else Linear(config.d_model, config.vocab_size, bias=False)
         self.tied_weights_keys = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") + (
-            ("lm_head.weight",) if self.tie_word_embeddings else ())
+            ("lm_head.weight",) if tied else ())
         self.matmul_t = ops.MatMul(transpose_b=True)
 
     def get_input_embeddings(self) -> Embedding:

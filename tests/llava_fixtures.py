@@ -31,10 +31,27 @@ MISTRAL = dict(model_type="mistral", vocab_size=VOCAB, hidden_size=32, intermedi
                pad_token_id=0, bos_token_id=1, eos_token_id=2)
 POOLING = dict(pooling_method="avg", pooling_shape=[2, 3, 3], frame_shape=[4, 4], num_frames=3, use_pooling=True)
 
-# transformers 4.56 save_pretrained layout -> the published llava-hf layout
-PUBLISHED = ((r"^model\.language_model\.", "language_model.model."), (r"^model\.vision_tower\.", "vision_tower."),
-             (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
-             (r"^model\.image_newline$", "image_newline"), (r"^lm_head\.", "language_model.lm_head."))
+# -> the published llava-hf layout (language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*,
+# multi_modal_projector.*, image_newline), from what transformers 5.25's save_pretrained writes (the published names,
+# but a CLIP tower without its vision_model. level) and from its parameter names (model.language_model.*,
+# model.vision_tower.* without vision_model., model.multi_modal_projector.*, model.image_newline, lm_head.*)
+PUBLISHED = ((r"^model\.language_model\.", "language_model.model."), (r"^lm_head\.", "language_model.lm_head."),
+             (r"^model\.", ""), (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."))
+# the published layout -> the one transformers 4's save_pretrained wrote
+TRANSFORMERS4 = ((r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\.", "lm_head."),
+                 (r"^(vision_tower|multi_modal_projector|image_newline)", r"model.\1"))
+
+
+def renamed(name: str, rules) -> str:
+    for pattern, repl in rules:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def rename_keys(folder: Path, rules) -> None:
+    """Rewrite the folder's model.safetensors with every key renamed by ``rules``."""
+    path = folder / "model.safetensors"
+    save_file({renamed(k, rules): v for k, v in load_file(str(path)).items()}, str(path), metadata={"format": "pt"})
 
 
 def hf_model(kind: str, seed: int = 0):
@@ -65,8 +82,9 @@ def save_tokenizer(folder: Path) -> None:
 def save_checkpoint(folder: Path, kind: str, seed: int = 0, published: bool = False, lora: bool = False):
     """Save a tiny model + tokenizer + image processor config; returns the transformers model.
 
-    ``published``: rename keys to the llava-hf hub layout; ``lora`` (PLLaVA): also wrap the decoder's
-    q/v projections as PEFT LoRA (base_layer + lora_A/B, r 2), the model's weights being their merge.
+    ``published``: rename keys to the llava-hf hub layout and write the text config's RoPE settings as published
+    config.json files have them; ``lora`` (PLLaVA): that, and also wrap the decoder's q/v projections as PEFT
+    LoRA (base_layer + lora_A/B, r 2), the model's weights being their merge.
     """
     folder.mkdir(parents=True, exist_ok=True)
     model = hf_model(kind, seed)
@@ -81,28 +99,32 @@ def save_checkpoint(folder: Path, kind: str, seed: int = 0, published: bool = Fa
                                                     crop_size={"height": size, "width": size})
     processor.save_pretrained(folder)
     save_tokenizer(folder)
+    config = json.loads((folder / "config.json").read_text())
     if kind == "pllava":
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, **POOLING}))
+        config.update(POOLING)
     if published or lora:
+        config["text_config"] = published_rope(config["text_config"])
         path = folder / "model.safetensors"
-        state = load_file(str(path))
-        renamed = {}
-        for name, value in state.items():
-            for pattern, repl in PUBLISHED:
-                name = re.sub(pattern, repl, name)
-            renamed[name] = value
+        state = {renamed(k, PUBLISHED): v for k, v in load_file(str(path)).items()}
         if lora:
-            renamed = lora_wrap(renamed, seed)
+            state = lora_wrap(state, seed)
             with torch.no_grad():  # the reference model gets the merged weights
-                merged = {k: torch.from_numpy(v) for k, v in merge_lora(renamed).items()}
+                merged = {k: torch.from_numpy(v) for k, v in merge_lora(state).items()}
                 for name, param in model.named_parameters():
-                    key = name
-                    for pattern, repl in PUBLISHED:
-                        key = re.sub(pattern, repl, key)
-                    param.copy_(merged[key])
-        save_file(renamed, str(path), metadata={"format": "pt"})
+                    param.copy_(merged[renamed(name, PUBLISHED)])
+        save_file(state, str(path), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
     return model
+
+
+def published_rope(text_config: dict) -> dict:
+    """A text config as published config.json files have it: transformers 5's ``rope_parameters`` written as
+    transformers 4's top-level ``rope_theta`` and ``rope_scaling`` (null without scaling)."""
+    text_config = dict(text_config)
+    rope = dict(text_config.pop("rope_parameters"))
+    text_config["rope_theta"] = rope.pop("rope_theta")
+    text_config["rope_scaling"] = None if rope["rope_type"] == "default" else rope
+    return text_config
 
 
 LORA_ALPHA = 4.0

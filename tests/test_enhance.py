@@ -19,7 +19,7 @@ import transformers
 from models import from_pretrained
 from pipeline.captioning.enhance_captions import CaptionEnhancer, load_template
 from tests.msrun import kill_when_written
-from tests.tiny_models import _randomize, save_word_tokenizer
+from tests.tiny_models import WORDS, _randomize, save_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -36,10 +36,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} 
                  "{% if add_generation_prompt %}<s> assistant {% endif %}")
 
 
-def save_tiny(folder: Path, family: str, seed: int = 0):
+def save_tiny(folder: Path, family: str, seed: int = 0, **config):
     config_class, model_class, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    hf = model_class(config_class(**BASE, **extra)).eval()
+    hf = model_class(config_class(**{**BASE, **extra, **config})).eval()
     _randomize(hf, seed)
     hf.save_pretrained(folder)
     return hf
@@ -85,7 +85,7 @@ def test_a_template_without_a_system_role_gets_it_in_the_user_turn(tmp_path):
     enhancer = SimpleNamespace(tokenizer=tokenizer, template={"system": "be brief", "user": "shorten {caption}"})
     ids = CaptionEnhancer.prompt_ids(enhancer, "a red square")
     merged = [{"role": "user", "content": "be brief\n\nshorten a red square"}]
-    assert ids == tokenizer.apply_chat_template(merged, add_generation_prompt=True)
+    assert ids == tokenizer.apply_chat_template(merged, add_generation_prompt=True, return_dict=False)
     assert tokenizer.decode(ids).startswith("<s> ") and "a red square </s>" in tokenizer.decode(ids)
 
 
@@ -97,18 +97,41 @@ def chat_tokenizer(folder: Path):
     return tokenizer
 
 
+def byte_level_chat_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer as Qwen2 ships one (Qwen2's pre-tokenizer split, NFC, byte-level decoding),
+    learnt from the rewrite templates and caption words, with the chat template of ``chat_tokenizer``. Its
+    alphabet is the characters of that text only, so whatever a random model generates decodes to text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    texts = [" ".join(load_template(name).values()) for name in ("expand", "concise", "t2v")] + [" ".join(WORDS)]
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS)))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                                     pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def save_chat_model(folder: Path):
-    """A tiny Qwen2 "instruct" checkpoint: weights, a word tokenizer and a chat template."""
-    hf = save_tiny(folder, "qwen2", seed=1)
-    tokenizer = chat_tokenizer(folder)
+    """A tiny Qwen2 "instruct" checkpoint (weights, a byte-level BPE tokenizer and a chat template), and the
+    tokenizer transformers loads from it: transformers 5 loads any qwen2 folder's tokenizer as its byte-level
+    BPE Qwen2Tokenizer, whatever the folder's tokenizer.json holds."""
+    tokenizer = byte_level_chat_tokenizer(512)
+    hf = save_tiny(folder, "qwen2", seed=1, vocab_size=len(tokenizer))
     tokenizer.save_pretrained(folder)
-    return hf, tokenizer
+    return hf, transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def reference_rewrite(hf, tokenizer, caption: str, template: dict, max_new_tokens: int) -> str:
     messages = [{"role": "system", "content": template["system"]},
                 {"role": "user", "content": template["user"].replace("{caption}", caption)}]
-    ids = torch.tensor([tokenizer.apply_chat_template(messages, add_generation_prompt=True)])
+    ids = torch.tensor([tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)])
     with torch.no_grad():
         out = hf.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
                           eos_token_id=2)
@@ -142,7 +165,7 @@ def test_enhance_captions_resumes_after_a_kill(tmp_path):
     rows[5].update(text="", status="error", error="RuntimeError: cannot decode")
     csv_path = tmp_path / "meta.csv"
     pd.DataFrame(rows).to_csv(csv_path, index=False)  # the videos do not exist: none is read
-    out, part = tmp_path / "enhanced.csv", tmp_path / "enhanced_part0.csv"
+    out, part = tmp_path / "enhanced.csv", tmp_path / "enhanced.csv.part0.csv"
     flags = [str(csv_path), "--pretrained_model_name_or_path", str(tmp_path / "model"), "--template", "concise",
              "--max_new_tokens", "12", "--output", str(out), "--device", "CPU"]
     script = tmp_path / "slow_enhance.py"

@@ -3,6 +3,7 @@ batching, and caption_llava.py end to end (in process and under msrun)."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from models.llava import LlavaForConditionalGeneration, LlavaNextForConditionalG
 from models.llava.processing import ClipFrameProcessor, LlavaNextFrameProcessor
 from pipeline.captioning.caption_llava import main as llava_main
 from pipeline.datasets.video import sample_frames
-from tests.llava_fixtures import IMAGE_TOKEN, left_pad, make_videos, save_checkpoint
+from tests.llava_fixtures import IMAGE_TOKEN, TRANSFORMERS4, left_pad, make_videos, rename_keys, save_checkpoint
 from pipeline import distributed
 from tests.msrun import run_msrun
 from tests.tiny_models import _randomize
@@ -115,21 +116,44 @@ def from_pretrained_llama(folder: Path) -> LlamaForCausalLM:
     return model
 
 
-def test_published_layout_loads_and_missing_tensor_fails(llava, tmp_path):
+PUBLISHED_PREFIXES = ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
+                      "multi_modal_projector.")
+
+
+@pytest.mark.parametrize("layout", ["published", "transformers4"])
+def test_published_and_transformers4_layouts_load_and_missing_tensor_fails(llava, tmp_path, layout):
+    """The llava-hf hub layout and config.json (which transformers 5.25 loads as they are) and transformers 4's
+    save_pretrained layout load as the fixture's transformers 5.25 save_pretrained layout does; a missing tensor
+    is named."""
     hf, ours, _ = llava
-    published = tmp_path / "published"
-    save_checkpoint(published, "llava", published=True)
-    keys = load_file(str(published / "model.safetensors"))
-    assert any(k.startswith("language_model.model.") for k in keys) and "language_model.lm_head.weight" in keys
-    reloaded = from_pretrained(published)
+    folder = tmp_path / layout
+    save_checkpoint(folder, "llava", published=True)
+    keys = load_file(str(folder / "model.safetensors"))
+    assert all(k.startswith(PUBLISHED_PREFIXES) for k in keys)
+    if layout == "published":
+        theirs, info = transformers.LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+        assert not any(info.values()), info
+        for name, param in hf.state_dict().items():
+            torch.testing.assert_close(theirs.state_dict()[name], param, rtol=0, atol=0)
+        missing = "language_model.model.layers.1.mlp.up_proj.weight"
+    else:
+        rename_keys(folder, TRANSFORMERS4)
+        keys = load_file(str(folder / "model.safetensors"))
+        assert "model.vision_tower.vision_model.embeddings.class_embedding" in keys and "lm_head.weight" in keys
+        missing = "model.language_model.layers.1.mlp.up_proj.weight"
+    text_config = json.loads((folder / "config.json").read_text())["text_config"]
+    assert "rope_parameters" not in text_config and text_config["rope_scaling"]["rope_type"] == "llama3"
+    reloaded = from_pretrained(folder)
     for (name, a), (_, b) in zip(ours.parameters_and_names(), reloaded.parameters_and_names()):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=name)
+    # RoPE from the published config.json (rope_theta, rope_scaling) as from transformers 5's (rope_parameters)
+    np.testing.assert_array_equal(reloaded.language_model.model.inv_freq.asnumpy(),
+                                  ours.language_model.model.inv_freq.asnumpy())
 
-    missing = "language_model.model.layers.1.mlp.up_proj.weight"
     del keys[missing]
-    save_file(keys, str(published / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=missing.replace(".", r"\.")):
-        from_pretrained(published)
+    save_file(keys, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing: language_model\.model\.layers\.1\.mlp\.up_proj\.weight"):
+        from_pretrained(folder)
 
 
 def test_clip_preprocessing_equals_transformers(llava):

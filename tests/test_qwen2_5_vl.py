@@ -22,7 +22,8 @@ from models.qwen2_5_vl.vision import window_layout  # noqa: E402
 from models.qwen2_vl.modeling import get_rope_index  # noqa: E402
 from tests.test_qwen2vl import (  # noqa: E402
     CLI, ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, SOURCES, VIDEO_PAD, VISION_END, VISION_START, VOCAB, frames,
-    hf_generate, hf_inputs, left_pad, prompt, read_rows, save_tokenizer, spread_weights)
+    hf_generate, hf_inputs, left_pad, mm_token_types, per_frame_video_rows, prompt, read_rows, save_tokenizer,
+    spread_weights)
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 8
@@ -98,10 +99,14 @@ def videos(proc, specs) -> tuple[list[np.ndarray], list[np.ndarray], list[list[i
 
 
 def test_window_order_equals_transformers_window_index(pair):
-    """Our per-slice layout, laid end to end, is transformers' window index and window lengths."""
-    visual = pair[0].model.visual
+    """Our per-slice layout, laid end to end, is transformers' window index and window lengths (a function of
+    transformers.vision_utils in transformers 5, a method of the vision model in 4)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    vision = pair[0].config.vision_config
     grids = np.array([[1, 12, 10], [3, 8, 14], [2, 16, 16], [1, 4, 6]])
-    index, cu_seqlens = visual.get_window_index(torch.tensor(grids))
+    index, cu_seqlens = get_vision_window_index(torch.tensor(grids), vision.spatial_merge_size, vision.window_size,
+                                                vision.patch_size)
     want_lengths = np.diff(np.unique(np.array(cu_seqlens)))
     order, lengths, offset = [], [], 0
     for t, h, w in grids:
@@ -119,25 +124,36 @@ def test_window_order_equals_transformers_window_index(pair):
 
 
 def test_rope_index_time_positions(pair, proc):
-    """Left-padded image + video prompts: positions equal transformers' with whole seconds per temporal
-    patch; fractional ones follow Qwen's reference floor(t * seconds * tokens_per_second)."""
+    """Left-padded image + video prompts: positions equal transformers' for whole and fractional seconds
+    per temporal patch, Qwen's reference floor(t * seconds * tokens_per_second) (transformers 4.56 cut the
+    seconds to an integer first; 5.25 does not). Where a video's times reach past its longer merged side,
+    the text after it continues from the largest position + 1, as in Qwen's reference; transformers 5.25
+    continues it at the video's first position + that side (see test_qwen2vl's long-video test)."""
     hf, ours = pair
     pixels, grids, prompts = videos(proc, [(1, 6, [24]), (2, 4, [25, 26, 27])])
     image_rows, image_grid = proc.images([frames(3, 1, *IMAGE_SIZE)[0]])
     prompts[1] = prompt("image", proc.num_tokens(image_grid[0]), [28]) + prompts[1]
     ids, mask = left_pad(prompts)
-    grid = np.concatenate(grids)
-    for seconds in ([1.0, 2.0], [2.0, 1.0]):
+    grid = np.concatenate(grids)  # 3 and 2 temporal patches of 4 x 7 merged patches
+    for seconds in ([1.0, 2.0], [0.75, 1.5]):  # times within the 7 merged columns
         got = get_rope_index(ours.config, ids, mask, image_grid, grid, np.array(seconds))
-        want = hf.model.get_rope_index(torch.tensor(ids), torch.tensor(image_grid), torch.tensor(grid),
-                                       torch.tensor(seconds), torch.tensor(mask))
-        np.testing.assert_array_equal(got[0], want[0].numpy())
-        np.testing.assert_array_equal(got[1], want[1].numpy())
+        want = hf.model.get_rope_index(torch.tensor(ids), torch.tensor(mm_token_types(ids)), torch.tensor(image_grid),
+                                       torch.tensor(grid), torch.tensor(seconds), torch.tensor(mask))
+        # padding slots carry no meaning (we give them 1, transformers 5 gives 0); its rope_deltas count
+        # from the unpadded length, ours from the padded one
+        np.testing.assert_array_equal(got[0][:, mask == 1], want[0].numpy()[:, mask == 1])
+        np.testing.assert_array_equal(got[1], want[1].numpy() - (mask == 0).sum(axis=1, keepdims=True))
     positions, _ = get_rope_index(ours.config, ids[:1], mask[:1], None, grid[:1], np.array([0.75]))
     start = int(np.flatnonzero(ids[0] == VIDEO_PAD)[0])
     temporal = positions[0, 0, start:start + proc.num_tokens(grid[0])].reshape(3, -1)  # 3 temporal patches
     assert (temporal == temporal[:, :1]).all()
     np.testing.assert_array_equal(temporal[:, 0] - temporal[0, 0], [0, 1, 3])  # floor(t * 0.75 * 2)
+    positions, _ = get_rope_index(ours.config, ids[:1], mask[:1], None, grid[:1], np.array([2.0]))
+    end = start + proc.num_tokens(grid[0])
+    assert positions[0, 0, end - 1] == positions[0, 0, start] + 8  # time 2 * 2.0 * 2, past the 7 columns
+    after = positions[:, 0, end:]
+    np.testing.assert_array_equal(after, np.broadcast_to(positions[0, 0, start] + 9 + np.arange(after.shape[1]),
+                                                         after.shape))
 
 
 def test_second_per_grid_from_frame_rate(proc):
@@ -179,7 +195,7 @@ def test_greedy_batch_equals_transformers_one_by_one(pair, proc):
     hf, ours = pair
     kw = dict(max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=ENDOFTEXT)
     pixels, grids, prompts = videos(proc, [(9, 2, [24]), (10, 6, [25, 26, 27, 28]), (11, 4, [29, 30])])
-    seconds = np.array([1.0, 2.0, 1.0], np.float32)
+    seconds = np.array([1.0, 0.5, 1.5], np.float32)  # times within the 7 merged columns (test_rope_index_...)
     ids, mask = left_pad(prompts)
     got = ours.generate(ids, mask, pixel_values_videos=np.concatenate(pixels), video_grid_thw=np.concatenate(grids),
                         second_per_grid_ts=seconds, **kw)
@@ -208,20 +224,20 @@ def test_greedy_batch_equals_transformers_one_by_one(pair, proc):
 
 
 def test_preprocessing_equals_transformers(tmp_path):
-    """The published Qwen2.5-VL preprocessor_config.json: transformers' (torchvision-free) image processor
-    gives the same video and image rows."""
+    """The published Qwen2.5-VL preprocessor_config.json: transformers' PIL image processor gives the same
+    image rows, and the same video rows frame by frame (see test_qwen2vl.per_frame_video_rows)."""
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(
         {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
          "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
          "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}))
-    ref = transformers.AutoImageProcessor.from_pretrained(tmp_path, use_fast=False)
+    ref = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     ours = Qwen2_5_VLVisionProcessor.from_pretrained(tmp_path)
     for count, (h, w) in [(4, (56, 84)), (3, (50, 90))]:
         video = frames(count, count, h, w)
-        want = ref(images=None, videos=[video], return_tensors="np")
+        want, want_grid = per_frame_video_rows(ref, video)
         got, grid = ours.video(video)
-        np.testing.assert_array_equal(grid, want["video_grid_thw"])
-        np.testing.assert_array_equal(got, want["pixel_values_videos"])
+        np.testing.assert_array_equal(grid, want_grid)
+        np.testing.assert_array_equal(got, want)
     image = frames(9, 1, 33, 120)[0]
     got, grid = ours.images([image])
     np.testing.assert_array_equal(got, ref(images=[image], return_tensors="np")["pixel_values"])
@@ -247,12 +263,18 @@ def test_both_key_layouts_load_and_missing_tensor_fails(checkpoint, tmp_path):
 
 
 def test_tied_embeddings_published_3b_config(tmp_path, proc):
-    """Qwen2.5-VL-3B's layout: a flat config.json (LM keys at the top, tie_word_embeddings) and no lm_head."""
+    """Qwen2.5-VL-3B's layout: a flat config.json (LM keys at the top, tie_word_embeddings, rope_theta and
+    rope_scaling {"type": "mrope", ...} as transformers 4 wrote them) and no lm_head. transformers 5 reads
+    the rope keys into text_config.rope_parameters and tie_word_embeddings onto the outer config only."""
     hf = hf_model(seed=1, tie=True)
     hf.save_pretrained(tmp_path)
     assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
     nested = json.loads((tmp_path / "config.json").read_text())
-    flat = {**nested.pop("text_config"), **nested}
+    text = nested.pop("text_config")
+    rope = text.pop("rope_parameters")
+    nested["vision_config"].pop("rope_parameters")
+    flat = {**text, **nested, "rope_theta": rope["rope_theta"],
+            "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
     flat.update(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"])
     (tmp_path / "config.json").write_text(json.dumps(flat))
     ours = from_pretrained(tmp_path)

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, models as tok_models, pre_tokenizers  # noqa: 
 
 from models import from_pretrained  # noqa: E402
 from models.checkpoint import CheckpointError  # noqa: E402
+from models.qwen2_vl.modeling import get_rope_index  # noqa: E402
 from models.qwen2_vl.processing import Qwen2VLVisionProcessor  # noqa: E402
 from pipeline import distributed  # noqa: E402
 
@@ -117,25 +118,52 @@ def prompt(kind: str, tokens: int, words: list[int]) -> list[int]:
     return [IM_START, 20] + words[:1] + [VISION_START] + [pad] * tokens + [VISION_END] + words[1:] + [IM_END, IM_START]
 
 
+def mm_token_types(ids: np.ndarray) -> np.ndarray:
+    """transformers 5's ``mm_token_type_ids``, as its processor returns them: 1 on image placeholders, 2 on
+    video placeholders, 0 elsewhere. Its model finds the vision items (and their M-RoPE positions) from them."""
+    return np.select([ids == IMAGE_PAD, ids == VIDEO_PAD], [1, 2], 0)
+
+
 def hf_inputs(ids, mask, **vision) -> dict:
-    out = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+    out = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
+           "mm_token_type_ids": torch.tensor(mm_token_types(np.asarray(ids)))}
     out.update({k: torch.tensor(v) for k, v in vision.items()})
     return out
+
+
+def per_frame_video_rows(ref, video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """transformers 5's video rows and grid, from its PIL image processor.
+
+    Its video processor needs torchvision, which the test environment does not have (PyPI's torchvision
+    for torch 2.13 is a CUDA build that does not load with the CPU torch). The image processor resizes,
+    rescales and normalises a frame as the video path did in transformers 4 and repeats it over the
+    temporal patch; a video row takes temporal slot k of frame ``temporal_patch_size * t + k`` (the last
+    frame repeated to fill the final patch), in the same (C, temporal, patch, patch) row layout.
+    """
+    tp, p = ref.temporal_patch_size, ref.patch_size
+    frames_ = list(video) + [video[-1]] * (-len(video) % tp)
+    out = ref(images=frames_, return_tensors="np")
+    _, h, w = out["image_grid_thw"][0]
+    rows = out["pixel_values"].reshape(len(frames_), h * w, -1, tp, p, p)[:, :, :, 0]  # (frames, h*w, C, p, p)
+    rows = rows.reshape(len(frames_) // tp, tp, h * w, -1, p, p).transpose(0, 2, 3, 1, 4, 5)
+    return rows.reshape(len(frames_) // tp * h * w, -1), np.array([[len(frames_) // tp, h, w]])
 
 
 # ----------------------------------------------------------------------------- preprocessing
 
 
 def test_preprocessing_equals_transformers(checkpoint):
-    ref = transformers.Qwen2VLImageProcessor.from_pretrained(checkpoint)
+    """Images equal transformers' PIL image processor; video rows equal its frames, laid out in temporal
+    patches (see per_frame_video_rows)."""
+    ref = transformers.Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
     ours = Qwen2VLVisionProcessor.from_pretrained(checkpoint)
     for count, (h, w) in [(4, (56, 84)), (3, (56, 84)), (5, (50, 90)), (1, (40, 70))]:
         video = frames(count, count, h, w)
-        want = ref(images=None, videos=[video], return_tensors="np")
+        want, want_grid = per_frame_video_rows(ref, video)
         got, grid = ours.video(video)
-        np.testing.assert_array_equal(grid, want["video_grid_thw"])
-        assert got.dtype == np.float32 and got.shape == want["pixel_values_videos"].shape
-        np.testing.assert_array_equal(got, want["pixel_values_videos"])
+        np.testing.assert_array_equal(grid, want_grid)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
     images = [frames(7, 1, 56, 84)[0], frames(8, 1, 33, 120)[0]]
     want = ref(images=images, return_tensors="np")
     got, grid = ours.images(images)
@@ -144,6 +172,27 @@ def test_preprocessing_equals_transformers(checkpoint):
 
 
 # ----------------------------------------------------------------------------- forward parity
+
+
+def test_text_after_a_long_video_follows_qwens_reference(pair):
+    """A video with more temporal patches than merged rows or columns. Up to the video's end the positions
+    equal transformers'; the text after it continues from the largest position so far + 1, as Qwen's
+    reference (its transformers 4 code, vLLM) does. transformers 5.25 continues it at the video's first
+    position + its longer merged side, ignoring time, so that text would share positions with the video's
+    later frames. The parity tests keep videos within that side (3 merged columns at 56 x 84)."""
+    hf, ours = pair
+    grid = np.array([[5, 4, 6]])  # 5 temporal patches of 2 x 3 merged patches
+    ids, mask = left_pad([prompt("video", 30, [24, 25, 26]), [IM_START, 27, 28]])
+    positions, _ = get_rope_index(ours.config, ids, mask, None, grid)
+    want, _ = hf.model.get_rope_index(torch.tensor(ids), torch.tensor(mm_token_types(ids)),
+                                      video_grid_thw=torch.tensor(grid), attention_mask=torch.tensor(mask))
+    first, end = np.flatnonzero(ids[0] == VIDEO_PAD)[[0, -1]] + [0, 1]
+    np.testing.assert_array_equal(positions[:, 0, :end], want.numpy()[:, 0, :end])
+    np.testing.assert_array_equal(positions[:, 1][:, mask[1] == 1], want.numpy()[:, 1][:, mask[1] == 1])
+    video = positions[:, 0, first:end]
+    assert video.max() == positions[0, 0, first] + 4  # the last temporal patch, beyond the 3 merged columns
+    after = positions[:, 0, end:]
+    np.testing.assert_array_equal(after, np.broadcast_to(video.max() + 1 + np.arange(after.shape[1]), after.shape))
 
 
 def test_logits_image_and_video(pair):
@@ -253,8 +302,9 @@ def test_batched_greedy_equals_one_by_one(pair):
 
 
 def test_both_key_layouts_load_and_missing_tensor_fails(checkpoint, tmp_path):
-    """transformers 4.56 saves the published layout (it reverts its conversion mapping on save); the
-    in-memory layout (``model.visual.*``, ``model.language_model.*``) is what other writers produce."""
+    """transformers (4.56 and 5.25) saves the published layout (it reverts its conversion mapping on save),
+    as the fixture's checkpoint shows; its in-memory layout (``model.visual.*``, ``model.language_model.*``)
+    is what other writers produce."""
     published = load_file(str(checkpoint / "model.safetensors"))
     assert any(k.startswith("visual.") for k in published) and any(k.startswith("model.layers.") for k in published)
     nested = {("model." + k if k.startswith("visual.") else k.replace("model.", "model.language_model.", 1)): v
@@ -290,8 +340,10 @@ def test_tied_embeddings_text_only(tmp_path):
 # ----------------------------------------------------------------------------- captioning entry script
 
 SOURCES = (("testsrc=decimals=0", 1.0), ("color=c=red", 2.0), ("cellauto=rule=110", 1.5), ("color=c=blue", 0.5))
-CLI = ["--height", "56", "--width", "84", "--fps", "4", "--max_new_tokens", "6", "--device", "CPU",
-       "--no-cleanup", "--question", "describe the video in detail"]  # raw model text, for parity
+# Raw model text, for parity. At 2 fps the longest clip (2 s) is 2 temporal patches, within the 3 merged
+# columns of a 56 x 84 frame (see test_text_after_a_long_video_follows_qwens_reference).
+CLI = ["--height", "56", "--width", "84", "--fps", "2", "--max_new_tokens", "6", "--device", "CPU",
+       "--no-cleanup", "--question", "describe the video in detail"]
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +363,7 @@ def hf_caption(hf, tokenizer, proc, video: Path) -> str:
     """transformers alone, one video: its chat template, the processor's placeholder expansion, generate."""
     from pipeline.datasets.video import sample_frames
 
-    frames_, _ = sample_frames(str(video), num_frames=768, fps=4, height=56, width=84)
+    frames_, _ = sample_frames(str(video), num_frames=768, fps=2, height=56, width=84)
     rows, grid = proc.video(frames_)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": CLI[-1]}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -394,7 +446,7 @@ def test_caption_columns_record_the_budget(checkpoint, videos, tmp_path):
 
     out = tmp_path / "captions.csv"
     qwen_main([str(videos), "--pretrained_model_name_or_path", str(checkpoint), "--output", str(out),
-               "--bs", "4", "--max_visual_tokens", "12", *CLI])
+               "--bs", "4", "--max_visual_tokens", "12", *CLI, "--fps", "4"])  # 4 fps: the 2 s clip needs 24
     rows = [r for r in read_rows(out) if r["status"] == "ok"]
     assert len(rows) == 4
     for row in rows:

@@ -75,10 +75,12 @@ def _qwen2vl(folder: Path) -> tuple[dict, dict]:
     ids, mask = qwen.left_pad(prompts)
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values_videos=np.concatenate(pixels),
                   video_grid_thw=np.concatenate(grids))
-    rows = [dict(input_ids=np.array([p]), pixel_values_videos=x, video_grid_thw=g)
-            for p, x, g in zip(prompts, pixels, grids)]
-    # transformers' batched Qwen2-VL generation gives padded rows other positions; one by one is the reference
-    return inputs, _hf_outputs(hf, inputs, alone={"pad": qwen.ENDOFTEXT, "rows": rows})
+    rows = [dict(input_ids=np.array([p]), mm_token_type_ids=qwen.mm_token_types(np.array([p])),
+                 pixel_values_videos=x, video_grid_thw=g) for p, x, g in zip(prompts, pixels, grids)]
+    # transformers' batched Qwen2-VL generation gives padded rows other positions; one by one is the reference.
+    # transformers 5 takes the processor's mm_token_type_ids (our model finds the videos from input_ids).
+    hf_inputs = {**inputs, "mm_token_type_ids": qwen.mm_token_types(ids)}
+    return inputs, _hf_outputs(hf, hf_inputs, alone={"pad": qwen.ENDOFTEXT, "rows": rows})
 
 
 def _blip2_opt(folder: Path) -> tuple[dict, dict]:
@@ -246,7 +248,7 @@ def test_tp2_dp2_captions_every_row_once_as_tp1(tmp_path):
     assert [r["clip_id"] for r in got] == [r["clip_id"] for r in want]  # each row once, in input order
     assert [(r["status"], r["text"]) for r in got] == [(r["status"], r["text"]) for r in want]
     assert sum(r["status"] == "ok" for r in got) == len(got) - 1  # the broken video is the one error row
-    assert not list(tmp_path.glob("tp2dp2_part*.csv"))
+    assert not list(tmp_path.glob("tp2dp2.csv.part*.csv"))
 
 
 def test_sliced_reads_equal_slices_of_the_whole_tensor(tmp_path, monkeypatch):

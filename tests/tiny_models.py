@@ -38,6 +38,15 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.2 * noise if p.dim() > 1 else 0.1 * noise)
 
 
+def untie_t5_head(model) -> None:
+    """Give a transformers T5 built from a T5 v1.1 / Flan-T5 config (``tie_word_embeddings=False``) its own
+    ``lm_head``, as the published Flan-T5 weights have. transformers 5 ties every new T5's head to ``shared``
+    and unties it only on loading a checkpoint whose ``lm_head`` differs; the flag itself only turns off the
+    output scaling (``config.scale_decoder_outputs``)."""
+    if not model.config.scale_decoder_outputs:
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape))
+
+
 def hf_blip2(text: dict, image_token: bool = True, seed: int = 0, vision: dict | None = None,
              qformer: dict | None = None, num_query_tokens: int = NUM_QUERY) -> HFBlip2:
     torch.manual_seed(seed)
@@ -45,6 +54,8 @@ def hf_blip2(text: dict, image_token: bool = True, seed: int = 0, vision: dict |
                          num_query_tokens=num_query_tokens,
                          image_token_index=IMAGE_TOKEN if image_token else None)
     model = HFBlip2(config).eval()
+    if text["model_type"] == "t5":
+        untie_t5_head(model.language_model)
     _randomize(model, seed)
     return model
 

@@ -1,15 +1,17 @@
 """LLaVA-1.5 and PLLaVA: CLIP vision tower -> 2-layer GELU projector -> Llama/Mistral decoder.
 
-The prompt holds one image token (``config.image_token_index``) per visual feature, as transformers
-4.56's processors expand each ``<image>`` to N tokens before tokenising; the token embeddings at
-those slots are replaced, in order, by the projected features of the images/frames of the batch
-(transformers' ``masked_scatter``). :meth:`LlavaForConditionalGeneration.image_token_count` says how
-many tokens one image (or, for PLLaVA, one video) needs.
+The prompt holds one image token (``config.image_token_index``) per visual feature, as transformers'
+processors expand each ``<image>`` to N tokens before tokenising; the token embeddings at those slots
+are replaced, in order, by the projected features of the images/frames of the batch (transformers'
+``masked_scatter``). :meth:`LlavaForConditionalGeneration.image_token_count` says how many tokens one
+image (or, for PLLaVA, one video) needs.
 
-Our Cell tree uses the published llava-hf key layout (``vision_tower.*``, ``multi_modal_projector.*``,
-``language_model.model.*``, ``language_model.lm_head.*``); ``checkpoint_rename_rules`` map the layout
-transformers 4.56's ``save_pretrained`` writes (``model.language_model.*``, ``model.vision_tower.*``,
-``model.multi_modal_projector.*``, ``lm_head.*``). PLLaVA's published weights keep PEFT LoRA wrappers
+Our Cell tree uses the published llava-hf key layout (``vision_tower.vision_model.*``,
+``multi_modal_projector.*``, ``language_model.model.*``, ``language_model.lm_head.*``, ``image_newline``);
+``checkpoint_rename_rules`` map the layout transformers 4's ``save_pretrained`` writes
+(``model.language_model.*``, ``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``lm_head.*``).
+transformers 5's writes the published names, but without the CLIP tower's ``vision_model.`` level, which
+:class:`models.clip_vision.CLIPVisionModel` puts back. PLLaVA's published weights keep PEFT LoRA wrappers
 on the decoder's q/v projections; :meth:`PllavaForConditionalGeneration.checkpoint_hook` folds them in.
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ LANGUAGE_MODELS = {
     "llama": ("models.llama", "LlamaForCausalLM"),
     "mistral": ("models.llama", "LlamaForCausalLM"),
 }
-# transformers 4.56 save_pretrained layout -> published layout (ours)
+# transformers 4 save_pretrained layout -> published layout (ours)
 SAVED_LAYOUT_RULES = (
     (r"^model\.language_model\.", "language_model.model."),
     (r"^model\.vision_tower\.", "vision_tower."),

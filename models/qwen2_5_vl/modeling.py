@@ -2,8 +2,8 @@
 
 Everything but the vision tower is ``models.qwen2_vl.modeling``: the Qwen2 decoder with
 multimodal rotary positions, placeholder filling, the position table generation decodes with,
-the checkpoint renames (published ``visual.*`` / ``model.*`` / ``lm_head.weight``, or the
-``model.visual.*`` / ``model.language_model.*`` layout newer transformers write) and tied
+the checkpoint renames (published ``visual.*`` / ``model.*`` / ``lm_head.weight``, or transformers'
+in-memory ``model.visual.*`` / ``model.language_model.*`` layout) and tied
 embeddings (the 3B has no ``lm_head.weight``). What differs is data, not code: the vision config
 carries ``tokens_per_second``, so ``get_rope_index`` places a video's temporal patches at their
 time (``second_per_grid_ts``, one per video, passed to ``construct`` and ``generate`` under

@@ -15,8 +15,9 @@ where ``rope_delta = max prompt position + 1 - prompt length`` continues each ro
 from its own last one (so a left-padded row decodes exactly like the same prompt alone).
 ``generate`` hands the prompt positions to ``init_cache`` through ``_prompt_positions``.
 
-Parameter names are the published checkpoints' (``visual.*``, ``model.*``, ``lm_head.*``); the
-layout transformers 4.56 writes (``model.visual.*``, ``model.language_model.*``) is renamed on load.
+Parameter names are the published checkpoints' (``visual.*``, ``model.*``, ``lm_head.*``), which
+transformers' ``save_pretrained`` (4.56 and 5.25) also writes; its in-memory layout (``model.visual.*``,
+``model.language_model.*``), which other writers save, is renamed on load.
 Attention and MLP keep separate q/k/v/o and gate/up/down projections so heads and the MLP can
 later be split for tensor parallelism.
 """
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Qwen2VLOutput:
-    """``logits`` (B, L, V); ``loss`` when labels are given; ``rope_deltas`` (B, 1) as transformers returns."""
+    """``logits`` (B, L, V); ``loss`` when labels are given; ``rope_deltas`` (B, 1): max prompt position + 1 -
+    padded prompt length (transformers 5 subtracts each row's unpadded length instead)."""
 
     logits: Tensor
     loss: Optional[Tensor] = None
@@ -72,15 +74,18 @@ def _video_seconds(config, videos: int, second_per_grid_ts) -> Optional[np.ndarr
 def get_rope_index(config: "Qwen2VLConfig", input_ids: np.ndarray, attention_mask: Optional[np.ndarray] = None,
                    image_grid_thw: Optional[np.ndarray] = None, video_grid_thw: Optional[np.ndarray] = None,
                    second_per_grid_ts: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-    """3-D positions (3, B, L) and ``rope_deltas`` (B, 1), as transformers' ``get_rope_index``.
+    """3-D positions (3, B, L) and ``rope_deltas`` (B, 1, see :class:`Qwen2VLOutput`), as Qwen's reference code.
 
     Padding slots get position 1 (they are masked anyway). Grids are consumed in prompt order
     across the batch; a vision item is a ``<|vision_start|>`` followed by its pad token. A video's
     temporal patch t sits at temporal position t (Qwen2-VL) or, for Qwen2.5-VL, at its time
     ``floor(t * second_per_grid_ts * tokens_per_second)`` (float32, as Qwen's reference code; an
-    image's temporal position stays 0). transformers 4.56 casts ``second_per_grid_ts`` to an integer
-    first, which agrees for whole seconds (2 fps with temporal patches of 2) and collapses
-    fractional ones (above 2 fps every frame gets time 0).
+    image's temporal position stays 0). Text continues from the largest position so far + 1.
+
+    transformers 5.25 agrees (it no longer casts ``second_per_grid_ts`` to an integer first, as 4.56
+    did) except for text after a video whose temporal positions reach past its longer merged side:
+    it continues that text at the video's first position + the longer merged side, inside the range
+    the video's later frames use. Qwen's reference (transformers 4, vLLM) does as we do.
     """
     merge = config.vision_config.spatial_merge_size
     image_token, video_token = config.image_token_id, config.video_token_id
@@ -163,10 +168,12 @@ class Qwen2VLTextModel(nn.Cell):
         self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias=True, o_bias=False)
                                    for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        rope = config.rope_scaling or {}
-        if rope.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"rope_type {rope.get('rope_type')!r} is not supported")
-        self.rotary = MultimodalRotary(config.hidden_size // config.num_attention_heads, config.rope_theta,
+        # transformers 5 gathers a config.json's top-level rope_theta and rope_scaling ({"type": "mrope",
+        # "mrope_section": ...}) into rope_parameters, with rope_type "default" for M-RoPE.
+        rope = config.rope_parameters
+        if rope["rope_type"] != "default":
+            raise NotImplementedError(f"rope_type {rope['rope_type']!r} is not supported")
+        self.rotary = MultimodalRotary(config.hidden_size // config.num_attention_heads, rope["rope_theta"],
                                        rope["mrope_section"])
 
     def construct(self, inputs_embeds, attention_mask, positions, slots, cache=None):
@@ -198,7 +205,9 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         text = config.text_config
         self.visual = self.vision_class(config.vision_config)
         self.model = Qwen2VLTextModel(text)
-        self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
+        # transformers 5 keeps tie_word_embeddings on the outer config (a published flat config.json's
+        # text_config has none; a nested one's is forwarded outward).
+        self.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.lm_head = None if self.tie_word_embeddings else vocab_head(text.hidden_size, text.vocab_size)
         self.tied_weights_keys = ("lm_head.weight",) if self.tie_word_embeddings else ()
         self._prompt_positions: Optional[tuple[np.ndarray, np.ndarray]] = None

@@ -1,4 +1,4 @@
-"""Qwen2-VL image and video preprocessing, equal to transformers' Qwen2VLImageProcessor.
+"""Qwen2-VL image and video preprocessing, equal to transformers' PIL image processor frame by frame.
 
 Each frame is resized (PIL bicubic) so both sides are multiples of ``patch_size * merge_size``
 (28) with a pixel count inside ``[min_pixels, max_pixels]``, scaled to [0, 1] and normalised
@@ -9,8 +9,9 @@ merger fuses into one language-model token.
 
 Settings come from the checkpoint's ``preprocessor_config.json`` (and
 ``video_preprocessor_config.json`` for videos when present), else Qwen2-VL's defaults.
-transformers' torch video processor computes the same numbers up to float rounding of its
-fused normalisation (and its torchvision resize where frames are not already multiples of 28).
+transformers 5's video processor (torchvision, the only video path it has) computes the same
+numbers up to float rounding of its fused normalisation, and its torchvision resize where frames
+are not already multiples of 28.
 """
 from __future__ import annotations
 

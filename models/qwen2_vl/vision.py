@@ -177,7 +177,9 @@ class VisionTower(nn.Cell):
         self.use_jit = True
         rot_dim = embed_dim // config.num_heads // 2
         exponents = np.arange(0, rot_dim, 2, dtype=np.float32) / np.float32(rot_dim)
-        self.inv_freq = 1.0 / (np.float32(10000.0) ** exponents)
+        # later transformers 5 releases state the vision rotary base in rope_parameters (5.2 does not); it is 10000 in every Qwen-VL
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        self.inv_freq = 1.0 / (np.float32(theta) ** exponents)
         self._encode_jit = None
 
     def window_layout(self, h: int, w: int) -> Optional[WindowLayout]:

@@ -103,12 +103,12 @@ class CaptionEnhancer:
         system, user = self.template["system"], self.template["user"].replace("{caption}", caption)
         messages = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": user}]
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
         except TemplateError:
             if not system:
                 raise
             merged = [{"role": "user", "content": f"{system}\n\n{user}"}]
-            return self.tokenizer.apply_chat_template(merged, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, return_dict=False)
 
     def generate(self, batch: Sequence[str]) -> list[dict]:
         prompts = [self.prompt_ids(caption) for caption in batch]
