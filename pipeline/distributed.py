@@ -23,6 +23,8 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 
+from pipeline import environment
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,10 +50,11 @@ def launched_by_msrun() -> bool:
 
 
 def default_device() -> str:
-    """Ascend where MindSpore can load it, else CPU."""
+    """Ascend where MindSpore can load it, else CPU (without MindSpore's warnings that it cannot)."""
     try:
-        if ms.hal.is_available("Ascend"):
-            return "Ascend"
+        with environment.quiet_device_probe():
+            if ms.device_context.ascend.is_available():
+                return "Ascend"
     except Exception:  # noqa: BLE001 - a missing plugin just means no Ascend
         pass
     return "CPU"

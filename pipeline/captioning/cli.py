@@ -17,7 +17,7 @@ import numpy as np
 from models import attention
 from models.generation import check_generation_args
 from models.checkpoint import CheckpointError
-from pipeline import distributed
+from pipeline import distributed, environment
 from pipeline.distributed import RunAborted
 from pipeline.captioning.attempts import DEFAULT_MAX_ATTEMPTS
 from pipeline.captioning.lock import OutputLockedError
@@ -96,6 +96,7 @@ def common_parser(description: str, epilog: str = "", model: bool = True) -> arg
     p.add_argument("--device", choices=["Ascend", "CPU"],
                    help="default: Ascend where MindSpore sees one, else CPU; under msrun each rank "
                         "binds its local device")
+    environment.add_verbose_flag(p)
     if model:
         add_decoding_flags(p)
         add_cleanup_flags(p)
@@ -239,6 +240,7 @@ def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespa
                 attention.set_block_size(args.attention_block_size)
             except ValueError as exc:
                 raise ConfigError(f"--attention_block_size: {exc}") from exc
+        environment.set_verbose(args.verbose)
         info = distributed.setup(args.device)
         random.seed(args.seed)
         np.random.seed(args.seed)

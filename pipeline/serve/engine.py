@@ -19,7 +19,7 @@ import numpy as np
 from models import attention, model_family
 from models.checkpoint import read_config
 from models.generation import check_generation_args
-from pipeline import distributed
+from pipeline import distributed, environment
 from pipeline.captioning.chat import Turn
 from pipeline.captioning.cli import check_args, resolve_dtype, resolve_prompt
 from pipeline.config import CONFIG_DIR, ConfigError, apply_config, parse_with_config
@@ -105,6 +105,7 @@ class Engine:
         check_args(args)
         resolve_prompt(args)
         attention.set_block_size(args.attention_block_size)
+        environment.set_verbose(args.verbose)
         info = distributed.setup(device or args.device)
         captioner = module.build_captioner(args, resolve_dtype(args, info.device))
         logger.info("loaded %s (%s) from %s", type(captioner).__name__, family, folder)

@@ -44,7 +44,7 @@ from mindspore import Parameter, Tensor, ops
 from tqdm import tqdm
 
 from models.layers import init_weights
-from pipeline import distributed
+from pipeline import distributed, environment
 from pipeline.config import ConfigError, parse_with_config
 from pipeline.training import checkpointing
 from pipeline.training.lora import apply_lora, merge_lora, reseed_lora_dropout
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--export", action=argparse.BooleanOptionalAction, default=True,
       help="write <output_dir>/final as a model folder at the end")
     a("--device", choices=["Ascend", "CPU"], help="default: Ascend where available, else CPU")
+    environment.add_verbose_flag(p)
     a("--frame_chunk", type=int, default=8,
       help="frames per compiled vision-encoder call: more is faster, less bounds graph-mode memory")
     a("--jit", action=argparse.BooleanOptionalAction, default=True,
@@ -399,6 +400,7 @@ def train(args: argparse.Namespace, loader=None, val_records=None) -> list[StepR
 
     from models.blip2.processing import Blip2FrameProcessor
 
+    environment.set_verbose(getattr(args, "verbose", False))
     info = distributed.setup(args.device)
     ms.set_seed(args.seed)
     model = build_model(args, resolve_dtype(args.dtype, info.device))
