@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install the project into it; sourced by the two README commands.
-# Usage: source scripts/setup_env.sh [requirements file]
+# Usage: [VENV=dir] [PIP_EXTRA='pkg==x'] source scripts/setup_env.sh [requirements file]
+# VENV picks another environment folder and PIP_EXTRA adds requirements (tests/run_oldest.sh: MindSpore 2.7.0).
 set -euo pipefail
 if ! command -v ffmpeg >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -19,7 +20,9 @@ if [ "${1:-requirements.txt}" = requirements-test.txt ] && ! command -v chromium
     echo "note: chromium not found; the web page test is skipped (apt-get install chromium)"
   fi
 fi
-[ -x .venv/bin/python ] || python3 -m venv .venv
+venv=${VENV:-.venv}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 # shellcheck disable=SC1091
-. .venv/bin/activate
-python -m pip install -q -r "${1:-requirements.txt}" -e .
+. "$venv/bin/activate"
+# shellcheck disable=SC2086
+python -m pip install -q -r "${1:-requirements.txt}" ${PIP_EXTRA:-} -e .
