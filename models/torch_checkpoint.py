@@ -7,12 +7,15 @@ stored uncompressed. The pickle is read by an unpickler that knows only torch's 
 functions, its storage types and ``OrderedDict``; any other global is refused with an error
 that names it, so nothing in the file is ever executed. Tensors come back as references to
 (storage, offset, shape, stride) and are read from a memory map only when needed, so a
-shared storage or a view with an offset costs nothing until it is used.
+shared storage or a view with an offset costs nothing until it is used. Each layout is checked
+against its storage before that: no negative offset, size or stride, every element inside the
+storage, and no more bytes once read than the storage holds (or 16 MiB, for broadcast buffers).
 """
 from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -31,6 +34,11 @@ STORAGES = {
     "LongStorage": ("I64", np.int64), "IntStorage": ("I32", np.int32), "ShortStorage": ("I16", np.int16),
     "CharStorage": ("I8", np.int8), "ByteStorage": ("U8", np.uint8), "BoolStorage": ("BOOL", np.bool_),
 }
+
+
+# A tensor may read to more bytes than its storage holds (a stride-0 ``expand``, overlapping windows)
+# only up to this; torch.save writes such views as they are, and they are rare and small in checkpoints.
+EXPANSION_LIMIT = 1 << 24
 
 
 class TorchCheckpointError(ValueError):
@@ -88,11 +96,26 @@ class TorchTensor:
 
 
 def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple, *_: Any) -> TorchTensor:
-    last = offset + sum((d - 1) * s for d, s in zip(size, stride)) if all(size) else offset - 1
-    if offset < 0 or last >= storage.count:
-        raise TorchCheckpointError(f"{storage.path}: a tensor of shape {tuple(size)} reaches past its storage "
-                                   f"of {storage.count} elements; the file is damaged")
-    return TorchTensor(storage, int(offset), tuple(int(d) for d in size), tuple(int(s) for s in stride))
+    return TorchTensor(storage, offset, size, stride)  # checked by _layout_problem before any read
+
+
+def _layout_problem(t: TorchTensor) -> str | None:
+    """Why reading this tensor's (offset, shape, stride) from its storage would be unsafe, if it would."""
+    layout = f"shape {t.shape!r}, stride {t.stride!r}, storage offset {t.offset!r}"
+    if not (isinstance(t.storage, _Storage) and isinstance(t.shape, tuple) and isinstance(t.stride, tuple)
+            and len(t.shape) == len(t.stride) and all(type(v) is int for v in (t.offset, *t.shape, *t.stride))):
+        return f"has a malformed layout ({layout})"
+    if min((t.offset, *t.shape, *t.stride)) < 0:
+        return f"has a negative size, stride or offset ({layout})"
+    count, numel = t.storage.count, math.prod(t.shape)
+    last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride)) if numel else t.offset - 1
+    if last >= count:
+        return f"reaches element {last}, past its storage of {count} elements ({layout})"
+    itemsize = np.dtype(t.storage.element).itemsize
+    if numel * itemsize > max(count * itemsize, EXPANSION_LIMIT):
+        return (f"repeats its storage of {count} elements to {numel}, {numel * itemsize} bytes once read; "
+                f"refusing more than {EXPANSION_LIMIT} ({layout})")
+    return None
 
 
 def _rebuild_parameter(data: TorchTensor, *_: Any) -> TorchTensor:
@@ -125,7 +148,7 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+                and isinstance(pid[1], _StorageType) and type(pid[4]) is int and pid[4] >= 0):
             raise TorchCheckpointError(f"{self.path}: unknown persistent record {pid!r}")
         _, kind, key, _, count = pid
         if key not in self.opened:
@@ -135,7 +158,7 @@ class _Unpickler(pickle.Unpickler):
             dtype, element = STORAGES[kind.name]
             if length < count * np.dtype(element).itemsize:
                 raise TorchCheckpointError(f"{self.path}: storage data/{key} is cut short; the file is damaged")
-            self.opened[key] = _Storage(self.path, offset, int(count), dtype, element)
+            self.opened[key] = _Storage(self.path, offset, count, dtype, element)
         return self.opened[key]
 
 
@@ -199,4 +222,8 @@ def read_state_dict(path: str | Path) -> dict[str, TorchTensor]:
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, TorchTensor)}
     if not tensors:
         raise TorchCheckpointError(f"{path} holds no tensors (top-level keys: {sorted(map(str, obj))[:10]})")
+    for name, tensor in tensors.items():
+        problem = _layout_problem(tensor)
+        if problem:
+            raise TorchCheckpointError(f"{path}: tensor {name!r} {problem}; the file is damaged or crafted")
     return tensors

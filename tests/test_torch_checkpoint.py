@@ -7,6 +7,9 @@ import csv
 import io
 import json
 import pickle
+import resource
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -45,6 +48,9 @@ def _state_dict() -> collections.OrderedDict:
         scalar=torch.tensor(3.5),
         empty=torch.zeros(0, 4),
         param=torch.nn.Parameter(torch.randn(2, 3, generator=gen)),
+        position_ids=torch.arange(8).expand(1, -1),  # stride (0, 1), as transformers registers it
+        broadcast=torch.arange(4.0).expand(3, 4),  # more elements than its storage holds
+        windows=torch.arange(10.0).as_strided((4, 4), (2, 1)),  # overlapping rows
     )
 
 
@@ -109,6 +115,66 @@ def test_damaged_and_legacy_files_are_named(tmp_path):
         read_state_dict(legacy)
 
 
+def _crafted(path: Path, offset, size, stride) -> Path:
+    """A torch.save archive of one tensor "w" over a storage of 16 float32s, with the layout given."""
+    storage = object()
+
+    class Tensor:
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (storage, offset, size, stride, False, collections.OrderedDict())
+
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=2)
+    pickler.persistent_id = lambda obj: ("storage", torch.FloatStorage, "0", "cpu", 16) if obj is storage else None
+    pickler.dump({"w": Tensor()})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("crafted/data.pkl", buffer.getvalue())
+        archive.writestr("crafted/byteorder", "little")
+        archive.writestr("crafted/version", "3\n")
+        archive.writestr("crafted/data/0", np.arange(16, dtype=np.float32).tobytes())
+    return path
+
+
+def test_crafted_layout_reads_like_torch(tmp_path):
+    path = _crafted(tmp_path / "crafted.bin", 1, (3, 2), (5, 2))
+    np.testing.assert_array_equal(read_state_dict(path)["w"].read(), torch.load(path, weights_only=True)["w"].numpy())
+
+
+@pytest.mark.parametrize("offset, size, stride, problem", [
+    (0, (4,), (-1,), "negative"),  # would read the three elements before the storage
+    (0, (-1,), (1,), "negative"),
+    (10, (4,), (2,), "reaches element 16, past its storage of 16 elements"),
+    (0, (10**10,), (0,), "repeats its storage of 16 elements to 10000000000"),  # 37 GiB once read
+    (0, (4,), (1, 1), "malformed"),
+    (0, ("4",), (1,), "malformed"),
+], ids=["negative-stride", "negative-size", "past-the-end", "stride-0-expansion", "rank-mismatch", "not-an-int"])
+def test_hostile_layouts_are_refused_before_any_read(tmp_path, offset, size, stride, problem):
+    path = _crafted(tmp_path / "crafted.bin", offset, size, stride)
+    with pytest.raises(TorchCheckpointError, match=rf"crafted\.bin: tensor 'w' .*{problem}") as error:
+        read_state_dict(path)
+    assert "\n" not in str(error.value)
+    with pytest.raises(CheckpointError, match="tensor 'w'"):  # the loader's path (from_pretrained, --weights)
+        open_checkpoint(path)
+
+
+@pytest.mark.parametrize("offset, size, stride, problem", [
+    (15, (2,), (-(1 << 40),), "negative"),  # segfaulted the reader
+    (0, (10**10,), (0,), "repeats"),  # made convert allocate 37 GiB
+], ids=["far-negative-stride", "stride-0-expansion"])
+def test_convert_refuses_hostile_layouts_in_one_line(tmp_path, offset, size, stride, problem):
+    path = _crafted(tmp_path / "crafted.bin", offset, size, stride)
+
+    def limit_memory():  # a 37 GiB allocation fails here instead of reaching the machine
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    done = subprocess.run([sys.executable, "-m", "models.convert", str(path)], capture_output=True, text=True,
+                          timeout=60, preexec_fn=limit_memory, cwd=Path(__file__).parents[1])
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert done.stderr.startswith(f"error: {path}: tensor 'w' ") and problem in done.stderr
+    assert done.stderr.count("\n") == 1 and not done.stdout
+    assert list(tmp_path.iterdir()) == [path]
+
+
 @pytest.fixture(scope="module")
 def bin_model(tmp_path_factory) -> tuple[Path, Path]:
     """The same tiny BLIP-2 saved as safetensors and, as kpyu/video-blip-* publishes, as .bin shards only."""
@@ -116,11 +182,22 @@ def bin_model(tmp_path_factory) -> tuple[Path, Path]:
     shards = tmp_path_factory.mktemp("blip2_bin")
     from transformers import Blip2ForConditionalGeneration
 
-    Blip2ForConditionalGeneration.from_pretrained(reference).save_pretrained(
-        shards, safe_serialization=False, max_shard_size="100KB")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (shards / name).write_bytes((reference / name).read_bytes())
-    assert (shards / "pytorch_model.bin.index.json").is_file() and not list(shards.glob("*.safetensors"))
+    # transformers 5 saves only safetensors, so the shards are written as transformers 4 wrote them with
+    # safe_serialization=False: torch.save of parts of the state dict, and an index naming each tensor's file.
+    state = Blip2ForConditionalGeneration.from_pretrained(reference).state_dict()
+    names = list(state)
+    parts = [names[i::3] for i in range(3)]
+    weight_map = {}
+    for i, part in enumerate(parts, 1):
+        file = f"pytorch_model-{i:05d}-of-{len(parts):05d}.bin"
+        torch.save({name: state[name] for name in part}, shards / file)
+        weight_map.update(dict.fromkeys(part, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (shards / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    for path in reference.glob("*.json"):  # config, generation config, tokenizer
+        (shards / path.name).write_bytes(path.read_bytes())
+    assert not list(shards.glob("*.safetensors"))
     return reference, shards
 
 
