@@ -3,7 +3,8 @@
 CAPTION_CALL_LOG appends one line per captioned video to a file (to count calls across
 a killed process); CAPTION_EXIT_ON ends the process with os._exit(3), as a crash would,
 on a batch holding that exact caption; CAPTION_SLEEP sleeps per batch (only on rank CAPTION_SLEEP_RANK when
-that is set, once); --fail_on makes generate raise.
+that is set, once); CAPTION_HOLD holds every batch after the first until that file exists (so a test can
+look at a run mid-way); --fail_on makes generate raise.
 
 ``BudgetCaptioner`` stands in for Qwen2-VL/LLaVA in out-of-memory tests: each video has
 a visual-token budget (a quarter of its pixel count) and generating a video whose budget
@@ -29,6 +30,7 @@ class InstrumentedCaptioner(ColourCaptioner):
         super().__init__(num_frames)
         self.fail_on = fail_on
         self.slept = False
+        self.batches = 0
 
     def generate(self, batch: Sequence[str]) -> list[str]:
         if os.environ.get("CAPTION_EXIT_ON") in batch:
@@ -37,6 +39,10 @@ class InstrumentedCaptioner(ColourCaptioner):
         if log:
             with open(log, "a") as f:
                 f.writelines(f"{caption}\n" for caption in batch)
+        hold = os.environ.get("CAPTION_HOLD")
+        while hold and self.batches and not os.path.exists(hold):
+            time.sleep(0.05)
+        self.batches += 1
         only_rank = os.environ.get("CAPTION_SLEEP_RANK")
         if only_rank is None or (only_rank == os.environ.get("RANK_ID") and not self.slept):
             time.sleep(float(os.environ.get("CAPTION_SLEEP", "0")))

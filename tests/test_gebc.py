@@ -158,7 +158,7 @@ def test_boundaries_captioned_resumed_and_batched(dataset, folder, tmp_path, cal
     calls.update(captioner=[], model=[], interrupt_at=2)
     with pytest.raises(KeyboardInterrupt):  # killed in its second batch
         videollama_main(common + ["--output", str(single), "--bs", "1"])
-    assert len(pd.read_csv(tmp_path / "single_part0.csv")) == 1
+    assert len(pd.read_csv(tmp_path / "single.csv.part0.csv")) == 1
     calls.update(captioner=[], model=[], interrupt_at=None)
     videollama_main(common + ["--output", str(single), "--bs", "1"])
     assert calls["captioner"] == [1, 1] and calls["model"] == [3, 3], "only the two boundaries not yet done"

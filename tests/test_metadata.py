@@ -130,16 +130,22 @@ def test_resolve_video_path(tmp_path):
 
 def test_part_files_naming_and_discovery(tmp_path):
     out = tmp_path / "run" / "out.csv"
-    assert part_path(out, 3) == tmp_path / "run" / "out_part3.csv"
+    assert part_path(out, 3) == tmp_path / "run" / "out.csv.part3.csv"
+    assert part_path(out.with_suffix(".parquet"), 0) == tmp_path / "run" / "out.parquet.part0.csv"
     with pytest.raises(ValueError):
         part_path(out, -1)
     assert find_part_files(out) == []
     out.parent.mkdir()
-    names = ["out_part10.csv", "out_part2.csv", "out_part0.csv", "out_partx.csv", "out_part1.tsv"]
-    names += ["other_part1.csv", "out_part0_part1.csv", "out.csv"]
+    names = ["out.csv.part10.csv", "out.csv.part2.csv", "out.csv.part0.csv", "out.csv.partx.csv", "out.csv.part1.tsv"]
+    names += ["other.csv.part1.csv", "out.csv.part0.csv.part1.csv", "out.csv", "out.parquet.part1.csv"]
+    names += ["out.jsonl.part3.csv", "out_part4.csv", "out_part1.csv"]  # the last two: named by an earlier version
     for name in names:
         write(out.parent / name, "path\n")
-    assert [p.name for p in find_part_files(out)] == ["out_part0.csv", "out_part2.csv", "out_part10.csv"]
+    # a CSV output also takes the parts an earlier version named after its stem, ahead of its own
+    assert [p.name for p in find_part_files(out)] == ["out_part1.csv", "out_part4.csv", "out.csv.part0.csv",
+                                                      "out.csv.part2.csv", "out.csv.part10.csv"]
+    assert [p.name for p in find_part_files(out.with_suffix(".parquet"))] == ["out.parquet.part1.csv"]
+    assert [p.name for p in find_part_files(out.with_suffix(".jsonl"))] == ["out.jsonl.part3.csv"]
 
 
 # ---------------------------------------------------------------- atomic write
@@ -365,14 +371,14 @@ def datautil(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_cli_merge_difference_and_filter(tmp_path):
     part0, part1 = result_tables()
-    write_csv_atomic(part0, tmp_path / "out_part0.csv")
-    write_csv_atomic(part1, tmp_path / "out_part1.csv")
+    write_csv_atomic(part0, tmp_path / "out.csv.part0.csv")
+    write_csv_atomic(part1, tmp_path / "out.csv.part1.csv")
     write(tmp_path / "meta.csv", "path,id\na.mp4,1\nb.mp4,2\nc.mp4,3\nd.mp4,4\n")
 
-    merge = datautil("out_part*.csv", "--output", "merged/out.csv", cwd=tmp_path)
+    merge = datautil("out.csv.part*.csv", "--output", "merged/out.csv", cwd=tmp_path)
     assert merge.returncode == 0, merge.stderr
-    assert "read 3 rows from out_part0.csv" in merge.stdout
-    assert "read 3 rows from out_part1.csv" in merge.stdout
+    assert "read 3 rows from out.csv.part0.csv" in merge.stdout
+    assert "read 3 rows from out.csv.part1.csv" in merge.stdout
     assert "dropped 3 duplicate rows (3 unique row keys)" in merge.stdout
     assert "wrote 3 rows to merged/out.csv" in merge.stdout
     assert read_metadata(tmp_path / "merged" / "out.csv").equals(merge_tables([part0, part1]))

@@ -1,10 +1,12 @@
-"""Parquet and JSONL inputs and outputs through a kill and a resume, caption sidecars, datautil conversions."""
+"""Parquet and JSONL inputs and outputs through a kill and a resume, and side by side in one folder at once;
+caption sidecars, datautil conversions."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from pipeline.datasets import datautil
 from pipeline.datasets.metadata import MetadataError, read_metadata
 from tests.colour_captioner import main as colour_main
 from tests.msrun import count_lines, kill_when_written
-from tests.test_runner import expected_caption, read_rows
+from tests.test_runner import expected_caption, make_dataset, read_rows
 from tests.video_factory import write_index_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +56,7 @@ def test_typed_output_survives_kill_and_resume(tmp_path, fmt):
     else:
         write_jsonl(table, source)
     out = tmp_path / f"meta_caption.{fmt}"
-    part = tmp_path / "meta_caption_part0.csv"
+    part = tmp_path / f"meta_caption.{fmt}.part0.csv"
     second_log = tmp_path / "calls2.txt"
     cmd = [sys.executable, str(SCRIPT), str(source), "--bs", "2", "--device", "CPU"]  # the default output
     kill_when_written(cmd, ROOT, dict(os.environ, CAPTION_SLEEP="0.5"), part, 3)  # header + 2 rows
@@ -84,6 +86,41 @@ def test_typed_output_survives_kill_and_resume(tmp_path, fmt):
     before = out.read_bytes()
     summary = colour_main([str(source), "--device", "CPU"])
     assert summary.skipped == n and summary.done == 0 and out.read_bytes() == before
+
+
+def test_parquet_and_jsonl_outputs_in_one_folder_run_at_once(tmp_path):
+    """Outputs that differ only in format share no file: two runs at once each write their own part file
+    and end with every row (they used to share out_part0.csv: one output lost rows, the other came out empty)."""
+    n = 6
+    csv_path = make_dataset(tmp_path, n)
+    gate = tmp_path / "go"
+    runs = {}
+    for fmt in ("parquet", "jsonl"):
+        log = tmp_path / f"calls_{fmt}.txt"
+        cmd = [sys.executable, str(SCRIPT), str(csv_path), "--output", str(tmp_path / f"out.{fmt}"), "--bs", "2",
+               "--device", "CPU"]
+        env = dict(os.environ, CAPTION_CALL_LOG=str(log), CAPTION_HOLD=str(gate))
+        runs[fmt] = log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and any(count_lines(log) < 4 for log, _ in runs.values()):
+            time.sleep(0.1)  # both in their second batch: the first one's rows are in their part files
+        assert sorted(p.name for p in tmp_path.glob("out*part*")) == [
+            "out.jsonl.part0.csv", "out.jsonl.part0.inflight", "out.parquet.part0.csv", "out.parquet.part0.inflight"]
+        assert [len(read_rows(tmp_path / f"out.{fmt}.part0.csv")) for fmt in runs] == [2, 2]
+    finally:
+        gate.touch()
+        stderr = {fmt: proc.communicate(timeout=120)[1] for fmt, (_, proc) in runs.items()}
+    for fmt, (_, proc) in runs.items():
+        assert proc.returncode == 0, stderr[fmt][-2000:]
+    got = {"parquet": pd.read_parquet(tmp_path / "out.parquet").to_dict("records"),
+           "jsonl": read_jsonl(tmp_path / "out.jsonl")}
+    for fmt, rows in got.items():
+        assert [r["path"] for r in rows] == [f"videos/v{i:02d}.mp4" for i in range(n)], fmt
+        assert {r["status"] for r in rows} == {"ok"}, fmt
+        assert count_lines(runs[fmt][0]) == n, f"the {fmt} run captioned every row itself"
+    assert not list(tmp_path.glob("out*part*"))
 
 
 def test_csv_input_to_parquet_output_keeps_text(tmp_path):

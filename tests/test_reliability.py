@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.captioning import caption_blip2, caption_colour, lock
+from pipeline.captioning import attempts, caption_blip2, caption_colour, lock
 from tests.colour_captioner import main as colour_main
 from tests.msrun import count_lines, run_msrun
 from tests.test_runner import ROOT, SCRIPT, _env, expected_caption, make_dataset, read_rows
@@ -134,6 +134,24 @@ def test_row_that_kills_the_process_is_tried_alone_then_recorded(tmp_path):
     assert not list(tmp_path.glob("*.inflight")) and not list(tmp_path.glob("*.attempts.json"))
 
 
+def test_deaths_an_earlier_version_counted_still_count_for_the_csv_output(tmp_path):
+    """Earlier versions named the in-flight and attempts files after the output's stem (out_part1.inflight,
+    out.attempts.json) for every format: a CSV output settles them, a Parquet output leaves them."""
+    killer, other = {"path": "a.mp4"}, {"path": "b.mp4"}
+    (tmp_path / "out.attempts.json").write_text(json.dumps([{"cells": killer, "attempts": 1}]))
+    (tmp_path / "out_part1.inflight").write_text(json.dumps(killer) + "\n")
+    (tmp_path / "out.csv.part0.inflight").write_text(json.dumps(other) + "\n")
+    assert not attempts.pending(tmp_path / "out.parquet")
+    spent = attempts.settle(tmp_path / "out.csv", frozenset(), max_attempts=2)
+    assert [(s.cells, s.attempts) for s in spent] == [(killer, 2)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv.attempts.json"]
+    assert {key: s.attempts for key, s in attempts.load_suspects(tmp_path / "out.csv").items()} == {"b.mp4": 1}
+    # an output without a suffix keeps its attempts file's name
+    (tmp_path / "bare.attempts.json").write_text(json.dumps([{"cells": other, "attempts": 1}]))
+    assert attempts.settle(tmp_path / "bare", frozenset(), max_attempts=2) == []
+    assert [s.attempts for s in attempts.load_suspects(tmp_path / "bare").values()] == [1]
+
+
 def test_exceptions_do_not_count_as_deaths(tmp_path, monkeypatch):
     csv_path = make_dataset(tmp_path, 4)
     monkeypatch.setenv("CAPTION_SLEEP", "0")
@@ -205,7 +223,8 @@ def test_broken_checkpoint_folders_give_one_line_errors(tmp_path):
 
 def test_leftovers_of_crashed_runs_on_this_output_are_removed(tmp_path):
     csv_path = make_dataset(tmp_path, 2)
-    leftovers = [tmp_path / ".meta_caption.csv.0a1b2c.tmp", tmp_path / ".meta_caption_part1.csv.3d4e.tmp"]
+    leftovers = [tmp_path / ".meta_caption.csv.0a1b2c.tmp", tmp_path / ".meta_caption.csv.part1.csv.3d4e.tmp",
+                 tmp_path / ".meta_caption_part1.csv.5f6a.tmp"]  # the last: a part named by an earlier version
     for path in leftovers:
         path.write_text("torn")
     dead_sync = tmp_path / ".meta_caption.csv.sync-abc123"

@@ -79,7 +79,7 @@ def test_captions_every_row_and_keeps_columns(tmp_path):
         assert row["id"] == f"{i:03d}" and row["note"] == f"clip, number {i}" and row["score"] == "1.50"
         assert row["status"] == "ok" and row["error"] == ""
         assert row["text"] == expected_caption(tmp_path, row["path"])
-    assert not list(tmp_path.glob("meta_caption_part*.csv")), "part files are merged away"
+    assert not list(tmp_path.glob("meta_caption.csv.part*.csv")), "part files are merged away"
 
 
 def test_bad_videos_become_error_rows(tmp_path):
@@ -168,7 +168,7 @@ def test_kill_and_resume_loses_nothing(tmp_path):
     n = 12
     csv_path = make_dataset(tmp_path, n)
     out = tmp_path / "meta_caption.csv"
-    part = tmp_path / "meta_caption_part0.csv"
+    part = tmp_path / "meta_caption.csv.part0.csv"
     first_log, second_log = tmp_path / "calls1.txt", tmp_path / "calls2.txt"
     cmd = [sys.executable, str(SCRIPT), str(csv_path), "--bs", "2", "--device", "CPU"]
     kill_when_written(cmd, ROOT, _env(CAPTION_CALL_LOG=str(first_log), CAPTION_SLEEP="0.5"), part, 5)  # header + 4 rows
@@ -182,6 +182,32 @@ def test_kill_and_resume_loses_nothing(tmp_path):
     assert sorted(r["path"] for r in rows) == sorted(f"videos/v{i:02d}.mp4" for i in range(n))
     assert all(r["status"] == "ok" for r in rows)
     assert count_lines(second_log) == n - len(finished), "finished rows must not be captioned again"
+
+
+def test_parts_named_by_an_earlier_version_resume_the_csv_output_only(tmp_path, monkeypatch, caplog):
+    """Earlier versions named part files after the output's stem for CSV, Parquet and JSONL outputs alike
+    (meta_caption_part0.csv): a run interrupted so still resumes its CSV output; a Parquet output leaves the
+    part alone, saying how to take it."""
+    n = 4
+    csv_path = make_dataset(tmp_path, n)
+    colour_main([str(csv_path), "--device", "CPU", "--output", str(tmp_path / "whole.csv")])
+    whole = (tmp_path / "whole.csv").read_text()
+    old = tmp_path / "meta_caption_part0.csv"
+    lines = whole.splitlines(keepends=True)
+    old.write_text("".join(lines[:3]) + lines[3][:10])  # the header, two rows and the start of a third
+    log = tmp_path / "calls.txt"
+    monkeypatch.setenv("CAPTION_CALL_LOG", str(log))
+
+    parquet = colour_main([str(csv_path), "--device", "CPU", "--output", str(tmp_path / "meta_caption.parquet")])
+    assert parquet.skipped == 0 and count_lines(log) == n
+    assert old.read_text() == "".join(lines[:3]) + lines[3][:10]
+    assert "meta_caption_part0.csv: not resumed" in caplog.text and "meta_caption.parquet.part<N>.csv" in caplog.text
+
+    log.unlink()
+    summary = colour_main([str(csv_path), "--device", "CPU"])
+    assert summary.skipped == 2 and count_lines(log) == 2, "the two rows in the old part are not captioned again"
+    assert (tmp_path / "meta_caption.csv").read_text() == whole
+    assert not old.exists()
 
 
 def test_msrun_two_workers_merge_every_row_once(tmp_path):
@@ -202,7 +228,7 @@ def test_msrun_two_workers_merge_every_row_once(tmp_path):
         assert row["note"] == f"clip, number {i}"
         assert row["status"] == ("error" if i == 5 else "ok")
     assert "rank 1 of 2" in result.logs, "both ranks must have joined"
-    assert not list(tmp_path.glob("meta_caption_part*.csv"))
+    assert not list(tmp_path.glob("meta_caption.csv.part*.csv"))
 
 
 def test_carriage_returns_and_reserved_names_survive_resume(tmp_path, monkeypatch):
@@ -257,7 +283,7 @@ def test_interrupted_overwrite_resumes_and_keeps_old_rows(tmp_path, monkeypatch)
     old = read_rows(out)
     # An --overwrite run killed after its first batch: the old output is set aside, not lost.
     cmd = [sys.executable, str(SCRIPT), str(csv_path), "--bs", "2", "--device", "CPU", "--overwrite"]
-    part = tmp_path / "meta_caption_part0.csv"
+    part = tmp_path / "meta_caption.csv.part0.csv"
     kill_when_written(cmd, ROOT, _env(CAPTION_SLEEP="0.5"), part, 3)
     assert not out.exists() and (tmp_path / "meta_caption.prev.csv").exists()
     redone = {r["path"] for r in read_rows(part)}

@@ -471,7 +471,7 @@ def test_caption_api_against_the_server_resumes_after_a_kill(served, videos, tmp
     rows["start"] = [f"{0.1 * i:.1f}" for i in range(len(rows))]  # distinct segments: distinct rows
     csv_path = tmp_path / "meta.csv"
     rows.to_csv(csv_path, index=False)
-    out, part = tmp_path / "captions.csv", tmp_path / "captions_part0.csv"
+    out, part = tmp_path / "captions.csv", tmp_path / "captions.csv.part0.csv"
     cmd = [sys.executable, "-m", "pipeline.captioning.caption_api", str(csv_path), "--base_url", f"{served}/v1",
            "--bs", "1", "--num_frames", "2", "--max_new_tokens", str(NEW_TOKENS), "--device", "CPU",
            "--output", str(out), "--no-cleanup"]

@@ -200,7 +200,7 @@ def expected_windows(folder: Path, frames: list[int]) -> set[tuple[str, str]]:
 def test_kill_mid_run_then_resume_gives_every_window_once(tmp_path):
     frames = [42, 30, 27, 51]
     csv_path = make_dataset(tmp_path, frames)
-    out, part = tmp_path / "meta_caption.csv", tmp_path / "meta_caption_part0.csv"
+    out, part = tmp_path / "meta_caption.csv", tmp_path / "meta_caption.csv.part0.csv"
     first_log, second_log = tmp_path / "calls1.txt", tmp_path / "calls2.txt"
     cmd = [sys.executable, str(SCRIPT), str(csv_path), "--bs", "2", "--device", "CPU", "--window_seconds", "1"]
     env = dict(os.environ)
@@ -238,4 +238,4 @@ def test_msrun_shards_the_windows_still_to_do(tmp_path):
     assert "rank 1 of 2" in result.logs, "both ranks must have joined"
     assert read_rows(out) == complete
     assert count_lines(log) == len(complete) - len(kept), "each missing window captioned once, on one rank"
-    assert not list(tmp_path.glob("meta_caption_part*.csv"))
+    assert not list(tmp_path.glob("meta_caption.csv.part*.csv"))

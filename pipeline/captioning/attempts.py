@@ -4,12 +4,14 @@ A segfault in a kernel or an out-of-memory kill ends the process at the same row
 every re-run, so without this that row would never be recorded and the run never done.
 
 Before a batch goes to the model, its rows' cells are written to the rank's in-flight
-file ``<stem>_part<rank>.inflight`` (one JSON line each); once they are in the part
+file ``<output name>.part<rank>.inflight`` (one JSON line each); once they are in the part
 file it is emptied again. A process that dies leaves its batch there. At the next start
 rank 0 (holding the output's lock, so no live run writes these files) adds one attempt
-per such row to ``<stem>.attempts.json``. A row with an attempt is captioned alone, with
-nothing else in flight, so a second death blames exactly that row. A row that reaches
-``max_attempts`` is written as an error row instead of being tried again.
+per such row to ``<output name>.attempts.json``. A row with an attempt is captioned alone,
+with nothing else in flight, so a second death blames exactly that row. A row that reaches
+``max_attempts`` is written as an error row instead of being tried again. A CSV output
+also settles the files an earlier version named after its stem (``out_part0.inflight``,
+``out.attempts.json``; see ``metadata.takes_stem_named_files``), and removes them.
 
 A Python exception never counts: the runner empties the in-flight file when one
 propagates, because the row did not kill the process.
@@ -23,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.datasets.metadata import RowKey, row_key
+from pipeline.datasets.metadata import RowKey, row_key, takes_stem_named_files
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +37,18 @@ class ProcessDiedError(RuntimeError):
 
 
 def inflight_path(output: Path, rank: int) -> Path:
-    return output.with_name(f"{output.stem}_part{rank}.inflight")
+    return output.with_name(f"{output.name}.part{rank}.inflight")
 
 
 def attempts_path(output: Path) -> Path:
-    return output.with_name(f"{output.stem}.attempts.json")
+    return output.with_name(f"{output.name}.attempts.json")
+
+
+def _stem_named_attempts(output: Path) -> list[Path]:
+    """The attempts file an earlier version named after a CSV output's stem, where there is one (an output
+    without a suffix had the name it has now)."""
+    path = output.with_name(f"{output.stem}.attempts.json")
+    return [path] if takes_stem_named_files(output) and path != attempts_path(output) and path.is_file() else []
 
 
 class InflightFile:
@@ -80,7 +89,10 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def _find_inflight(output: Path) -> list[Path]:
-    pattern = re.compile(rf"{re.escape(output.stem)}_part\d+\.inflight")
+    pattern = rf"{re.escape(output.name)}\.part\d+\.inflight"
+    if takes_stem_named_files(output):
+        pattern += rf"|{re.escape(output.stem)}_part\d+\.inflight"
+    pattern = re.compile(pattern)
     return sorted(p for p in output.parent.iterdir() if pattern.fullmatch(p.name)) if output.parent.is_dir() else []
 
 
@@ -94,7 +106,10 @@ class Suspect:
 
 def load_suspects(output: Path) -> dict[RowKey, Suspect]:
     """The rows with recorded deaths (read by every rank after rank 0 has settled them)."""
-    path = attempts_path(output)
+    return _load(attempts_path(output))
+
+
+def _load(path: Path) -> dict[RowKey, Suspect]:
     if not path.is_file():
         return {}
     try:
@@ -117,7 +132,7 @@ def _save(output: Path, suspects: dict[RowKey, Suspect]) -> None:
 
 def pending(output: Path) -> bool:
     """Whether earlier processes left rows to settle (in-flight files or recorded deaths)."""
-    return attempts_path(output).is_file() or bool(_find_inflight(output))
+    return attempts_path(output).is_file() or bool(_stem_named_attempts(output) or _find_inflight(output))
 
 
 def settle(output: Path, recorded: frozenset[RowKey], max_attempts: int) -> list[Suspect]:
@@ -126,7 +141,9 @@ def settle(output: Path, recorded: frozenset[RowKey], max_attempts: int) -> list
     Rows recorded since (captioned, or failed in Python) are forgotten. The returned
     rows leave the attempts file, so the caller must write them as error rows.
     """
-    suspects = {key: s for key, s in load_suspects(output).items() if key not in recorded}
+    old = _stem_named_attempts(output)
+    suspects = {key: s for path in [*old, attempts_path(output)] for key, s in _load(path).items()
+                if key not in recorded}
     files = _find_inflight(output)
     for path in files:
         for cells in _read_rows(path):
@@ -140,7 +157,7 @@ def settle(output: Path, recorded: frozenset[RowKey], max_attempts: int) -> list
     out_of_attempts = [key for key, s in suspects.items() if s.attempts >= max_attempts]
     spent = [suspects.pop(key) for key in out_of_attempts]
     _save(output, suspects)
-    for path in files:
+    for path in [*old, *files]:
         path.unlink()
     return spent
 

@@ -166,7 +166,8 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> VideoLlamaCaptioner
 
 def gebc_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
     """The arguments of a GEBC run: an annotation JSON input becomes its boundary table, written beside the
-    output (default ``<annotation stem>_gebc.csv``); the prompt column records the three questions."""
+    output (default ``<annotation stem>_gebc.csv``) as ``<output>.boundaries.csv``; the prompt column records
+    the three questions."""
     argv = argv + ["--question", " | ".join(gebc.read_questions(args.gebc_questions).values())]
     annotation = Path(args.input)
     if annotation.suffix.lower() != ".json":
@@ -174,7 +175,7 @@ def gebc_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
     if not args.boundary_window > 0:
         raise ConfigError(f"--boundary_window must be positive seconds (got {args.boundary_window})")
     output = Path(args.output) if args.output else annotation.with_name(f"{annotation.stem}_gebc.csv")
-    table = output.with_name(f"{output.stem}_boundaries.csv")
+    table = output.with_name(f"{output.name}.boundaries.csv")
     write_csv_atomic(gebc.read_boundaries(annotation, args.boundary_window, args.video_template), table)
     argv[argv.index(args.input)] = str(table)
     if not args.output:

@@ -46,7 +46,7 @@ def common_parser(description: str, epilog: str = "", model: bool = True) -> arg
                                         "(default: the CSV's folder)")
     p.add_argument("--output", help="final captions table; its suffix (.csv, .parquet, .jsonl) picks the format "
                                     "(default: <input stem>_caption in the input's format, next to it); ranks "
-                                    "write <output stem>_part<rank>.csv while running")
+                                    "write <output>.part<rank>.csv while running")
     p.add_argument("--sidecar", action="store_true",
                    help="after the merge, also write each ok row's caption to <video stem>.txt next to its video "
                         "(a segment or window row: <stem>_<start>-<end>.txt, seconds, 'end' for an open end); "

@@ -3,7 +3,7 @@
 Flow per rank: read the CSV, find the rows still to do (row-level resume), take a
 deterministic shard of them, decode frames ahead of the model in worker processes,
 caption ``bs`` videos at a time, append each finished batch to
-``<output stem>_part{rank}.csv`` and flush it to disk. Ranks meet through marker
+``<output name>.part{rank}.csv`` and flush it to disk. Ranks meet through marker
 files (see ``pipeline.distributed.FileBarrier``); rank 0 merges the parts into the
 final output once every rank has finished. A kill loses at most the batch in
 flight; a video that cannot be read, or a batch the model fails on, becomes rows
@@ -69,7 +69,9 @@ from pipeline.datasets.metadata import (
     row_key,
     row_keys,
     row_segment,
+    stem_named_part_files,
     table_format,
+    takes_stem_named_files,
     write_csv_atomic,
 )
 from pipeline.captioning import attempts
@@ -522,8 +524,14 @@ def _read_input(opts: RunOptions) -> pd.DataFrame:
 
 
 def _remove_leftovers(output: Path, meet: distributed.FileBarrier) -> None:
-    """Temporary files and sync folders that crashed runs on this output left (we hold its lock)."""
-    for pattern in (f".{output.name}.*.tmp", f".{output.stem}_part*.csv.*.tmp", f".{output.stem}.attempts.json.tmp"):
+    """Temporary files and sync folders that crashed runs on this output left (we hold its lock).
+
+    The temporary files of the output, its parts and its attempts file all start with ``.<output name>.``;
+    a CSV output also removes those of the files earlier versions named after its stem."""
+    patterns = [f".{output.name}.*.tmp"]
+    if takes_stem_named_files(output):
+        patterns += [f".{output.stem}_part*.csv.*.tmp", f".{output.stem}.attempts.json.tmp"]
+    for pattern in patterns:
         for leftover in output.parent.glob(pattern):
             leftover.unlink(missing_ok=True)
     for folder in meet.stale_folders():
@@ -546,6 +554,12 @@ def _start(output: Path, order: list[RowKey], opts: RunOptions, meet: distribute
     """Rank 0's set-up under the lock, before anyone reads: fold an earlier run's parts in (or set the
     old output aside), settle rows a dead process left in flight, and remove crashed runs' leftovers."""
     _remove_leftovers(output, meet)
+    unclaimed = [] if takes_stem_named_files(output) else stem_named_part_files(output)
+    if unclaimed:
+        logger.warning("%s: not resumed, as an earlier version gave %s.csv, .parquet and .jsonl these part file "
+                       "names alike; if this output's interrupted run left them, rename each %s_part<N>.csv to "
+                       "%s.part<N>.csv and run again", ", ".join(p.name for p in unclaimed), output.stem,
+                       output.stem, output.name)
     schema = opts.output_schema()
     if opts.overwrite:
         for part in find_part_files(output):

@@ -41,7 +41,7 @@ from pipeline.datasets.metadata import (
 EPILOG = """\
 examples:
   merge part files of a captioning run (duplicate row keys keep their last 'ok' row):
-    datautil out.csv 'out_part*.csv' --output out.csv
+    datautil out.csv 'out.csv.part*.csv' --output out.csv
   one row per scene of Open-Sora's scene_detect output, to caption each scene:
     datautil meta_timestamp.csv --split-timestamp --output scenes.csv
   rows still to caption:
@@ -66,7 +66,7 @@ ntoken). Exit status is 1 on bad input.
 
 
 def _natural_key(path: str) -> list:
-    """Sort out_part2.csv before out_part10.csv."""
+    """Sort out.csv.part2.csv before out.csv.part10.csv."""
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", path)]
 
 
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "input",
         nargs="+",
-        help="input CSV, Parquet or JSONL files or quoted glob patterns, e.g. meta.csv 'out_part*.csv'. Several "
+        help="input CSV, Parquet or JSONL files or quoted glob patterns, e.g. meta.csv 'out.csv.part*.csv'. Several "
         "inputs are concatenated; a row key (path, plus start/end/timestamp/window where "
         "present) seen more than once keeps its last row with status 'ok', or its last row "
         "if none is ok; keys keep first-seen order",

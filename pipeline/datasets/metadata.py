@@ -579,23 +579,52 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def part_path(output: StrPath, rank: int) -> Path:
-    """Part file of one rank: ``out.csv`` -> ``out_part{rank}.csv`` in the same folder."""
+    """Part file of one rank, named after the whole output file name: ``out.parquet`` ->
+    ``out.parquet.part{rank}.csv`` in the same folder, so ``out.csv``, ``out.parquet`` and
+    ``out.jsonl`` never share one."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
     out = Path(output)
-    return out.with_name(f"{out.stem}_part{rank}.csv")
+    return out.with_name(f"{out.name}.part{rank}.csv")
+
+
+def takes_stem_named_files(output: StrPath) -> bool:
+    """Whether the output owns the files earlier versions named after its stem: ``out_part0.csv``,
+    ``out_part0.inflight``, ``out.attempts.json``.
+
+    ``out.csv``, ``out.parquet`` and ``out.jsonl`` in one folder all wrote those names. A CSV
+    output, the usual one, takes them as its own, so a run interrupted under that naming resumes;
+    its next start merges them in and removes them. A Parquet or JSONL output cannot tell whose
+    they are and leaves them (the runner warns). New part and in-flight names end in
+    ``.part<N>.csv``/``.part<N>.inflight`` where the old ones end in ``_part<N>...``, so no output
+    takes another run's current part files for old ones.
+    """
+    return table_format(output) == ".csv"
+
+
+def stem_named_part_files(output: StrPath) -> list[Path]:
+    """Part files an earlier version named after the output's stem (``<stem>_part<digits>.csv``),
+    whatever the output's format, sorted by rank number."""
+    out = Path(output)
+    return _numbered_files(out.parent, rf"{re.escape(out.stem)}_part(\d+)\.csv")
 
 
 def find_part_files(output: StrPath) -> list[Path]:
-    """Existing part files of an output (``<stem>_part<digits>.csv``), sorted by rank number."""
+    """Existing part files of an output (``<name>.part<digits>.csv``), sorted by rank number; a CSV
+    output's stem-named ones (see ``takes_stem_named_files``) come first, so where both hold a row key the
+    current naming's row wins."""
     out = Path(output)
-    pattern = re.compile(rf"{re.escape(out.stem)}_part(\d+)\.csv")
-    folder = out.parent
+    old = stem_named_part_files(out) if takes_stem_named_files(out) else []
+    return old + _numbered_files(out.parent, rf"{re.escape(out.name)}\.part(\d+)\.csv")
+
+
+def _numbered_files(folder: Path, pattern: str) -> list[Path]:
+    """Files in folder whose whole name matches pattern, sorted by the number its group captures."""
     if not folder.is_dir():
         return []
     found = []
     for entry in folder.iterdir():
-        match = pattern.fullmatch(entry.name)
+        match = re.fullmatch(pattern, entry.name)
         if match and entry.is_file():
             found.append((int(match.group(1)), entry))
     return [entry for _, entry in sorted(found)]
@@ -706,10 +735,10 @@ def _read_part(path: Path) -> pd.DataFrame | None:
 
 
 def read_table(path: StrPath) -> pd.DataFrame:
-    """``read_metadata`` for ordinary tables; a part file (``*_part<N>.csv``), which a crash may
-    have cut short, loses only its torn last record."""
+    """``read_metadata`` for ordinary tables; a part file (``*.part<N>.csv``, or ``*_part<N>.csv`` as
+    earlier versions named them), which a crash may have cut short, loses only its torn last record."""
     path = Path(path)
-    if re.search(r"_part\d+\.csv$", path.name):
+    if re.search(r"[._]part\d+\.csv$", path.name):
         table = _read_part(path)
         return table if table is not None else pd.DataFrame({PATH_COLUMN: pd.Series(dtype=object)})
     return read_metadata(path, warn_duplicates=False)

@@ -162,10 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def caption_split(records: Sequence[CaptionRecord], predictions: str, checkpoint: str,
                   extra: Sequence[str]) -> None:
-    """Write the split's videos to a CSV and caption them with caption_blip2 (which resumes)."""
+    """Write the split's videos to ``<predictions>.videos.csv`` (named after the whole file name, so
+    predictions that differ only in format never share it) and caption them with caption_blip2 (which resumes)."""
     from pipeline.captioning import caption_blip2
 
-    videos = Path(predictions).with_name(f"{Path(predictions).stem}_videos.csv")
+    videos = Path(predictions).with_name(f"{Path(predictions).name}.videos.csv")
     videos.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"path": [r.path for r in records], "video_id": [r.video_id for r in records]}).to_csv(
         videos, index=False)
