@@ -68,8 +68,9 @@ class LlamaAttention(nn.Cell):
 
     ``num_heads``/``num_kv_heads`` are this rank's (all of them without tensor parallelism)."""
 
-    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None):
-        """Biases follow ``config.attention_bias`` unless given (Qwen2: q/k/v with bias, o without)."""
+    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None, qk_norm: bool = False):
+        """Biases follow ``config.attention_bias`` unless given (Qwen2: q/k/v with bias, o without).
+        ``qk_norm``: Qwen3's per-head RMSNorm of queries and keys (``q_norm``/``k_norm``) before the rotary."""
         super().__init__()
         dim = config.hidden_size
         heads = config.num_attention_heads
@@ -85,14 +86,17 @@ class LlamaAttention(nn.Cell):
         self.v_proj = ColumnParallelLinear(dim, kv_heads * self.head_dim, qkv_bias, rows=split.kv_rows)
         self.o_proj = RowParallelLinear(heads * self.head_dim, dim, bias if o_bias is None else o_bias,
                                         cols=split.q_rows)
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if qk_norm else None
 
-    def _heads(self, x: Tensor, heads: int) -> Tensor:
+    def _heads(self, x: Tensor, heads: int, norm: Optional[RMSNorm] = None) -> Tensor:
         b, t, _ = x.shape
-        return x.reshape(b, t, heads, self.head_dim).swapaxes(1, 2)
+        x = x.reshape(b, t, heads, self.head_dim)
+        return (x if norm is None else norm(x)).swapaxes(1, 2)
 
     def construct(self, x, cos, sin, mask, slots, past_key=None, past_value=None):
-        query = self._heads(self.q_proj(x), self.num_heads)
-        key = self._heads(self.k_proj(x), self.num_kv_heads)
+        query = self._heads(self.q_proj(x), self.num_heads, self.q_norm)
+        key = self._heads(self.k_proj(x), self.num_kv_heads, self.k_norm)
         value = self._heads(self.v_proj(x), self.num_kv_heads)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         out, key, value = cached_self_attention(query * self.scaling, key, value, mask, slots, past_key, past_value)
@@ -120,9 +124,9 @@ class LlamaDecoderLayer(nn.Cell):
     """Pre-norm block; ``cos``/``sin`` come broadcastable to (B, heads, T, head_dim); ``mask`` (B, L) marks
     the filled key slots."""
 
-    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None):
+    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None, qk_norm: bool = False):
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, o_bias)
+        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

@@ -13,7 +13,8 @@ Generation uses ``models.generation``. The cache's first tensor is a per-row pos
 (B, 3, max_length): the prompt's 3-D positions, then ``slot + rope_delta`` for generated tokens,
 where ``rope_delta = max prompt position + 1 - prompt length`` continues each row's positions
 from its own last one (so a left-padded row decodes exactly like the same prompt alone).
-``generate`` hands the prompt positions to ``init_cache`` through ``_prompt_positions``.
+``generate`` hands the prompt positions to ``init_cache`` through ``_prompt_positions``, with the
+prompt's DeepStack features (Qwen3-VL), which the cache carries after the table for the prompt step.
 
 Parameter names are the published checkpoints' (``visual.*``, ``model.*``, ``lm_head.*``), which
 transformers' ``save_pretrained`` (4.56 and 5.25) also writes; its in-memory layout (``model.visual.*``,
@@ -138,15 +139,27 @@ def get_rope_index(config: "Qwen2VLConfig", input_ids: np.ndarray, attention_mas
 
 
 class MultimodalRotary(nn.Cell):
-    """cos/sin (B, T, head_dim) from 3-D positions: channel c rotates by the axis ``mrope_section`` gives it."""
+    """cos/sin (B, T, head_dim) from 3-D positions: channel c rotates by the axis ``mrope_section`` gives it.
 
-    def __init__(self, head_dim: int, theta: float, mrope_section: list[int]):
+    Qwen2-VL gives each axis a block of frequencies (t, then h, then w); Qwen3-VL (``interleaved``) cycles
+    t, h, w over the first 3 * section channels and gives the rest to t, so every axis gets high and low
+    frequencies.
+    """
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: list[int], interleaved: bool = False):
         super().__init__()
         if 2 * sum(mrope_section) != head_dim:
             raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
         inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
         inv_freq = np.concatenate([inv_freq, inv_freq]).astype(np.float32)
-        axis = np.concatenate([np.full(n, i % 3) for i, n in enumerate(list(mrope_section) * 2)])
+        if interleaved:
+            channel = np.arange(head_dim // 2)
+            half = np.zeros(head_dim // 2, np.int64)
+            for i in (1, 2):
+                half[(channel % 3 == i) & (channel < 3 * mrope_section[i])] = i
+        else:
+            half = np.concatenate([np.full(n, i) for i, n in enumerate(mrope_section)])
+        axis = np.concatenate([half, half])
         table = np.zeros((3, head_dim), np.float32)
         table[axis, np.arange(head_dim)] = inv_freq
         self.freq_table = Tensor(table)  # (3, head_dim): one non-zero per column, so the product is exact
@@ -157,15 +170,17 @@ class MultimodalRotary(nn.Cell):
 
 
 class Qwen2VLTextModel(nn.Cell):
-    """The Qwen2 decoder stack (``model.*`` in the published checkpoints)."""
+    """The Qwen2 decoder stack (``model.*`` in the published checkpoints), or with ``qk_norm`` and
+    ``interleaved`` M-RoPE Qwen3-VL's (biases None: ``config.attention_bias``)."""
 
-    def __init__(self, config):
+    def __init__(self, config, qkv_bias: bool | None = True, o_bias: bool | None = False, qk_norm: bool = False,
+                 interleaved: bool = False):
         super().__init__()
         if getattr(config, "use_sliding_window", False):
             raise NotImplementedError("sliding-window attention is not supported (Qwen2-VL does not use it)")
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # Qwen2's decoder is Llama's with biased q/k/v projections (and M-RoPE, applied through cos/sin).
-        self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias=True, o_bias=False)
+        self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm)
                                    for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # transformers 5 gathers a config.json's top-level rope_theta and rope_scaling ({"type": "mrope",
@@ -173,11 +188,12 @@ class Qwen2VLTextModel(nn.Cell):
         rope = config.rope_parameters
         if rope["rope_type"] != "default":
             raise NotImplementedError(f"rope_type {rope['rope_type']!r} is not supported")
-        self.rotary = MultimodalRotary(config.hidden_size // config.num_attention_heads, rope["rope_theta"],
-                                       rope["mrope_section"])
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary = MultimodalRotary(head_dim, rope["rope_theta"], rope["mrope_section"], interleaved)
 
-    def construct(self, inputs_embeds, attention_mask, positions, slots, cache=None):
-        """T positions (3-D ``positions`` (B, 3, T)) written at ``slots``; the mask covers all key slots."""
+    def construct(self, inputs_embeds, attention_mask, positions, slots, cache=None, deepstack=()):
+        """T positions (3-D ``positions`` (B, 3, T)) written at ``slots``; the mask covers all key slots.
+        ``deepstack[i]`` (B, T, D) is added to the output of layer i (Qwen3-VL's DeepStack)."""
         cos, sin = self.rotary(positions)
         cos, sin = cos[:, None].astype(inputs_embeds.dtype), sin[:, None].astype(inputs_embeds.dtype)
         mask = attention_mask.astype(ms.int32)
@@ -189,6 +205,8 @@ class Qwen2VLTextModel(nn.Cell):
             else:
                 x, key, value = layer(x, cos, sin, mask, slots, cache[2 * i], cache[2 * i + 1])
                 new_cache += (key, value)
+            if i < len(deepstack):
+                x = x + deepstack[i].astype(x.dtype)
         return self.norm(x), new_cache
 
 
@@ -197,6 +215,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
 
     is_encoder_decoder = False
     vision_class: type = Qwen2VisionTransformer
+    decoder_options: dict = {}  # Qwen2VLTextModel's options for a family's decoder (Qwen3-VL's q/k norm ...)
     checkpoint_rename_rules = [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")]
 
     def __init__(self, config: "Qwen2VLConfig"):
@@ -204,13 +223,13 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         self.config = config
         text = config.text_config
         self.visual = self.vision_class(config.vision_config)
-        self.model = Qwen2VLTextModel(text)
+        self.model = Qwen2VLTextModel(text, **self.decoder_options)
         # transformers 5 keeps tie_word_embeddings on the outer config (a published flat config.json's
-        # text_config has none; a nested one's is forwarded outward).
-        self.tie_word_embeddings = bool(config.tie_word_embeddings)
+        # text_config has none); 5.25 forwards a nested text_config's outward, 5.2 does not.
+        self.tie_word_embeddings = bool(config.tie_word_embeddings or getattr(text, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else vocab_head(text.hidden_size, text.vocab_size)
         self.tied_weights_keys = ("lm_head.weight",) if self.tie_word_embeddings else ()
-        self._prompt_positions: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._prompt_positions: Optional[tuple[np.ndarray, np.ndarray, tuple]] = None
 
     def get_input_embeddings(self) -> VocabParallelEmbedding:
         return self.model.embed_tokens
@@ -219,7 +238,8 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         return tied_logits(hidden, self.model.embed_tokens) if self.lm_head is None else self.lm_head(hidden)
 
     def get_image_features(self, pixel_values, image_grid_thw) -> Tensor:
-        """Image patch rows -> (sum of t*h*w/4, hidden) LM tokens, images in order."""
+        """Image patch rows -> (sum of t*h*w/4, hidden) LM tokens, images in order (a vision tower with
+        DeepStack returns a tuple: these tokens, then its DeepStack features of the same shape)."""
         return self.visual(pixel_values, image_grid_thw)
 
     def get_video_features(self, pixel_values_videos, video_grid_thw) -> Tensor:
@@ -236,17 +256,32 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         return ops.where(Tensor(slots)[..., None], placed, embeds)
 
     def embed_inputs(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-                     video_grid_thw=None) -> Tensor:
-        """Token embeddings with the image and video tokens in place of their placeholders."""
+                     video_grid_thw=None) -> tuple[Tensor, tuple]:
+        """Token embeddings with the image and video tokens in place of their placeholders, and the DeepStack
+        features: one (B, L, D) tensor per decoder layer that receives them, zero off the vision tokens
+        (none without DeepStack)."""
         ids = _numpy(input_ids).astype(np.int64)
         embeds = self.model.embed_tokens(Tensor(ids.astype(np.int32)))
-        if pixel_values is not None:
-            embeds = self._place(embeds, ids, self.config.image_token_id,
-                                 self.get_image_features(pixel_values, image_grid_thw), "image")
-        if pixel_values_videos is not None:
-            embeds = self._place(embeds, ids, self.config.video_token_id,
-                                 self.get_video_features(pixel_values_videos, video_grid_thw), "video")
-        return embeds
+        deepstack: tuple = ()
+        for kind, token, features in (
+                ("image", self.config.image_token_id,
+                 None if pixel_values is None else self.get_image_features(pixel_values, image_grid_thw)),
+                ("video", self.config.video_token_id,
+                 None if pixel_values_videos is None else self.get_video_features(pixel_values_videos,
+                                                                                  video_grid_thw))):
+            if features is None:
+                continue
+            features = features if isinstance(features, tuple) else (features,)
+            embeds = self._place(embeds, ids, token, features[0], kind)
+            base = deepstack or tuple(ops.zeros_like(embeds) for _ in features[1:])
+            deepstack = tuple(self._place(d, ids, token, f, kind) for d, f in zip(base, features[1:]))
+        return embeds, deepstack
+
+    def rope_index(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw, video_grid_thw,
+                   second_per_grid_ts) -> tuple[np.ndarray, np.ndarray]:
+        """The prompt's 3-D positions and rope deltas (:func:`get_rope_index`; Qwen3-VL has its own)."""
+        return get_rope_index(self.config, input_ids, attention_mask, image_grid_thw, video_grid_thw,
+                              second_per_grid_ts)
 
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                   pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
@@ -254,8 +289,10 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         """transformers' ``forward`` (no cache); numpy or Tensor inputs; ``second_per_grid_ts`` (one per video:
         seconds per temporal patch) only for Qwen2.5-VL."""
         ids = _numpy(input_ids)
+        deepstack: tuple = ()
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+            inputs_embeds, deepstack = self.embed_inputs(ids, pixel_values, image_grid_thw, pixel_values_videos,
+                                                         video_grid_thw)
         elif not isinstance(inputs_embeds, Tensor):
             inputs_embeds = Tensor(np.asarray(inputs_embeds))
         batch, length = inputs_embeds.shape[:2]
@@ -263,14 +300,14 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         if position_ids is None:
             if ids is None:
                 raise ValueError("give input_ids or position_ids: 3-D positions come from the prompt's tokens")
-            position_ids, rope_deltas = get_rope_index(self.config, ids, mask, _numpy(image_grid_thw),
-                                                       _numpy(video_grid_thw), _numpy(second_per_grid_ts))
+            position_ids, rope_deltas = self.rope_index(ids, mask, _numpy(image_grid_thw), _numpy(video_grid_thw),
+                                                        _numpy(second_per_grid_ts))
         positions = np.asarray(_numpy(position_ids))
         if positions.ndim == 2:
             positions = np.broadcast_to(positions[None], (3,) + positions.shape)
         hidden, _ = self.model(inputs_embeds, Tensor(mask.astype(np.int32)),
                                Tensor(positions.transpose(1, 0, 2).astype(np.int32)),
-                               ops.arange(length).astype(ms.int32))
+                               ops.arange(length).astype(ms.int32), deepstack=deepstack)
         logits = self._logits(hidden)
         loss = None if labels is None else causal_lm_loss(logits, Tensor(_numpy(labels).astype(np.int32)), True)
         return Qwen2VLOutput(logits=logits, loss=loss, rope_deltas=rope_deltas)
@@ -278,10 +315,11 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
     # --- generation protocol (see models.generation)
 
     def init_cache(self, batch_size: int, max_length: int) -> tuple:
-        """(position table (B, 3, max_length) int32, then K and V (B, kv_heads, max_length, head_dim) per layer)."""
+        """(position table (B, 3, max_length) int32, the prompt's DeepStack features (B, prompt length, D) if
+        any, then K and V (B, kv_heads, max_length, head_dim) per layer)."""
         if self._prompt_positions is None:
             raise RuntimeError("the model needs its 3-D prompt positions: generate through model.generate(...)")
-        positions, deltas = self._prompt_positions
+        positions, deltas, deepstack = self._prompt_positions
         repeat = batch_size // positions.shape[1]
         positions, deltas = np.repeat(positions, repeat, axis=1), np.repeat(deltas, repeat, axis=0)
         length = positions.shape[2]
@@ -291,17 +329,23 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         attn = self.model.layers[0].self_attn  # this rank's key/value heads
         shape = (batch_size, attn.num_kv_heads, max_length, attn.head_dim)
         dtype = self.model.embed_tokens.weight.dtype
-        return (Tensor(table),) + tuple(ops.zeros(shape, dtype) for _ in range(2 * len(self.model.layers)))
+        rows = Tensor(np.repeat(np.arange(positions.shape[1]), repeat).astype(np.int32))
+        deepstack = tuple(ops.gather(d, rows, 0) for d in deepstack)
+        return (Tensor(table),) + deepstack + tuple(ops.zeros(shape, dtype) for _ in range(2 * len(self.model.layers)))
 
     def decode_step(self, input_ids, inputs_embeds, attention_mask, cache_position, *cache):
+        """The prompt (written at slot 0, as every multi-token step) gets the DeepStack features; a decoding
+        step carries them unchanged."""
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         table = cache[0]
+        deepstack = cache[1:len(cache) - 2 * len(self.model.layers)]
         slots = slot_ids(cache_position, inputs_embeds.shape[1])
         positions = ops.gather(table, slots, 2)
-        hidden, new_cache = self.model(inputs_embeds, attention_mask, positions, slots, cache[1:])
+        hidden, new_cache = self.model(inputs_embeds, attention_mask, positions, slots, cache[1 + len(deepstack):],
+                                       deepstack if inputs_embeds.shape[1] > 1 else ())
         logits = self._logits(hidden[:, -1:])[:, 0].astype(ms.float32)
-        return (logits, table) + new_cache
+        return (logits, table) + deepstack + new_cache
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
@@ -322,10 +366,10 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         mask = np.ones_like(ids) if attention_mask is None else _numpy(attention_mask).astype(np.int64)
         rows, cols = ids.shape
         ids, mask = pad_to_buckets(ids, mask, self.config.text_config.pad_token_id or 0)
-        embeds = self.embed_inputs(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        positions, deltas = get_rope_index(self.config, ids, mask, _numpy(image_grid_thw), _numpy(video_grid_thw),
-                                           _numpy(second_per_grid_ts))
-        self._prompt_positions = (positions, deltas)
+        embeds, deepstack = self.embed_inputs(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        positions, deltas = self.rope_index(ids, mask, _numpy(image_grid_thw), _numpy(video_grid_thw),
+                                            _numpy(second_per_grid_ts))
+        self._prompt_positions = (positions, deltas, deepstack)
         try:
             out: GenerateOutput = generate(self, input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
                                            **generate_kwargs)

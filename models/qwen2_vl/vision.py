@@ -37,22 +37,25 @@ class GELU(nn.Cell):
 
 
 class PatchProjection(nn.Cell):
-    """Conv3d with kernel == stride and no bias, i.e. one matrix product per flattened patch row."""
+    """Conv3d with kernel == stride, i.e. one matrix product per flattened patch row (a bias in Qwen3-VL)."""
 
-    def __init__(self, in_channels: int, temporal_patch: int, patch: int, embed_dim: int):
+    def __init__(self, in_channels: int, temporal_patch: int, patch: int, embed_dim: int, bias: bool = False):
         super().__init__()
         self.weight = zeros_parameter((embed_dim, in_channels, temporal_patch, patch, patch))
+        self.bias = zeros_parameter((embed_dim,)) if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, rows: Tensor) -> Tensor:
         weight = self.weight.reshape(self.weight.shape[0], -1)
-        return self.matmul(rows.astype(weight.dtype), weight)
+        out = self.matmul(rows.astype(weight.dtype), weight)
+        return out if self.bias is None else out + self.bias
 
 
 class PatchEmbed(nn.Cell):
-    def __init__(self, config: "PretrainedConfig", embed_dim: int):
+    def __init__(self, config: "PretrainedConfig", embed_dim: int, bias: bool = False):
         super().__init__()
-        self.proj = PatchProjection(config.in_channels, config.temporal_patch_size, config.patch_size, embed_dim)
+        self.proj = PatchProjection(config.in_channels, config.temporal_patch_size, config.patch_size, embed_dim,
+                                    bias)
 
     def construct(self, rows: Tensor) -> Tensor:
         return self.proj(rows)
@@ -164,7 +167,9 @@ class VisionTower(nn.Cell):
     """``pixel_values`` rows + ``grid_thw`` -> (sum of t*h*w/4, LM hidden) tokens in input order.
 
     Subclasses build ``patch_embed``, ``blocks`` and ``merger``; a subclass whose blocks use windows
-    returns a :class:`WindowLayout` from :meth:`window_layout`.
+    returns a :class:`WindowLayout` from :meth:`window_layout`, one that needs more per-slice inputs
+    (Qwen3-VL's position embeddings) returns them from :meth:`slice_inputs`. An ``encode_blocks`` that
+    returns a tuple (Qwen3-VL's DeepStack features after the tokens) makes the tower return a tuple.
     """
 
     jit_name = "qwen2_vl.vision"
@@ -185,6 +190,10 @@ class VisionTower(nn.Cell):
     def window_layout(self, h: int, w: int) -> Optional[WindowLayout]:
         """None: every block attends over the whole temporal slice."""
         return None
+
+    def slice_inputs(self, h: int, w: int, order: np.ndarray) -> tuple:
+        """Tensors ``encode_blocks`` takes after the window ones for an (h, w) slice whose rows are in ``order``."""
+        return ()
 
     def chunk_limit(self, patches: int) -> int:
         """Blocks encoded together: at most ``max_blocks``, and a power of two whose attention scores
@@ -257,6 +266,7 @@ class VisionTower(nn.Cell):
                 extra = (Tensor(layout.gather.astype(np.int32)), mask, Tensor(layout.scatter.astype(np.int32)),
                          Tensor(cos[order][layout.gather]), Tensor(sin[order][layout.gather]),
                          Tensor(layout.restore.astype(np.int32)))
+            extra += self.slice_inputs(h, w, order)
             cos, sin = Tensor(cos[order]), Tensor(sin[order])
             for first in range(0, len(members), size):
                 chunk = members[first:first + size]
@@ -264,10 +274,12 @@ class VisionTower(nn.Cell):
                 for j, i in enumerate(chunk):
                     rows[j * h * w:(j + 1) * h * w] = pixel_values[blocks[i][0] + order]
                 out = encode(Tensor(rows).astype(dtype), cos, sin, *extra)
+                out = out if isinstance(out, tuple) else (out,)
                 per_block = h * w // self.merge_size ** 2
                 for j, i in enumerate(chunk):
-                    outputs[i] = out[j * per_block:(j + 1) * per_block]
-        return ops.concat(outputs, axis=0)
+                    outputs[i] = [o[j * per_block:(j + 1) * per_block] for o in out]
+        merged = tuple(ops.concat([o[k] for o in outputs], axis=0) for k in range(len(outputs[0])))
+        return merged if len(merged) > 1 else merged[0]
 
 
 class Qwen2VisionTransformer(VisionTower):

@@ -28,7 +28,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from models import from_pretrained
-from models.checkpoint import load_tokenizer
+from models.checkpoint import CheckpointError, load_tokenizer, read_config
 from models.generation import left_pad
 from models.qwen2_5_vl.processing import DEFAULT_FPS, Qwen2_5_VLVisionProcessor, sampled_fps
 from models.qwen2_vl.processing import Qwen2VLVisionProcessor
@@ -72,6 +72,10 @@ class Qwen2VLCaptioner:
                  fps: float = 4.0, num_frames: int | None = None, max_frames: int = 768, height: int = 448,
                  width: int = 672, max_new_tokens: int = 200, max_visual_tokens: int | None = None,
                  generation: dict | None = None, tp_size: int = 1):
+        model_type = read_config(folder).get("model_type")
+        if model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise CheckpointError(f"{folder} holds a {model_type!r} model; this script captions with Qwen2-VL and "
+                                  "Qwen2.5-VL (Qwen3-VL's video preprocessing and timestamps are not in it yet)")
         self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
         self.model = from_pretrained(folder, dtype=dtype, tp_size=tp_size)
         self.timed = self.model.config.model_type == "qwen2_5_vl"  # Qwen2.5-VL: time-based positions

@@ -57,7 +57,7 @@ def checkpoint_family(folder: str | Path) -> str:
     if family == "llava" and raw.get("pooling_shape") is not None:
         family = "pllava"
     if family not in ENTRY_SCRIPTS:
-        raise ConfigError(f"{folder} holds a {family!r} model, which takes no video; supported: "
+        raise ConfigError(f"{folder} holds a {family!r} model, which the server does not caption with; supported: "
                           f"{', '.join(sorted(ENTRY_SCRIPTS))}")
     return family
 
