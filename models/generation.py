@@ -28,7 +28,7 @@ min length's eos ban applied there too; ties go to the lower id exactly as a sta
 rules that need the whole row on the host (repetition penalty, no-repeat n-grams, sampling) copy the
 full (rows, V) logits every step, and the host then ranks with ``argpartition``, not a full sort.
 
-Return contract (same as transformers 4.56 ``generate``):
+Return contract (same as transformers' ``generate``, 4.56 to 5.25):
 - decoder-only with ``input_ids``: ``sequences`` = prompt ids + new tokens;
 - decoder-only with ``inputs_embeds`` only: ``sequences`` = new tokens only;
 - encoder-decoder: ``sequences`` = ``decoder_start_token_id`` + new tokens.
@@ -674,7 +674,7 @@ def _beam_candidates(picked: tuple, running_scores: np.ndarray, rules: _Rules, s
 def _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens, num_beams,
                  num_return_sequences, length_penalty, early_stopping, eos, pad, rules: _Rules, keep: int,
                  use_jit: bool, pick: _Pick) -> GenerateOutput:
-    """transformers 4.56's vectorised beam search, in numpy; keeps all beams for the caller."""
+    """transformers' vectorised beam search (4.56 to 5.25), in numpy; keeps all beams for the caller."""
     batch, prompt_len = prefix.shape
     max_len = prompt_len + max_new_tokens
     top_nb = np.arange(keep) < num_beams

@@ -20,7 +20,7 @@ the same parameter names, so checkpoints and single-device code do not change. E
 declares ``checkpoint_slices`` and the loader (``models.checkpoint``) reads only that part of each
 tensor, so a rank's host memory is about the model's size divided by the group size.
 
-Collectives: ``mindspore.communication`` (HCCL groups on Ascend; on CPU MindSpore 2.7 reduces only
+Collectives: ``mindspore.communication`` (HCCL groups on Ascend; on CPU MindSpore 2.7 to 2.9 reduce only
 over the world group, so a group that is the whole world uses it there too). A CPU group smaller
 than the world (tp x dp on one machine) uses :class:`HostCommunicator`, a Unix-socket exchange run
 from inside the compiled graphs as a Python custom op.

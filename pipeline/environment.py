@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import logging
 import os
 import re
@@ -110,7 +111,11 @@ def quiet_start() -> None:
 
 @contextlib.contextmanager
 def quiet_device_probe() -> Iterator[None]:
-    """Hide MindSpore's 'Ascend is not available' warnings while asking whether Ascend is available."""
+    """Hide MindSpore's 'Ascend is not available' warnings while asking whether Ascend is available, on a host
+    without NPU devices; where there are some, the plugin's load error is the reason the run falls back to CPU."""
+    if glob.glob("/dev/davinci[0-9]*"):
+        yield
+        return
     # MindSpore logs through one logger per process, named after the process id (mindspore/log.py)
     logger = logging.getLogger(f"ME.mindspore.log.{os.getpid()}")
     logger.addFilter(_FILTER)

@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 oldest=$(sed -n 's/^mindspore>=\([0-9.]*\),.*/\1/p' requirements.txt)
+[ -n "$oldest" ] || { echo "cannot read MindSpore's lower bound (mindspore>=X,<Y) from requirements.txt" >&2; exit 1; }
 VENV=.venv-oldest PIP_EXTRA="mindspore==$oldest" source scripts/setup_env.sh requirements-test.txt
-python -c "import mindspore; print('smoke set on MindSpore', mindspore.__version__)"
-# shellcheck disable=SC2046
-python -m pytest $(grep -v '^#' tests/smoke_tests.txt) "$@"
+python -c "import mindspore, transformers; print('smoke set on MindSpore', mindspore.__version__,
+                                               'and transformers', transformers.__version__)"
+mapfile -t smoke < <(grep -v '^#' tests/smoke_tests.txt)
+python -m pytest "${smoke[@]}" "$@"
