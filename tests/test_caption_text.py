@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import csv
+import random
+import re
+import time
 
 import pandas as pd
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.datasets.caption_text import Cleanup, cut_repetition, default_openings, strip_opening, word_count
+from pipeline.datasets.caption_text import (MAX_UNIT_WORDS, MIN_LOOP_WORDS, MIN_REPEATS, Cleanup, cut_repetition,
+                                            default_openings, strip_opening, word_count)
 from pipeline.datasets.datautil import main as datautil
 from tests.tiny_models import save_word_tokenizer
 
@@ -65,6 +69,75 @@ def test_ordinary_repetition_is_left_alone():
         cut = cut_repetition(caption)
         assert not cut.repetition and cut.text == caption
     assert word_count("  two\twords ") == 2
+
+
+def _words(count: int) -> str:
+    return " ".join(f"w{i}" for i in range(count))
+
+
+def test_cleanup_takes_linear_time_on_long_and_adversarial_text():
+    """Text without .!? took quadratic time (100k characters: 46 s), and so did runs of punctuation-only
+    words in the loop search; each shape is 100k or 1M characters here."""
+    million = 1_000_000
+    cases = [
+        (_words(17_000)[:100_000], None),  # no sentence punctuation
+        (_words(150_000)[:million], None),
+        ("a" * million, None),  # one character
+        ("A cat" + " " * million + "sleeps", None),  # a whitespace run
+        ("- " * (million // 2), None),  # repeated "words" without a word: not a loop
+        ("!" * million, None),
+        (_words(140_000) + " the dog runs" * 10, _words(140_000) + " the dog runs"),  # a loop at the end
+        (" ".join(f"Sentence {i}." for i in range(80_000)) + " The dog is brown." * 3,
+         " ".join(f"Sentence {i}." for i in range(80_000)) + " The dog is brown."),
+    ]
+    cleanup = Cleanup.from_yaml()
+    for text, expected in cases:
+        start = time.perf_counter()
+        cleaned, repetition = cleanup.clean(text)
+        seconds = time.perf_counter() - start
+        assert seconds < 2, f"{len(text)} characters ({text[:20]!r}...) took {seconds:.1f} s"
+        assert (cleaned, repetition) == ((text, False) if expected is None else (expected, True))
+
+
+def _reference_cut(text: str) -> tuple[str, bool]:
+    """cut_repetition by the direct search: every start, every unit, counting copies."""
+    def norm(word: str) -> str:
+        return re.sub(r"\W+", "", word.lower())
+
+    seen: dict[str, list[int]] = {}
+    for m in re.finditer(r"[^.!?]+[.!?]+", text):
+        seen.setdefault(" ".join(norm(w) for w in m.group().split()), []).append(m.start())
+    looping = [starts[1] for key, starts in seen.items() if key and len(starts) >= MIN_REPEATS]
+    if looping:
+        return text[:min(looping)].rstrip(), True
+    matches = list(re.finditer(r"\S+", text))
+    keys = [norm(m.group()) for m in matches]
+    for start in range(len(keys)):
+        for unit in range(1, min(MAX_UNIT_WORDS, (len(keys) - start) // MIN_REPEATS) + 1):
+            copies = 1
+            while keys[start + copies * unit:start + (copies + 1) * unit] == keys[start:start + unit]:
+                copies += 1
+            if copies >= MIN_REPEATS and copies * unit >= MIN_LOOP_WORDS and any(keys[start:start + unit]):
+                return text[:matches[start + unit - 1].end()].rstrip(" ,;:"), True
+    return text, False
+
+
+def test_repetition_cut_matches_the_direct_search():
+    rng = random.Random(0)
+    vocab = ["a", "A", "dog", "dog,", "Dog!", "-", "--", "\u2014", ",", "...", "the", "runs.", "cat?"]
+    separators = [" ", "  ", "\n", ". ", ", ", "", "! "]
+    cuts = 0
+    for _ in range(3000):
+        chosen = rng.sample(vocab, rng.randint(1, len(vocab)))
+        text = "".join(rng.choice(chosen) + rng.choice(separators) for _ in range(rng.randint(0, 40)))
+        if rng.random() < 0.5:
+            unit = " ".join(rng.choice(chosen) for _ in range(rng.randint(1, 12))) + rng.choice(separators)
+            at = rng.randint(0, len(text))
+            text = text[:at] + unit * rng.randint(2, 7) + text[at:]
+        cut = cut_repetition(text)
+        assert (cut.text, cut.repetition) == _reference_cut(text), repr(text)
+        cuts += cut.repetition
+    assert cuts > 1000
 
 
 def _rows(path) -> list[dict]:

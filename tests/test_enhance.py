@@ -15,11 +15,16 @@ import pandas as pd
 import pytest
 import torch
 import transformers
+from jinja2.exceptions import TemplateError
 
 from models import from_pretrained
+from pipeline import distributed
+from pipeline.captioning import enhance_captions
 from pipeline.captioning.enhance_captions import CaptionEnhancer, load_template
 from tests.msrun import kill_when_written
 from tests.tiny_models import WORDS, _randomize, save_word_tokenizer
+
+distributed.setup("CPU")  # at collection, before any kernel runs, so in-process enhancement can use it
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -197,3 +202,32 @@ def test_enhance_captions_resumes_after_a_kill(tmp_path):
             assert row["status"] == "ok" and row["text"] == source["text"] and row["id"] == source["id"]
             assert row["text_enhanced"] == reference_rewrite(hf, tokenizer, source["text"], template, 12)
     assert len({r["text_enhanced"] for r in got if r["status"] == "ok"}) > 1
+
+
+def test_an_error_row_keeps_the_input_caption(tmp_path, monkeypatch):
+    """A row whose rewrite fails (here its prompt, in a batch retried row by row) and an input error row
+    become error rows that keep the input caption in text; the other rows are rewritten."""
+    save_chat_model(tmp_path / "model")
+    rows = [{"path": "videos/a.mp4", "text": "a red square moves left", "status": "ok", "error": ""},
+            {"path": "videos/b.mp4", "text": "a blue circle bounces", "status": "ok", "error": ""},
+            {"path": "videos/c.mp4", "text": "a green triangle grows", "status": "error",
+             "error": "RuntimeError: cannot decode"},
+            {"path": "videos/d.mp4", "text": "a yellow square shrinks", "status": "ok", "error": ""}]
+    csv_path, out = tmp_path / "meta.csv", tmp_path / "enhanced.csv"
+    pd.DataFrame(rows).to_csv(csv_path, index=False)
+    prompt_ids = CaptionEnhancer.prompt_ids
+
+    def failing(self, caption):
+        if "circle" in caption:
+            raise TemplateError("cannot render this caption")
+        return prompt_ids(self, caption)
+
+    monkeypatch.setattr(CaptionEnhancer, "prompt_ids", failing)
+    enhance_captions.main([str(csv_path), "--pretrained_model_name_or_path", str(tmp_path / "model"),
+                           "--template", "concise", "--max_new_tokens", "4", "--bs", "4", "--output", str(out),
+                           "--device", "CPU"])
+    got = read_rows(out)
+    assert [r["text"] for r in got] == [r["text"] for r in rows]
+    assert [r["status"] for r in got] == ["ok", "error", "error", "ok"]
+    assert got[1]["error"] == "TemplateError: cannot render this caption" and got[1]["text_enhanced"] == ""
+    assert "input row is an error row" in got[2]["error"] and got[2]["text_enhanced"] == ""

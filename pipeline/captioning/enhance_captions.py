@@ -10,7 +10,8 @@ Output: ``text`` is the caption that was rewritten, ``text_enhanced`` the rewrit
 whether it stopped at ``--max_new_tokens`` mid-sentence. The runner replaces an input's
 ``text``/``status``/``error`` columns with its own, so the captions are read here from the input
 CSV by row key, and ``text`` is given back as this row's result. An input row whose caption is
-empty or whose status is ``error`` becomes an error row saying so.
+empty or whose status is ``error`` becomes an error row saying so. An error row (these, or a
+rewrite that raised an error) keeps the input caption in ``text`` (see ``error_text``).
 """
 from __future__ import annotations
 
@@ -97,6 +98,10 @@ class CaptionEnhancer:
         if not caption.strip():
             raise ValueError(f"the input caption (column {self.column!r}) is empty")
         return caption.strip()
+
+    def error_text(self, cells: dict[str, str]) -> str:
+        """The text of the row's error row: its input caption."""
+        return self.captions[row_key(cells)][0].strip()
 
     def prompt_ids(self, caption: str) -> list[int]:
         """The chat prompt of one caption; templates without a system role get it in the user turn."""

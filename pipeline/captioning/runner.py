@@ -110,9 +110,11 @@ class Captioner(Protocol):
     """What a model family provides; the runner does everything else.
 
     Optional: ``extra_columns`` (tuple of output column names, default none), filled
-    from ``generate`` results given as dicts; and ``shrink(inputs) -> inputs | None``,
+    from ``generate`` results given as dicts; ``shrink(inputs) -> inputs | None``,
     the same video re-prepared at half its visual-token budget (None: cannot shrink
-    further), which the runner uses to retry a video that ran out of memory.
+    further), which the runner uses to retry a video that ran out of memory; and
+    ``error_text(cells) -> str``, the ``text`` of the row's error row when it fails in
+    ``prepare`` or ``generate`` (default empty; caption enhancement keeps the input caption).
 
     ``frame_spec = None``: the captioner reads no video (e.g. it rewrites a caption); ``prepare``
     is then given the row's cells instead of frames, and the row's file is never opened.
@@ -613,6 +615,7 @@ class _Session:
                  suspects: frozenset[RowKey], summary: RunSummary, bar: tqdm, opts: RunOptions):
         self.captioner = captioner
         self.extra = extra_columns_of(captioner)
+        self.error_text = getattr(captioner, "error_text", None)
         self.writer = writer
         self.inflight = inflight
         self.suspects = suspects
@@ -624,7 +627,7 @@ class _Session:
 
     def add(self, item: _Item, inputs: Any, exc: BaseException | None) -> None:
         if exc is not None:
-            self._write([failure(exc).row(item.cells)])
+            self._write([self._row(failure(exc), item.cells)])
             return
         if row_key(item.cells) in self.suspects:
             self.flush()
@@ -642,7 +645,7 @@ class _Session:
         model_start = time.perf_counter()
         results = caption_batch(self.captioner, [inputs for _, inputs in self.batch], self.extra)
         self.summary.model_seconds += time.perf_counter() - model_start
-        self._write([self._finish(result).row(cells) for (cells, _), result in zip(self.batch, results)])
+        self._write([self._row(self._finish(result), cells) for (cells, _), result in zip(self.batch, results)])
         self.inflight.clear()
         self.batch = []
 
@@ -656,6 +659,12 @@ class _Session:
                                    REPETITION_COLUMN: str(repetition).lower()})
             result.text = text
         return result
+
+    def _row(self, result: Result, cells: dict[str, str]) -> dict[str, str]:
+        """The output row; an error row's text is the captioner's ``error_text`` of it, if it has one."""
+        if result.error is not None and self.error_text is not None:
+            result.text = self.error_text(cells)
+        return result.row(cells)
 
     def _write(self, rows: list[dict[str, str]]) -> None:
         self.writer.write(rows)
