@@ -110,6 +110,8 @@ def load_tokenizer(folder: str | Path):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"No tokenizer in {folder}: expected one of {', '.join(TOKENIZER_FILES)} "
                               f"(with tokenizer_config.json); copy them from the published checkpoint")
+    if (folder / "config.json").is_file():
+        read_config(folder)  # transformers 5's AutoTokenizer reads it too: name a broken one as such
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for broken tokenizer files
