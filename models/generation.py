@@ -13,6 +13,8 @@ A model plugs in by implementing this small protocol (all tensors batch-first):
   runs T new positions (``input_ids`` (B, T) or ``inputs_embeds`` (B, T, D), the other None) written
   to cache slots ``cache_position .. cache_position+T-1``; ``attention_mask`` (B, max_length) marks the
   filled slots including the new ones; returns float32 logits (B, V) of the last position and the cache.
+  The prompt's step also gets ``generate``'s ``prompt_inputs`` after the cache (a model that takes them,
+  such as Qwen3-VL's DeepStack features): they are not part of the cache, so beams never reorder them.
 
 Because every shape is static, ``decode_step`` compiles once under ``ms.jit`` (once for the prompt
 length and once for T=1) instead of once per generated token. Batch sizes, short prompt lengths
@@ -300,15 +302,16 @@ class _Session:
 
     def prefill(self, ids, embeds, mask: np.ndarray, encoder_state: tuple = (), ban: bool = False,
                 shift: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
-                seen_ids: Optional[np.ndarray] = None) -> tuple:
+                seen_ids: Optional[np.ndarray] = None, prompt_inputs: tuple = ()) -> tuple:
         """Run the prompt; ``rows``/``shift``: the selection's rows (repeated per beam) and running scores;
-        ``seen_ids``: each selection row's tokens so far, for an on-device repetition penalty."""
+        ``seen_ids``: each selection row's tokens so far, for an on-device repetition penalty;
+        ``prompt_inputs``: what this step alone takes after the cache (see the module docstring)."""
         batch, length = mask.shape
         self.cache = tuple(self.model.init_cache(batch, self.max_slots, *encoder_state))
         self.mask = np.zeros((batch, self.max_slots), np.int32)
         self.mask[:, :length] = mask
         self.seen_ids = seen_ids
-        return self._run(ids, embeds, length, ban, shift, rows)
+        return self._run(ids, embeds, length, ban, shift, rows, prompt_inputs=prompt_inputs)
 
     def step(self, tokens: np.ndarray, ban: bool = False, shift: Optional[np.ndarray] = None) -> tuple:
         self.mask[:, self.next_slot] = 1
@@ -341,7 +344,7 @@ class _Session:
         return self.seen
 
     def _run(self, ids, embeds, length: int, ban: bool, shift: Optional[np.ndarray],
-             rows: Optional[np.ndarray], tokens: Optional[Tensor] = None) -> tuple:
+             rows: Optional[np.ndarray], tokens: Optional[Tensor] = None, prompt_inputs: tuple = ()) -> tuple:
         args = (ids, embeds, Tensor(self.mask), Tensor(self.next_slot, ms.int32))
         selection = (self.eos, Tensor(ban) if self.eos is not None else None,
                      None if shift is None else Tensor(shift.astype(np.float32)),
@@ -349,9 +352,9 @@ class _Session:
         if length > attention.block_size():
             # A long prompt runs op by op: its ops are large, so a graph buys little, and MindSpore's CPU
             # graphs keep every attention tile of an unrolled loop alive (memory quadratic in the prompt).
-            out = self.model.decode_step(*args, *self.cache)
+            out = self.model.decode_step(*args, *self.cache, *prompt_inputs)
         else:
-            out = self.call("decode_step", self.step_fn, *args, *self.cache)
+            out = self.call("decode_step", self.step_fn, *args, *self.cache, *prompt_inputs)
         self.cache = tuple(out[1:])
         self.next_slot += length
         if not self.pick.k:
@@ -494,7 +497,8 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              decoder_start_token_id: Optional[int] = None, use_jit: bool = True,
              select_on_device: bool = True,
-             streamer: Optional[Callable[[np.ndarray], None]] = None) -> GenerateOutput:
+             streamer: Optional[Callable[[np.ndarray], None]] = None,
+             prompt_inputs: Sequence[Tensor] = ()) -> GenerateOutput:
     """Generate token ids with transformers' semantics (see the module docstring for the contract).
 
     ``max_length``/``min_length`` count the returned sequence (prompt ids or the decoder start token
@@ -508,6 +512,8 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     the full logits every step.
     ``streamer``: called after every step of greedy decoding or sampling with that step's (N,) new ids
     of the N returned rows, -1 for a row that had already ended (a server streams replies with it).
+    ``prompt_inputs``: (B, T, ·) tensors aligned with the prompt (decoder-only), which only the prompt's
+    ``decode_step`` gets, after the cache; they are padded and repeated as ``inputs_embeds`` are.
     """
     check_generation_args(num_beams, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                           repetition_penalty, no_repeat_ngram_size)
@@ -544,6 +550,7 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
         input_ids = None if input_ids is None else np.repeat(input_ids, expand, axis=0)
         rows = Tensor(np.repeat(np.arange(batch), expand).astype(np.int32))
         inputs_embeds = None if inputs_embeds is None else ops.gather(to_tensor(inputs_embeds), rows, 0)
+        prompt_inputs = tuple(ops.gather(to_tensor(x), rows, 0) for x in prompt_inputs)
         attention_mask = np.repeat(attention_mask, expand, axis=0)
 
     min_new_tokens = max(min_new_tokens, min_length - prefix.shape[1])  # padding below must not count
@@ -552,8 +559,9 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     emit = None if streamer is None else (lambda tokens: streamer(tokens[:real_rows]))
     input_ids, attention_mask = pad_to_buckets(input_ids, attention_mask, pad)
     rows, cols = attention_mask.shape[0] - real_rows, attention_mask.shape[1] - real_cols
-    if inputs_embeds is not None and (rows or cols):
-        inputs_embeds = _pad_embeds(inputs_embeds, *attention_mask.shape)
+    if rows or cols:
+        inputs_embeds = None if inputs_embeds is None else _pad_embeds(inputs_embeds, *attention_mask.shape)
+        prompt_inputs = tuple(_pad_embeds(x, *attention_mask.shape) for x in prompt_inputs)
     prefix = input_ids if prefix_is_prompt else np.pad(prefix, ((0, rows), (0, 0)), constant_values=pad)
     live = attention_mask.any(axis=1)
     drop = cols if prefix_is_prompt else 0
@@ -561,7 +569,7 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     out = _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                            rules, num_beams, num_return_sequences, length_penalty,
                            early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad, use_jit,
-                           select_on_device, emit)
+                           select_on_device, emit, tuple(prompt_inputs))
     per_row = num_return_sequences if num_beams > 1 else 1
     out.sequences = out.sequences[:real_rows * per_row, drop:]
     if out.sequences_scores is not None:
@@ -572,7 +580,7 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
 def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                      rules: _Rules, num_beams, num_return_sequences, length_penalty,
                      early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad,
-                     use_jit, select_on_device, emit=None) -> GenerateOutput:
+                     use_jit, select_on_device, emit=None, prompt_inputs: tuple = ()) -> GenerateOutput:
     """The search loops over a bucket-shaped batch; rows not ``live`` are fillers, finished from the start."""
     on_device = select_on_device and rules.on_device(num_beams > 1) and not do_sample
     if num_beams > 1:
@@ -580,11 +588,11 @@ def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, li
         pick = _Pick(keep, log_probs=True, penalty=rules.repetition_penalty) if on_device else _Pick()
         return _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                             num_beams, num_return_sequences, length_penalty, early_stopping, eos, pad, rules,
-                            keep, use_jit, pick)
+                            keep, use_jit, pick, prompt_inputs)
     pick = _Pick(1) if on_device else _Pick()
     session = _Session(model, _cache_length(model, attention_mask, max_new_tokens), use_jit, pick, eos)
     picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, rules.bans_eos(prefix.shape[1]),
-                    seen_ids=prefix[:, rules.skip:])
+                    seen_ids=prefix[:, rules.skip:], prompt_inputs=prompt_inputs)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     seqs, finished = prefix, ~live
     for t in range(max_new_tokens):
@@ -619,12 +627,13 @@ def _cache_length(model, attention_mask: np.ndarray, max_new_tokens: int) -> int
 
 def _start(session: _Session, input_ids, inputs_embeds, attention_mask, prefix, ban: bool,
            shift: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
-           seen_ids: Optional[np.ndarray] = None) -> tuple:
+           seen_ids: Optional[np.ndarray] = None, prompt_inputs: tuple = ()) -> tuple:
     """Run the prompt (decoder-only) or the encoder and the start token; returns the first selection."""
     ids = None if inputs_embeds is not None else Tensor(input_ids.astype(np.int32))
     embeds = to_tensor(inputs_embeds)
     if not session.model.is_encoder_decoder:
-        return session.prefill(ids, embeds, attention_mask, ban=ban, shift=shift, rows=rows, seen_ids=seen_ids)
+        return session.prefill(ids, embeds, attention_mask, ban=ban, shift=shift, rows=rows, seen_ids=seen_ids,
+                               prompt_inputs=prompt_inputs)
     state = session.encode(ids, embeds, attention_mask)
     start_mask = np.ones((prefix.shape[0], 1), np.int32)
     return session.prefill(Tensor(prefix.astype(np.int32)), None, start_mask, tuple(state), ban, shift, rows,
@@ -673,7 +682,7 @@ def _beam_candidates(picked: tuple, running_scores: np.ndarray, rules: _Rules, s
 
 def _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens, num_beams,
                  num_return_sequences, length_penalty, early_stopping, eos, pad, rules: _Rules, keep: int,
-                 use_jit: bool, pick: _Pick) -> GenerateOutput:
+                 use_jit: bool, pick: _Pick, prompt_inputs: tuple = ()) -> GenerateOutput:
     """transformers' vectorised beam search (4.56 to 5.25), in numpy; keeps all beams for the caller."""
     batch, prompt_len = prefix.shape
     max_len = prompt_len + max_new_tokens
@@ -695,9 +704,11 @@ def _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, 
     expand = np.repeat(np.arange(batch), num_beams)
     if pick.k:  # the prompt's rows are repeated per beam on the device, before selection
         picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, rules.bans_eos(cur_len),
-                        running_scores.reshape(-1), expand, np.repeat(prefix[:, rules.skip:], num_beams, axis=0))
+                        running_scores.reshape(-1), expand, np.repeat(prefix[:, rules.skip:], num_beams, axis=0),
+                        prompt_inputs)
     else:
-        picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, False)
+        picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, False,
+                        prompt_inputs=prompt_inputs)
         picked = (np.repeat(picked[0], num_beams, axis=0),)
     session.reorder(expand, expand=True)
     while True:

@@ -73,9 +73,9 @@ def hf_model(seed: int = 0, tie: bool = False):
     return spread_weights(transformers.Qwen2VLForConditionalGeneration(tiny_config(tie)).eval(), seed)
 
 
-def save_tokenizer(folder: Path) -> None:
+def save_tokenizer(folder: Path, extra_words: tuple[str, ...] = ()) -> None:
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for word in WORDS + [f"w{i}" for i in range(VOCAB)]:
+    for word in WORDS + list(extra_words) + [f"w{i}" for i in range(VOCAB)]:
         if len(vocab) < VOCAB:
             vocab.setdefault(word, len(vocab))
     backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))

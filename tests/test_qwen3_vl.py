@@ -1,11 +1,16 @@
 """Qwen3-VL (dense) port: parity with transformers 5 (tiny random fp32) for an image and videos written as
 Qwen3-VL writes them (one vision run per temporal patch), DeepStack, interleaved M-RoPE, left-padded
-batches, checkpoint layouts."""
+batches, beam search, checkpoint layouts; video preprocessing and timestamps; captioning through
+caption_qwen2vl.py."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -20,9 +25,11 @@ from models import from_pretrained  # noqa: E402
 from models.checkpoint import CheckpointError  # noqa: E402
 from models.qwen2_vl.modeling import MultimodalRotary  # noqa: E402
 from models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration, get_rope_index  # noqa: E402
+from models.qwen3_vl.processing import Qwen3VLVisionProcessor  # noqa: E402
 from tests.test_qwen2vl import (  # noqa: E402
-    ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, VOCAB, hf_generate, hf_inputs,
-    left_pad, mm_token_types, spread_weights)
+    ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, VOCAB, frames,
+    hf_generate, hf_inputs, left_pad, mm_token_types, per_frame_video_rows, read_rows, save_tokenizer,
+    spread_weights)
 
 NEW_TOKENS = 8
 EOS = [IM_END, ENDOFTEXT]
@@ -52,11 +59,32 @@ def hf_model(seed: int = 0, tie: bool = False):
     return spread_weights(transformers.Qwen3VLForConditionalGeneration(tiny_config(tie)).eval(), seed)
 
 
+# The timestamps' characters, so that "<1.5 seconds>" is its own tokens in the tiny word-level tokenizer.
+TIME_WORDS = ("<", ">", ".", "seconds", *"0123456789")
+QUESTION = "describe the video in detail"
+# Videos at most 12 tokens (24 with qwen-vl-utils' temporal factor) in all, so a long one shrinks its frames.
+VIDEO_TOKENS = 12
+
+
+def save_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """The tiny model with a tokenizer (Qwen's chat template) and Qwen3-VL's processor configs, small sizes."""
+    hf_model(seed).save_pretrained(folder)
+    save_tokenizer(folder, TIME_WORDS)
+    common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3,
+              "image_std": [0.5] * 3}
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {**common, "size": {"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 8},
+         "image_processor_type": "Qwen2VLImageProcessor"}))
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(
+        {**common, "size": {"shortest_edge": 4096, "longest_edge": 32 * 32 * VIDEO_TOKENS}}))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": EOS, "pad_token_id": ENDOFTEXT, "bos_token_id": ENDOFTEXT}))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("qwen3_vl")
-    hf_model().save_pretrained(folder)
-    return folder
+    return save_checkpoint(tmp_path_factory.mktemp("qwen3_vl"))
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +198,35 @@ def test_greedy_batch_equals_transformers_one_by_one(pair):
     assert len({tuple(r) for r in got[:, ids.shape[1]:].tolist()}) > 1, "outputs should depend on the input"
 
 
+def test_beam_search_equals_transformers_one_by_one(pair):
+    """3 beams over a left-padded batch of two videos: every returned beam equals transformers' beam search
+    on that prompt alone. The DeepStack features go to the prompt's step only (not into the beams' cache),
+    and they matter: without them the beams change."""
+    hf, ours = pair
+    kw = dict(max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=ENDOFTEXT, num_beams=3,
+              num_return_sequences=3)
+    specs = [(2, VIDEO_GRID, [24, 25]), (1, SMALL_GRID, [26])]
+    prompts = [video_prompt(t, hw, words) for t, hw, words in specs]
+    grids = [np.array([[t, *hw]]) for t, hw, _ in specs]
+    rows = [pixels(30 + i, g[0]) for i, g in enumerate(grids)]
+    ids, mask = left_pad(prompts)
+    vision = dict(pixel_values_videos=np.concatenate(rows), video_grid_thw=np.concatenate(grids))
+    got = ours.generate(ids, mask, **vision, **kw)
+    for row, single in enumerate(prompts):
+        single = np.array([single])
+        ref = hf_generate(hf, single, np.ones_like(single), pixel_values_videos=rows[row], video_grid_thw=grids[row],
+                          **kw)
+        pad = ids.shape[1] - single.shape[1]
+        mine = got[3 * row:3 * row + 3, pad:]
+        np.testing.assert_array_equal(mine[:, :ref.shape[1]], ref)
+        assert (mine[:, ref.shape[1]:] == ENDOFTEXT).all()
+    assert len({tuple(r) for r in got[:, ids.shape[1]:].tolist()}) > 3, "beams should differ"
+    embeds, _ = ours.embed_inputs(ids, **vision)
+    with mock.patch.object(ours, "embed_inputs", lambda *args: (embeds, ())):
+        without = ours.generate(ids, mask, **vision, **kw)
+    assert not np.array_equal(without, got)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -210,13 +267,194 @@ def test_tied_embeddings(tmp_path):
     assert np.abs(got - ref)[mask == 1].max() < 1e-4
 
 
-def test_qwen2vl_captioner_refuses_qwen3_vl_in_one_line(checkpoint, tmp_path):
-    """The model loads, but captioning it needs Qwen3-VL's own video preprocessing: refused, not mis-captioned."""
+# ----------------------------------------------------------------------------- preprocessing and timestamps
+
+
+def transformers_video_module():
+    """transformers 5.25's Qwen3-VL video processing module, loaded from its file: transformers hides it
+    behind a torchvision check, and torchvision does not install here (PyPI's build for torch 2.13 is a CUDA
+    one that does not load with the CPU torch). Its resize rule needs only torch."""
+    name = "transformers.models.qwen3_vl.video_processing_qwen3_vl_file"
+    if name not in sys.modules:
+        path = Path(transformers.__file__).parent / "models/qwen3_vl/video_processing_qwen3_vl.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def transformers_video_size(proc: Qwen3VLVisionProcessor, count: int, height: int, width: int) -> tuple[int, int]:
+    """The frame size ``Qwen3VLVideoProcessor.resize`` (5.25's code) picks with the per-frame cap on, for our
+    rule's numbers: ``max_video_tokens`` the per-patch top, ``shortest_edge`` the per-patch floor and
+    ``longest_edge`` the video's total times the temporal patch. One frame is sized as its padded patch."""
+    from transformers.image_utils import SizeDict
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    module = transformers_video_module()
+    unit = (proc.patch_size * proc.merge_size) ** 2
+    size = SizeDict(shortest_edge=proc.frame_tokens[0] * unit,
+                    longest_edge=proc.temporal_patch_size * proc.video_pixels[1])
+    chosen = {}
+    with mock.patch.object(BaseVideoProcessor, "resize",
+                           lambda self, image, size, resample=None: chosen.setdefault("size", size)):
+        video = torch.zeros(1).expand(1, max(count, proc.temporal_patch_size), 3, height, width)  # a view, no pixels
+        object.__new__(module.Qwen3VLVideoProcessor).resize(
+            video, size, None, factor=proc.patch_size * proc.merge_size, temporal_factor=proc.temporal_patch_size,
+            cap_pixels_per_frame=True, max_video_tokens=proc.frame_tokens[1])
+    return chosen["size"].height, chosen["size"].width
+
+
+def test_video_size_equals_transformers_capped_rule():
+    """Published settings: the size 5.25's capped resize picks, from a few frames to 768 at 1080p. The
+    per-patch range binds at both ends, and the total (about 24,576 tokens) in between."""
+    proc = Qwen3VLVisionProcessor()
+    tokens = {}
+    for count, height, width in [(2, 448, 672), (4, 1080, 1920), (7, 480, 640), (60, 448, 672), (201, 720, 1280),
+                                 (768, 1080, 1920), (3, 20, 30)]:
+        size = proc.video_size(count, height, width)
+        assert size == transformers_video_size(proc, count, height, width), (count, height, width)
+        t, h, w = proc.video_grid(count, height, width)
+        tokens[count, height] = (h * w // 4, t * h * w // 4)
+    assert tokens[4, 1080][0] <= 768 and tokens[2, 448][0] == 14 * 21  # 448 x 672 needs no resize
+    assert 110 < tokens[768, 1080][0] < 140  # the floor binds: 384 patches of about 128 tokens (sides floored)
+    assert 20000 < tokens[201, 720][1] <= 24576  # the total binds
+
+
+def test_preprocessing_equals_transformers(checkpoint):
+    """Each video's grid is 5.25's capped rule's; its rows equal transformers' PIL image processor applied
+    frame by frame at that size (see tests.test_qwen2vl.per_frame_video_rows); images as Qwen2-VL's."""
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
+
+    ref = transformers.Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
+    ours = Qwen3VLVisionProcessor.from_pretrained(checkpoint, frame_tokens=(4, 8))
+    assert ours.patch_size == 16 and ours.video_pixels[1] == 32 * 32 * VIDEO_TOKENS
+    grids = []
+    for count, (h, w) in [(2, (64, 96)), (6, (100, 150)), (5, (70, 50)), (1, (64, 96)), (2, (20, 30))]:
+        video = frames(count, count, h, w)
+        size = transformers_video_size(ours, count, h, w)
+        with mock.patch.object(pil, "smart_resize", lambda *args, **kwargs: size):
+            want, want_grid = per_frame_video_rows(ref, video)
+        got, grid = ours.video(video)
+        np.testing.assert_array_equal(grid, want_grid)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+        grids.append(grid[0].tolist())
+    assert grids[0] == [1, 4, 6] and grids[1][1:] != [6, 8]  # 6 frames share the total: smaller frames
+    images = [frames(7, 1, 64, 96)[0], frames(8, 1, 33, 120)[0]]
+    want = ref(images=images, return_tensors="np")
+    got, grid = ours.images(images)
+    np.testing.assert_array_equal(grid, want["image_grid_thw"])
+    np.testing.assert_allclose(got, want["pixel_values"], atol=1e-6, rtol=0)
+
+
+def transformers_video_text(tokenizer, text: str, grid, indices, fps: float) -> str:
+    """The prompt text transformers 5.25's ``Qwen3VLProcessor`` makes of ``text`` and one video: its own
+    ``replace_video_token`` (timestamps from the frame indices and fps) and ``get_text_with_replacements``
+    (the chat template's vision start/end collapsed). Calling the processor itself needs its video
+    processor, hence torchvision; these two methods are the text half of that call."""
+    from transformers.video_utils import VideoMetadata
+
+    processor = object.__new__(transformers.Qwen3VLProcessor)
+    processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
+    processor.vision_start_token, processor.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+    processor.video_processor = SimpleNamespace(merge_size=2, temporal_patch_size=2)
+    metadata = VideoMetadata(total_num_frames=int(max(indices)) + 1, fps=fps, frames_indices=np.asarray(indices))
+    placeholder = processor.replace_video_token({"video_grid_thw": np.asarray(grid), "video_metadata": [metadata]}, 0)
+    return processor.get_text_with_replacements([text], [], [placeholder])[0][0]
+
+
+@pytest.fixture(scope="module")
+def captioner(checkpoint):
+    from pipeline.captioning.caption_qwen2vl import Qwen2VLCaptioner
+
+    return Qwen2VLCaptioner(str(checkpoint), question=QUESTION, fps=2, height=64, width=96,
+                            max_new_tokens=NEW_TOKENS, max_frame_tokens=6)
+
+
+def test_prompt_ids_equal_transformers_processor_text(checkpoint, captioner):
+    """Our prompt ids for a video equal the tokenizer's ids of the text 5.25's processor writes for the same
+    frames (5 frames at indices 0, 3, ..., 12 of a 10 fps video: 3 temporal patches, the last padded), also
+    for a chat prompt given later, and the timestamps reach the ids."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    indices = np.arange(0, 15, 3)
+    video = captioner.prepare(frames(3, 5, 64, 96), frame_times=indices / 10.0)
+    grid = video.inputs.video_grid_thw
+    assert grid[0].tolist() == [3, 4, 6]
+    want = transformers_video_text(tokenizer, captioner.prompt_text, grid, indices, 10.0)
+    assert "<0.1 seconds><|vision_start|>" in want and "<1.2 seconds>" in want and want.count("<|vision_end|>") == 3
+    assert video.inputs.input_ids == tokenizer(want)["input_ids"]
+    from pipeline.captioning.chat import Turn
+
+    chat = captioner.chat_prompt([Turn("user", "what is shown", media=True), Turn("assistant", "a square"),
+                                  Turn("user", "what colour")])
+    assert captioner.with_prompt(video, chat).input_ids == tokenizer(
+        transformers_video_text(tokenizer, chat, grid, indices, 10.0))["input_ids"]
+    later = captioner.prepare(frames(3, 5, 64, 96), frame_times=indices / 10.0 + 2)
+    assert later.inputs.input_ids != video.inputs.input_ids
+
+
+# ----------------------------------------------------------------------------- captioning entry script
+
+
+# tests.test_qwen2vl.SOURCES with a fixed seed for the cellular automaton (random otherwise): 1, 2, 1.5, 0.5 s.
+SOURCES = (("testsrc=decimals=0", 1.0), ("color=c=red", 2.0), ("cellauto=rule=110:random_seed=7", 1.5),
+           ("color=c=blue", 0.5))
+CLI = ["--height", "64", "--width", "96", "--max_frame_tokens", "6", "--max_new_tokens", "6", "--device", "CPU",
+       "--no-cleanup", "--question", QUESTION]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    from tests.video_factory import write_caption_clips
+
+    return write_caption_clips(tmp_path_factory.mktemp("qwen3_videos"), SOURCES, clip_id="c{}")
+
+
+@pytest.fixture(scope="module")
+def expected_captions(pair, checkpoint, clips, captioner) -> dict[str, str]:
+    """transformers' greedy generate, one video at a time, on our inputs for the frames the runner samples
+    (2 fps, qwen3_vl.yaml's rate): pixel rows, grid and prompt ids, with its ``mm_token_type_ids``."""
+    from pipeline.datasets.video import sample_frames
+
+    hf = pair[0]
+    captions = {}
+    for i in range(len(SOURCES)):
+        sampled, _ = sample_frames(str(clips.parent / f"v{i}.mp4"), num_frames=768, fps=2, height=64, width=96)
+        inputs = captioner.prepare(sampled).inputs
+        ids = np.array([inputs.input_ids])
+        out = hf_generate(hf, ids, np.ones_like(ids), pixel_values_videos=inputs.pixel_values_videos,
+                          video_grid_thw=inputs.video_grid_thw, max_new_tokens=6, eos_token_id=EOS,
+                          pad_token_id=ENDOFTEXT)
+        captions[f"v{i}.mp4"] = captioner.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert len(set(captions.values()) - {""}) >= 3, f"captions should depend on the video: {captions}"
+    return captions
+
+
+def test_caption_csv_batched_equals_transformers_one_by_one(checkpoint, clips, expected_captions, tmp_path):
+    """config.json picks Qwen3-VL and its preset (2 fps); a batch of 4 gives transformers' captions."""
+    from pipeline.captioning.caption_qwen2vl import main as qwen_main
+
+    out = tmp_path / "captions.csv"
+    qwen_main([str(clips), "--pretrained_model_name_or_path", str(checkpoint), "--output", str(out),
+               "--bs", "4", *CLI])
+    rows = read_rows(out)
+    assert [r["clip_id"] for r in rows] == ["c0", "c1", "c2", "c3", "bad"]
+    assert [r["status"] for r in rows] == ["ok"] * 4 + ["error"]
+    assert {r["path"]: r["text"] for r in rows[:4]} == expected_captions
+    assert [int(r["num_frames_used"]) for r in rows[:4]] == [2, 4, 3, 1]  # 2 fps over 1, 2, 1.5 and 0.5 s
+    assert [int(r["visual_tokens"]) for r in rows[:4]] == [6, 12, 12, 6]  # 6 tokens per temporal patch
+    assert all(int(r["visual_token_budget"]) > 12 for r in rows[:4])
+
+
+def test_captioner_refuses_other_models_in_one_line(tmp_path):
     from pipeline.captioning.caption_qwen2vl import main
 
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
     table = tmp_path / "meta.csv"
     table.write_text("path\nclip.mp4\n")
     with pytest.raises(SystemExit) as exit_info:
-        main([str(table), "--pretrained_model_name_or_path", str(checkpoint), "--device", "CPU"])
+        main([str(table), "--pretrained_model_name_or_path", str(tmp_path / "model"), "--device", "CPU"])
     message = str(exit_info.value.code)
-    assert "'qwen3_vl'" in message and "Qwen3-VL" in message and "\n" not in message
+    assert "'qwen3_vl_moe'" in message and "Qwen3-VL" in message and "\n" not in message

@@ -13,8 +13,9 @@ Generation uses ``models.generation``. The cache's first tensor is a per-row pos
 (B, 3, max_length): the prompt's 3-D positions, then ``slot + rope_delta`` for generated tokens,
 where ``rope_delta = max prompt position + 1 - prompt length`` continues each row's positions
 from its own last one (so a left-padded row decodes exactly like the same prompt alone).
-``generate`` hands the prompt positions to ``init_cache`` through ``_prompt_positions``, with the
-prompt's DeepStack features (Qwen3-VL), which the cache carries after the table for the prompt step.
+``generate`` hands the prompt positions to ``init_cache`` through ``_prompt_positions``, and the
+prompt's DeepStack features (Qwen3-VL) to the prompt's step alone (``models.generation``'s
+``prompt_inputs``): they are added there and never enter the cache.
 
 Parameter names are the published checkpoints' (``visual.*``, ``model.*``, ``lm_head.*``), which
 transformers' ``save_pretrained`` (4.56 and 5.25) also writes; its in-memory layout (``model.visual.*``,
@@ -229,7 +230,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         self.tie_word_embeddings = bool(config.tie_word_embeddings or getattr(text, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else vocab_head(text.hidden_size, text.vocab_size)
         self.tied_weights_keys = ("lm_head.weight",) if self.tie_word_embeddings else ()
-        self._prompt_positions: Optional[tuple[np.ndarray, np.ndarray, tuple]] = None
+        self._prompt_positions: Optional[tuple[np.ndarray, np.ndarray]] = None
 
     def get_input_embeddings(self) -> VocabParallelEmbedding:
         return self.model.embed_tokens
@@ -315,11 +316,10 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
     # --- generation protocol (see models.generation)
 
     def init_cache(self, batch_size: int, max_length: int) -> tuple:
-        """(position table (B, 3, max_length) int32, the prompt's DeepStack features (B, prompt length, D) if
-        any, then K and V (B, kv_heads, max_length, head_dim) per layer)."""
+        """(position table (B, 3, max_length) int32, then K and V (B, kv_heads, max_length, head_dim) per layer)."""
         if self._prompt_positions is None:
             raise RuntimeError("the model needs its 3-D prompt positions: generate through model.generate(...)")
-        positions, deltas, deepstack = self._prompt_positions
+        positions, deltas = self._prompt_positions
         repeat = batch_size // positions.shape[1]
         positions, deltas = np.repeat(positions, repeat, axis=1), np.repeat(deltas, repeat, axis=0)
         length = positions.shape[2]
@@ -329,23 +329,20 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         attn = self.model.layers[0].self_attn  # this rank's key/value heads
         shape = (batch_size, attn.num_kv_heads, max_length, attn.head_dim)
         dtype = self.model.embed_tokens.weight.dtype
-        rows = Tensor(np.repeat(np.arange(positions.shape[1]), repeat).astype(np.int32))
-        deepstack = tuple(ops.gather(d, rows, 0) for d in deepstack)
-        return (Tensor(table),) + deepstack + tuple(ops.zeros(shape, dtype) for _ in range(2 * len(self.model.layers)))
+        return (Tensor(table),) + tuple(ops.zeros(shape, dtype) for _ in range(2 * len(self.model.layers)))
 
     def decode_step(self, input_ids, inputs_embeds, attention_mask, cache_position, *cache):
-        """The prompt (written at slot 0, as every multi-token step) gets the DeepStack features; a decoding
-        step carries them unchanged."""
+        """``cache``: the table and K/V per layer, then, in the prompt's step only, its DeepStack features
+        (Qwen3-VL), added to the first layers' outputs."""
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
-        table = cache[0]
-        deepstack = cache[1:len(cache) - 2 * len(self.model.layers)]
+        layers = 2 * len(self.model.layers)
+        table, kv, deepstack = cache[0], cache[1:1 + layers], cache[1 + layers:]
         slots = slot_ids(cache_position, inputs_embeds.shape[1])
         positions = ops.gather(table, slots, 2)
-        hidden, new_cache = self.model(inputs_embeds, attention_mask, positions, slots, cache[1 + len(deepstack):],
-                                       deepstack if inputs_embeds.shape[1] > 1 else ())
+        hidden, new_cache = self.model(inputs_embeds, attention_mask, positions, slots, kv, deepstack)
         logits = self._logits(hidden[:, -1:])[:, 0].astype(ms.float32)
-        return (logits, table) + deepstack + new_cache
+        return (logits, table) + new_cache
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
@@ -369,10 +366,10 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         embeds, deepstack = self.embed_inputs(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         positions, deltas = self.rope_index(ids, mask, _numpy(image_grid_thw), _numpy(video_grid_thw),
                                             _numpy(second_per_grid_ts))
-        self._prompt_positions = (positions, deltas, deepstack)
+        self._prompt_positions = (positions, deltas)
         try:
             out: GenerateOutput = generate(self, input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
-                                           **generate_kwargs)
+                                           prompt_inputs=deepstack, **generate_kwargs)
         finally:
             self._prompt_positions = None
         per_row = out.sequences.shape[0] // ids.shape[0]

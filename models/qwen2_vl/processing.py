@@ -29,19 +29,29 @@ VIDEO_PIXELS = (128 * 28 * 28, 28 * 28 * 768)  # Qwen2VLVideoProcessor's
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = IMAGE_PIXELS[0],
-                 max_pixels: int = IMAGE_PIXELS[1]) -> tuple[int, int]:
+                 max_pixels: int = IMAGE_PIXELS[1], num_frames: int = 1, temporal_factor: int = 1) -> tuple[int, int]:
     """The (height, width) nearest the input's aspect ratio with sides multiples of ``factor``
-    and a pixel count within ``[min_pixels, max_pixels]`` (transformers' rule)."""
+    and a pixel count within ``[min_pixels, max_pixels]`` (transformers' rule).
+
+    With a ``temporal_factor`` (Qwen3-VL's video rule) the limits hold for all ``num_frames`` frames together,
+    compared with their count rounded to ``temporal_factor``, and a side shorter than ``factor`` is first
+    scaled up."""
+    if num_frames < temporal_factor:
+        raise ValueError(f"{num_frames} frames, fewer than the temporal patch of {temporal_factor}")
+    if temporal_factor > 1 and (height < factor or width < factor):
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio must be below 200, got {height}x{width}")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
+    t_bar = round(num_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((num_frames * height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
         w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
@@ -71,9 +81,14 @@ class Qwen2VLVisionProcessor:
         self.video_pixels = video_pixels
         self.resample = resample
 
+    # from_pretrained's values for what a checkpoint's config does not say (a family overrides them)
+    defaults = {"patch_size": 14, "mean": CLIP_MEAN, "std": CLIP_STD, "image_pixels": IMAGE_PIXELS,
+                "video_pixels": VIDEO_PIXELS}
+
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "Qwen2VLVisionProcessor":
-        """Settings of a checkpoint folder (missing files or keys: Qwen2-VL's defaults)."""
+    def from_pretrained(cls, folder: str | Path, **options) -> "Qwen2VLVisionProcessor":
+        """Settings of a checkpoint folder (missing files or keys: the family's ``defaults``); ``options``
+        go to the constructor."""
         folder = Path(folder)
 
         def read(name: str) -> dict:
@@ -82,31 +97,39 @@ class Qwen2VLVisionProcessor:
 
         cfg = read("preprocessor_config.json")
         video_cfg = {**cfg, **read("video_preprocessor_config.json")}
-        return cls(patch_size=cfg.get("patch_size", 14), temporal_patch_size=cfg.get("temporal_patch_size", 2),
-                   merge_size=cfg.get("merge_size", 2), mean=cfg.get("image_mean", CLIP_MEAN),
-                   std=cfg.get("image_std", CLIP_STD), rescale_factor=cfg.get("rescale_factor", 1 / 255),
-                   image_pixels=_pixel_range(cfg, IMAGE_PIXELS), video_pixels=_pixel_range(video_cfg, VIDEO_PIXELS),
-                   resample=cfg.get("resample", Image.BICUBIC))
+        d = cls.defaults
+        return cls(patch_size=cfg.get("patch_size", d["patch_size"]),
+                   temporal_patch_size=cfg.get("temporal_patch_size", 2), merge_size=cfg.get("merge_size", 2),
+                   mean=cfg.get("image_mean", d["mean"]), std=cfg.get("image_std", d["std"]),
+                   rescale_factor=cfg.get("rescale_factor", 1 / 255),
+                   image_pixels=_pixel_range(cfg, d["image_pixels"]),
+                   video_pixels=_pixel_range(video_cfg, d["video_pixels"]),
+                   resample=cfg.get("resample", Image.BICUBIC), **options)
 
     def images(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (``pixel_values`` (sum of t*h*w, C*2*14*14) float32, ``image_grid_thw`` (n, 3) int64)."""
-        rows, grids = zip(*(self._patchify(image[None], self.image_pixels) for image in images))
+        factor = self.patch_size * self.merge_size
+        rows, grids = zip(*(self._patchify(image[None], smart_resize(*image.shape[:2], factor, *self.image_pixels))
+                            for image in images))
         return np.concatenate(rows), np.asarray(grids, np.int64)
 
     def video(self, frames: np.ndarray, max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(T, H, W, 3) frames of one video -> (``pixel_values_videos``, ``video_grid_thw`` (1, 3) int64).
 
         ``max_pixels`` lowers the per-frame pixel limit below the configured one (a token budget)."""
-        low, high = self.video_pixels
-        rows, grid = self._patchify(frames, (low, high if max_pixels is None else min(high, max_pixels)))
+        rows, grid = self._patchify(frames, self.video_size(len(frames), frames.shape[1], frames.shape[2], max_pixels))
         return rows, np.asarray([grid], np.int64)
 
     def video_grid(self, num_frames: int, height: int, width: int, max_pixels: int | None = None) -> tuple[int, int, int]:
         """The grid (t, h, w) :meth:`video` gives for ``num_frames`` frames of height x width, without the pixels."""
+        h, w = self.video_size(num_frames, height, width, max_pixels)
+        return -(-num_frames // self.temporal_patch_size), h // self.patch_size, w // self.patch_size
+
+    def video_size(self, num_frames: int, height: int, width: int, max_pixels: int | None = None) -> tuple[int, int]:
+        """The (height, width) every frame of a video is resized to; ``max_pixels`` per frame as in :meth:`video`."""
         low, high = self.video_pixels
-        p, tp = self.patch_size, self.temporal_patch_size
-        h, w = smart_resize(height, width, p * self.merge_size, low, high if max_pixels is None else min(high, max_pixels))
-        return -(-num_frames // tp), h // p, w // p
+        return smart_resize(height, width, self.patch_size * self.merge_size, low,
+                            high if max_pixels is None else min(high, max_pixels))
 
     def num_tokens(self, grid_thw) -> int:
         """Language-model tokens (placeholders) one image or video of this grid becomes."""
@@ -119,9 +142,9 @@ class Qwen2VLVisionProcessor:
         scaled = (frame.astype(np.float64) * self.rescale_factor).astype(np.float32)
         return ((scaled - self.mean) / self.std).transpose(2, 0, 1)
 
-    def _patchify(self, frames: np.ndarray, pixels: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+    def _patchify(self, frames: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int]]:
         p, tp, m = self.patch_size, self.temporal_patch_size, self.merge_size
-        height, width = smart_resize(frames.shape[1], frames.shape[2], p * m, *pixels)
+        height, width = size
         stack = np.stack([self._normalize(np.ascontiguousarray(f), height, width) for f in frames])
         if len(stack) % tp:
             stack = np.concatenate([stack, np.repeat(stack[-1:], tp - len(stack) % tp, axis=0)])

@@ -1,5 +1,6 @@
-"""Caption videos with Qwen2-VL (Qwen/Qwen2-VL-{2B,7B,72B}-Instruct) or Qwen2.5-VL
-(Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct): the checkpoint's config.json picks the model.
+"""Caption videos with Qwen2-VL (Qwen/Qwen2-VL-{2B,7B,72B}-Instruct), Qwen2.5-VL
+(Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct) or Qwen3-VL, dense (Qwen/Qwen3-VL-{2B,4B,8B,32B}-Instruct): the
+checkpoint's config.json picks the model, and for Qwen3-VL the defaults (``configs/captioning/qwen3_vl.yaml``).
 
 Frames are sampled at ``--fps`` over the whole video (or ``--num_frames`` uniformly) and resized
 to ``--height`` x ``--width``; the question goes through the checkpoint's chat template with one
@@ -17,12 +18,18 @@ frame rate of the frames it is given: their times when ``prepare`` gets them (``
 else the rate the frame spec samples at (``--fps``, exact unless ``--max_frames`` capped a long
 video; with ``--num_frames`` the rate is unknown and Qwen2.5-VL's processor default of 2 fps stands
 in). Either way the rate follows the frames the budget keeps.
+
+Qwen3-VL writes the video as one timestamped group per temporal patch (``models.qwen3_vl.processing``), the
+times from the same frame times; its frame size follows qwen-vl-utils' rule (128 to ``--max_frame_tokens``
+tokens per temporal patch, about the checkpoint's total for the video) before ``--max_visual_tokens``
+applies.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -32,6 +39,7 @@ from models.checkpoint import CheckpointError, load_tokenizer, read_config
 from models.generation import left_pad
 from models.qwen2_5_vl.processing import DEFAULT_FPS, Qwen2_5_VLVisionProcessor, sampled_fps
 from models.qwen2_vl.processing import Qwen2VLVisionProcessor
+from models.qwen3_vl.processing import FRAME_TOKENS, Qwen3VLVisionProcessor, patch_times, video_prompt_ids
 from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
                                         uniform_subset)
 from pipeline.captioning.chat import Turn, template_messages, with_token_counts
@@ -41,6 +49,9 @@ from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR
 
 BASE_CONFIG = CONFIG_DIR / "captioning" / "qwen2vl.yaml"
+QWEN3_VL_CONFIG = CONFIG_DIR / "captioning" / "qwen3_vl.yaml"
+PROCESSORS = {"qwen2_vl": Qwen2VLVisionProcessor, "qwen2_5_vl": Qwen2_5_VLVisionProcessor,
+              "qwen3_vl": Qwen3VLVisionProcessor}
 VIDEO_PAD = "<|video_pad|>"
 MIN_FRAMES = 4  # fewest frames a budget may leave (two temporal patches) before the resolution drops
 
@@ -71,16 +82,18 @@ class Qwen2VLCaptioner:
     def __init__(self, folder: str, dtype: str = "float32", question: str = "Describe the video in detail",
                  fps: float = 4.0, num_frames: int | None = None, max_frames: int = 768, height: int = 448,
                  width: int = 672, max_new_tokens: int = 200, max_visual_tokens: int | None = None,
-                 generation: dict | None = None, tp_size: int = 1):
+                 generation: dict | None = None, tp_size: int = 1, max_frame_tokens: int | None = None):
         model_type = read_config(folder).get("model_type")
-        if model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            raise CheckpointError(f"{folder} holds a {model_type!r} model; this script captions with Qwen2-VL and "
-                                  "Qwen2.5-VL (Qwen3-VL's video preprocessing and timestamps are not in it yet)")
+        if model_type not in PROCESSORS:
+            raise CheckpointError(f"{folder} holds a {model_type!r} model; this script captions with "
+                                  "Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense)")
         self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
         self.model = from_pretrained(folder, dtype=dtype, tp_size=tp_size)
-        self.timed = self.model.config.model_type == "qwen2_5_vl"  # Qwen2.5-VL: time-based positions
-        processor = Qwen2_5_VLVisionProcessor if self.timed else Qwen2VLVisionProcessor
-        self.processor = processor.from_pretrained(folder)
+        self.timed = model_type == "qwen2_5_vl"  # Qwen2.5-VL: time-based positions
+        self.timestamps = model_type == "qwen3_vl"  # Qwen3-VL: a timestamp before each temporal patch
+        top = max_frame_tokens or FRAME_TOKENS[1]  # Qwen3-VL's per-patch range: [128 or less, top]
+        options = {"frame_tokens": (min(FRAME_TOKENS[0], top), top)} if self.timestamps else {}
+        self.processor = PROCESSORS[model_type].from_pretrained(folder, **options)
         if num_frames:
             self.frame_spec = FrameSpec(num_frames=num_frames, height=height, width=width)
         else:
@@ -89,8 +102,10 @@ class Qwen2VLCaptioner:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if text.count(VIDEO_PAD) != 1:
             raise ValueError(f"the chat template should place one {VIDEO_PAD} for a video entry, got {text!r}")
-        # Tokenised once here (the workers only splice ids): the placeholder is a special token,
-        # so prefix + pads + suffix equals tokenising the expanded text.
+        # Qwen2-VL and Qwen2.5-VL: tokenised once here (the workers only splice ids): the placeholder is a
+        # special token, so prefix + pads + suffix equals tokenising the expanded text. Qwen3-VL's workers
+        # tokenise the text with its timestamps (see timestamped_ids).
+        self.prompt_text = text
         ids = self.tokenizer(text)["input_ids"]
         at = ids.index(self.model.config.video_token_id)
         self.prefix, self.suffix = ids[:at], ids[at + 1:]
@@ -116,7 +131,8 @@ class Qwen2VLCaptioner:
             logger.info("video of %d frames needs %d visual tokens, budget %d: keeping %d frames",
                         count, t * per_group, budget, keep)
             frames = frames[uniform_subset(count, keep)]
-            t = groups
+            t, h, w = proc.video_grid(keep, height, width)  # Qwen3-VL: fewer frames may each get more tokens
+            per_group = h * w // proc.merge_size ** 2
         if t * per_group <= budget:
             return frames, None
         unit = (proc.patch_size * proc.merge_size) ** 2
@@ -143,7 +159,10 @@ class Qwen2VLCaptioner:
         kept = frame_times[uniform_subset(len(frames), len(fitted))]  # the frames fit keeps
         rows, grid = self.processor.video(fitted, max_pixels)
         tokens = self.processor.num_tokens(grid[0])
-        ids = self.prefix + [self.model.config.video_token_id] * tokens + self.suffix
+        if self.timestamps:
+            ids = self.timestamped_ids(self.prompt_text, kept, tokens // int(grid[0][0]))
+        else:
+            ids = self.prefix + [self.model.config.video_token_id] * tokens + self.suffix
         second = self.processor.second_per_grid(sampled_fps(kept)) if self.timed else None
         return TimedVideo(VideoInputs(rows, grid, ids, second), fitted, budget, len(fitted), tokens, kept)
 
@@ -154,6 +173,11 @@ class Qwen2VLCaptioner:
         except BudgetError:
             return None
 
+    def timestamped_ids(self, text: str, frame_times: np.ndarray, tokens_per_patch: int) -> list[int]:
+        """Qwen3-VL: ``text``'s video written as one timestamped group per temporal patch."""
+        return video_prompt_ids(self.tokenizer, text, patch_times(frame_times, self.processor.temporal_patch_size),
+                                tokens_per_patch, self.model.config.video_token_id)
+
     def chat_prompt(self, turns: Sequence[Turn]) -> str:
         """The conversation through the checkpoint's chat template, the video as one ``<|video_pad|>``."""
         return self.tokenizer.apply_chat_template(template_messages(turns, {"type": "video"}), tokenize=False,
@@ -161,6 +185,10 @@ class Qwen2VLCaptioner:
 
     def with_prompt(self, video: PreparedVideo, prompt: str) -> VideoInputs:
         """The video's inputs under another prompt text, its ``<|video_pad|>`` expanded to the video's tokens."""
+        if self.timestamps:
+            patches = int(video.inputs.video_grid_thw[0][0])
+            return video.inputs._replace(input_ids=self.timestamped_ids(prompt, video.frame_times,
+                                                                        video.visual_tokens // patches))
         ids = self.tokenizer(prompt)["input_ids"]
         if ids.count(self.model.config.video_token_id) != 1:
             raise ValueError(f"a prompt must hold one {VIDEO_PAD} for the video, got {prompt!r}")
@@ -197,8 +225,10 @@ def model_inputs(batch: Sequence[VideoInputs], pad_id: int) -> dict[str, np.ndar
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(
-        "Caption videos with Qwen2-VL or Qwen2.5-VL (Qwen/Qwen2-VL-*-Instruct, Qwen/Qwen2.5-VL-*-Instruct).",
-        epilog=f"defaults come from {BASE_CONFIG.relative_to(CONFIG_DIR.parent)}\n"
+        "Caption videos with Qwen2-VL, Qwen2.5-VL or Qwen3-VL (Qwen/Qwen2-VL-*-Instruct, "
+        "Qwen/Qwen2.5-VL-*-Instruct, Qwen/Qwen3-VL-*-Instruct, dense).",
+        epilog=f"defaults come from {BASE_CONFIG.relative_to(CONFIG_DIR.parent)} "
+               f"({QWEN3_VL_CONFIG.relative_to(CONFIG_DIR.parent)} for a Qwen3-VL checkpoint)\n"
                "example:\n  msrun --worker_num=8 --local_worker_num=8 --join=True "
                "pipeline/captioning/caption_qwen2vl.py meta.csv "
                "--pretrained_model_name_or_path /models/Qwen2-VL-7B-Instruct --bs 8")
@@ -210,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most vision tokens per video (default: what the checkpoint's context holds after the "
                         "prompt and --max_new_tokens, at most 24576); a video that needs more keeps fewer "
                         "frames, then a lower resolution")
+    p.add_argument("--max_frame_tokens", type=int,
+                   help="Qwen3-VL: most vision tokens per temporal patch (2 frames) before --max_visual_tokens "
+                        "applies; each patch gets at least 128 (or this, when lower) and the video about the "
+                        "checkpoint's total (published: 24576)")
     return p
 
 
@@ -221,11 +255,23 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> Qwen2VLCaptioner:
                             num_frames=args.num_frames, max_frames=args.max_frames, height=args.height,
                             width=args.width, max_new_tokens=args.max_new_tokens,
                             max_visual_tokens=args.max_visual_tokens, generation=generation_options(args),
-                            tp_size=args.tp_size)
+                            tp_size=args.tp_size, max_frame_tokens=args.max_frame_tokens)
+
+
+def base_config(argv: Sequence[str] | None) -> Path:
+    """The defaults for the checkpoint on the command line: Qwen3-VL's preset for a Qwen3-VL folder."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--pretrained_model_name_or_path")
+    folder = pre.parse_known_args(argv)[0].pretrained_model_name_or_path
+    try:
+        qwen3 = folder is not None and read_config(folder).get("model_type") == "qwen3_vl"
+    except CheckpointError:  # the captioner reports a broken folder
+        qwen3 = False
+    return QWEN3_VL_CONFIG if qwen3 else BASE_CONFIG
 
 
 def main(argv: Sequence[str] | None = None) -> RunSummary:
-    return main_with(build_parser(), build_captioner, argv, base_config=BASE_CONFIG)
+    return main_with(build_parser(), build_captioner, argv, base_config=base_config(argv))
 
 
 if __name__ == "__main__":
