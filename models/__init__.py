@@ -14,6 +14,7 @@ MODEL_TYPES = {
     "qwen2_vl": ("models.qwen2_vl.modeling", "Qwen2VLForConditionalGeneration", "Qwen2VLConfig"),
     "qwen2_5_vl": ("models.qwen2_5_vl.modeling", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
     "qwen3_vl": ("models.qwen3_vl.modeling", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig"),
+    "qwen3_vl_moe": ("models.qwen3_vl.modeling", "Qwen3VLForConditionalGeneration", "Qwen3VLMoeConfig"),
     # text-only decoders (caption enhancement); Mistral is Llama's architecture here (see models.llama)
     "llama": ("models.llama", "LlamaForCausalLM", "LlamaConfig"),
     "mistral": ("models.llama", "LlamaForCausalLM", "MistralConfig"),

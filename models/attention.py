@@ -50,7 +50,8 @@ def refresh_device() -> None:
     _settings["device"] = ms.get_context("device_target")
 
 
-def _device() -> str:
+def device() -> str:
+    """The device MindSpore targets, as of the last :func:`refresh_device` (safe to call inside a graph)."""
     return _settings["device"]
 
 
@@ -241,7 +242,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, key_mask: Optional[Tens
     small = query.shape[2] * key.shape[2] <= block_size() ** 2
     if small:
         return dense_attention(query, key, value, key_mask, causal, score_bias)
-    if _device() == "Ascend" and score_bias is None and query.dtype in (ms.float16, ms.bfloat16):
+    if device() == "Ascend" and score_bias is None and query.dtype in (ms.float16, ms.bfloat16):
         return _fused_ascend(query, key, value, key_mask, causal)
     if not tiles:
         return dense_attention(query, key, value, key_mask, causal, score_bias)

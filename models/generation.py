@@ -349,9 +349,11 @@ class _Session:
         selection = (self.eos, Tensor(ban) if self.eos is not None else None,
                      None if shift is None else Tensor(shift.astype(np.float32)),
                      None if rows is None else Tensor(rows.astype(np.int32)))
-        if length > attention.block_size():
+        if length > attention.block_size() or (length > 1 and not getattr(self.model, "compile_prompt", True)):
             # A long prompt runs op by op: its ops are large, so a graph buys little, and MindSpore's CPU
             # graphs keep every attention tile of an unrolled loop alive (memory quadratic in the prompt).
+            # A model can ask for it for every prompt (``compile_prompt = False``: an MoE model's prompt
+            # groups tokens by expert on the host).
             out = self.model.decode_step(*args, *self.cache, *prompt_inputs)
         else:
             out = self.call("decode_step", self.step_fn, *args, *self.cache, *prompt_inputs)

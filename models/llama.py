@@ -25,6 +25,7 @@ from mindspore import Tensor, nn, ops
 from models.attention import cached_self_attention
 from models.generation import GenerateOutput, causal_lm_loss, generate, slot_ids, to_tensor
 from models.layers import RMSNorm, apply_rotary, silu_mul
+from models.moe import mlp_for
 from models.parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, split_heads,
                              tied_logits, vocab_head)
 
@@ -124,10 +125,12 @@ class LlamaDecoderLayer(nn.Cell):
     """Pre-norm block; ``cos``/``sin`` come broadcastable to (B, heads, T, head_dim); ``mask`` (B, L) marks
     the filled key slots."""
 
-    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None, qk_norm: bool = False):
+    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None, qk_norm: bool = False,
+                 index: int = 0):
+        """``index``: the layer's place in the stack, which decides whether it has experts (``models.moe``)."""
         super().__init__()
         self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm)
-        self.mlp = LlamaMLP(config)
+        self.mlp = mlp_for(config, index, lambda: LlamaMLP(config))
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -138,11 +141,11 @@ class LlamaDecoderLayer(nn.Cell):
 
 
 class LlamaModel(nn.Cell):
-    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None):
+    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None, qk_norm: bool = False):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias, o_bias)
-                                   for _ in range(config.num_hidden_layers)])
+        self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, i)
+                                   for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.inv_freq = Tensor(rope_inverse_frequencies(config))
 
@@ -170,17 +173,19 @@ class LlamaModel(nn.Cell):
 class LlamaForCausalLM(nn.Cell):
     """Llama/Mistral with its LM head (tied to ``embed_tokens`` when ``tie_word_embeddings``).
 
-    ``qkv_bias``/``o_bias``: a subclass's attention biases (None: ``config.attention_bias``), see ``models.qwen2``.
+    ``qkv_bias``/``o_bias``: a subclass's attention biases (None: ``config.attention_bias``), see ``models.qwen2``;
+    ``qk_norm``: its per-head query/key norms (``models.qwen3``).
     """
 
     is_encoder_decoder = False
     qkv_bias: bool | None = None
     o_bias: bool | None = None
+    qk_norm: bool = False
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.qkv_bias, self.o_bias)
+        self.model = LlamaModel(config, self.qkv_bias, self.o_bias, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else vocab_head(config.hidden_size, config.vocab_size)
         self.tied_weights_keys = ("lm_head.weight",) if self.tie_word_embeddings else ()

@@ -181,8 +181,8 @@ class Qwen2VLTextModel(nn.Cell):
             raise NotImplementedError("sliding-window attention is not supported (Qwen2-VL does not use it)")
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # Qwen2's decoder is Llama's with biased q/k/v projections (and M-RoPE, applied through cos/sin).
-        self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm)
-                                   for _ in range(config.num_hidden_layers)])
+        self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, i)
+                                   for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # transformers 5 gathers a config.json's top-level rope_theta and rope_scaling ({"type": "mrope",
         # "mrope_section": ...}) into rope_parameters, with rope_type "default" for M-RoPE.

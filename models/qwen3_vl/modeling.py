@@ -1,5 +1,5 @@
-"""Qwen3-VL, dense (``Qwen/Qwen3-VL-{2B,4B,8B,32B}-*``): Qwen2-VL's model with Qwen3-VL's vision tower,
-decoder and positions.
+"""Qwen3-VL, dense (``Qwen/Qwen3-VL-{2B,4B,8B,32B}-*``) and MoE (``Qwen/Qwen3-VL-{30B-A3B,235B-A22B}-*``,
+``model_type: qwen3_vl_moe``): Qwen2-VL's model with Qwen3-VL's vision tower, decoder and positions.
 
 ``models.qwen2_vl.modeling`` does the rest: placeholder filling, the position table generation decodes
 with, tied embeddings, the checkpoint renames. Qwen3-VL's published checkpoints and transformers 5's
@@ -10,6 +10,9 @@ the flat one (``visual.*``, ``model.*``) loads too. What differs:
   to the outputs of its first layers at the vision tokens (in the prompt only);
 - the decoder is Qwen3's: no attention biases (``attention_bias``), per-head q/k RMSNorm, its own
   ``head_dim``, and interleaved M-RoPE;
+- the MoE model's decoder layers have experts (``models.moe``) where its config says (``mlp_only_layers``,
+  ``decoder_sparse_step``), and its expert tensors load from the published, transformers 5 and per-expert
+  layouts (:func:`models.moe.adapt_expert_tensors`);
 - positions (:func:`get_rope_index`): every run of vision tokens is its own item, and a video's temporal
   patches are separate runs (Qwen3-VL writes a timestamp and ``<|vision_start|>``/``<|vision_end|>``
   around each), so the time of a frame is carried by its text, not by its temporal position.
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from models.moe import expert_checkpoint_hook, num_experts
 from models.qwen2_vl.modeling import Qwen2VLForConditionalGeneration
 from models.qwen3_vl.vision import Qwen3VisionTransformer
 
@@ -77,10 +81,18 @@ def get_rope_index(config: "Qwen3VLConfig", input_ids: np.ndarray, attention_mas
 
 
 class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
-    """Qwen3-VL (dense) with transformers' forward/generate arguments."""
+    """Qwen3-VL (dense or MoE) with transformers' forward/generate arguments."""
 
     vision_class = Qwen3VisionTransformer
     decoder_options = {"qkv_bias": None, "o_bias": None, "qk_norm": True, "interleaved": True}
+
+    def __init__(self, config):
+        super().__init__(config)
+        # an MoE prompt groups its tokens by expert on the host, so it runs op by op (see models.moe)
+        self.compile_prompt = not num_experts(config.text_config)
+
+    def checkpoint_hook(self, tensors: dict) -> None:
+        expert_checkpoint_hook(self, tensors, self.config.text_config)
 
     def rope_index(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw, video_grid_thw,
                    second_per_grid_ts) -> tuple[np.ndarray, np.ndarray]:
