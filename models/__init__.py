@@ -19,6 +19,8 @@ MODEL_TYPES = {
     "llama": ("models.llama", "LlamaForCausalLM", "LlamaConfig"),
     "mistral": ("models.llama", "LlamaForCausalLM", "MistralConfig"),
     "qwen2": ("models.qwen2", "Qwen2ForCausalLM", "Qwen2Config"),
+    "qwen3": ("models.qwen3", "Qwen3ForCausalLM", "Qwen3Config"),
+    "qwen3_moe": ("models.qwen3", "Qwen3ForCausalLM", "Qwen3MoeConfig"),
     # composed from three sources its config.json names; built by the class's own from_folder
     "video_llama": ("models.video_llama.modeling", "VideoLlamaForConditionalGeneration", None),
 }

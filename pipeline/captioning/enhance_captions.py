@@ -35,7 +35,7 @@ from pipeline.datasets.metadata import (ERROR_COLUMN, PATH_COLUMN, STATUS_COLUMN
 BASE_CONFIG = CONFIG_DIR / "captioning" / "enhance.yaml"
 TEMPLATES_CONFIG = CONFIG_DIR / "enhance_templates.yaml"
 ENHANCED_COLUMN = "text_enhanced"
-TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
+TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 
 
 def load_template(name: str, path: str | Path = TEMPLATES_CONFIG) -> dict[str, str]:
@@ -133,9 +133,9 @@ class CaptionEnhancer:
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(
-        "Rewrite each row's caption with a text-only chat model (Qwen/Qwen2.5-*-Instruct, "
-        "meta-llama/Meta-Llama-3-*-Instruct, mistralai/Mistral-*-Instruct), e.g. into a richer caption "
-        "for text-to-video training. Writes text (the caption read) and text_enhanced (its rewrite).",
+        "Rewrite each row's caption with a text-only chat model (Qwen/Qwen3-*, Qwen/Qwen3-30B-A3B-*, "
+        "Qwen/Qwen2.5-*-Instruct, meta-llama/Meta-Llama-3-*-Instruct, mistralai/Mistral-*-Instruct), e.g. into a "
+        "richer caption for text-to-video training. Writes text (the caption read) and text_enhanced (its rewrite).",
         epilog=f"defaults come from {BASE_CONFIG.relative_to(CONFIG_DIR.parent)}; templates are in "
                f"{TEMPLATES_CONFIG.relative_to(CONFIG_DIR.parent)}\n"
                "example:\n  python -m pipeline.captioning.enhance_captions meta_caption.csv "
