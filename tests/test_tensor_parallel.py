@@ -1,8 +1,9 @@
 """Tensor parallelism (models.parallel): split models under msrun on CPU equal the whole model and transformers.
 
 One msrun run of 2 workers loads each tiny model with tp_size 2: LLaVA-NeXT (Mistral decoder with one
-key/value head, so both ranks keep a copy of it), Qwen2-VL (two key/value heads, one per rank) and
-BLIP-2 OPT (tied, vocabulary-split embeddings). Both ranks' logits must equal transformers' and the
+key/value head, so both ranks keep a copy of it), Qwen2-VL (two key/value heads, one per rank), Qwen3-VL-MoE
+(each rank 4 of the 8 experts beside its attention heads and half the dense layer's MLP) and BLIP-2 OPT (tied,
+vocabulary-split embeddings). Both ranks' logits must equal transformers' and the
 whole model's within 1e-4, and their greedy ids (and, for OPT, beam search and seeded sampling) must be
 identical. Then 4 workers as tp 2 x dp 2 caption a table as one process does.
 """
@@ -24,6 +25,7 @@ from tests.msrun import run_msrun
 from tests.tiny_models import OPT, save_tiny_blip2
 from tests.test_blip2_parity import prompts as blip2_prompts
 from tests import test_qwen2vl as qwen
+from tests import test_qwen3_vl_moe as moe
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 8  # tests/tp_worker.py generates this many
@@ -83,6 +85,23 @@ def _qwen2vl(folder: Path) -> tuple[dict, dict]:
     return inputs, _hf_outputs(hf, hf_inputs, alone={"pad": qwen.ENDOFTEXT, "rows": rows})
 
 
+def _qwen3_vl_moe(folder: Path) -> tuple[dict, dict]:
+    """Experts split over the ranks (4 of 8 each) beside tensor-parallel attention and a dense layer."""
+    moe.hf_moe().save_pretrained(folder)
+    hf = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(folder).eval()
+    specs = [(2, moe.VIDEO_GRID, [24, 25]), (1, moe.SMALL_GRID, [26])]
+    prompts = [moe.video_prompt(t, hw, words) for t, hw, words in specs]
+    grids = [np.array([[t, *hw]]) for t, hw, _ in specs]
+    pixels = [moe.pixels(50 + i, g[0]) for i, g in enumerate(grids)]
+    ids, mask = qwen.left_pad(prompts)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values_videos=np.concatenate(pixels),
+                  video_grid_thw=np.concatenate(grids))
+    rows = [dict(input_ids=np.array([p]), mm_token_type_ids=qwen.mm_token_types(np.array([p])),
+                 pixel_values_videos=x, video_grid_thw=g) for p, x, g in zip(prompts, pixels, grids)]
+    hf_inputs = {**inputs, "mm_token_type_ids": qwen.mm_token_types(ids)}
+    return inputs, _hf_outputs(hf, hf_inputs, alone={"pad": qwen.ENDOFTEXT, "rows": rows})
+
+
 def _blip2_opt(folder: Path) -> tuple[dict, dict]:
     save_tiny_blip2(folder, OPT)
     hf = transformers.Blip2ForConditionalGeneration.from_pretrained(folder).eval()
@@ -92,7 +111,7 @@ def _blip2_opt(folder: Path) -> tuple[dict, dict]:
     return inputs, _hf_outputs(hf, inputs)
 
 
-FAMILIES = {"llava_next": _llava_next, "qwen2vl": _qwen2vl, "blip2_opt": _blip2_opt}
+FAMILIES = {"llava_next": _llava_next, "qwen2vl": _qwen2vl, "qwen3_vl_moe": _qwen3_vl_moe, "blip2_opt": _blip2_opt}
 
 
 @pytest.fixture(scope="module")
