@@ -39,6 +39,8 @@ STORAGES = {
 # A tensor may read to more bytes than its storage holds (a stride-0 ``expand``, overlapping windows)
 # only up to this; torch.save writes such views as they are, and they are rare and small in checkpoints.
 EXPANSION_LIMIT = 1 << 24
+# No real size, stride or offset comes near this many elements (2 PiB of bytes); larger ones overflow numpy.
+LAYOUT_LIMIT = 1 << 48
 
 
 class TorchCheckpointError(ValueError):
@@ -86,8 +88,9 @@ class TorchTensor:
             return np.array(base[self.offset])
         if any(d == 0 for d in self.shape):
             return np.zeros(self.shape, base.dtype)
-        view = np.lib.stride_tricks.as_strided(base[self.offset:], self.shape,
-                                               [s * base.itemsize for s in self.stride], writeable=False)
+        # a length-1 dimension never steps, whatever stride it was saved with
+        strides = [0 if d == 1 else s * base.itemsize for d, s in zip(self.shape, self.stride)]
+        view = np.lib.stride_tricks.as_strided(base[self.offset:], self.shape, strides, writeable=False)
         return np.ascontiguousarray(view)
 
     def read(self) -> np.ndarray:
@@ -107,6 +110,9 @@ def _layout_problem(t: TorchTensor) -> str | None:
         return f"has a malformed layout ({layout})"
     if min((t.offset, *t.shape, *t.stride)) < 0:
         return f"has a negative size, stride or offset ({layout})"
+    if max((t.offset, *t.shape, *(s for d, s in zip(t.shape, t.stride) if d > 1))) >= LAYOUT_LIMIT \
+            or math.prod(d for d in t.shape if d) >= LAYOUT_LIMIT:
+        return f"has an implausible size, stride or offset, {LAYOUT_LIMIT} elements or more ({layout})"
     count, numel = t.storage.count, math.prod(t.shape)
     last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride)) if numel else t.offset - 1
     if last >= count:

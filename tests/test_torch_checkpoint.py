@@ -135,8 +135,11 @@ def _crafted(path: Path, offset, size, stride) -> Path:
     return path
 
 
-def test_crafted_layout_reads_like_torch(tmp_path):
-    path = _crafted(tmp_path / "crafted.bin", 1, (3, 2), (5, 2))
+@pytest.mark.parametrize("offset, size, stride", [(1, (3, 2), (5, 2)), (0, (1, 4), (1 << 62, 1)), (2, (4, 1), (3, 1 << 62))],
+                         ids=["strided", "huge-stride-on-a-length-1-dim", "huge-last-stride-on-a-length-1-dim"])
+def test_crafted_layout_reads_like_torch(tmp_path, offset, size, stride):
+    """A length-1 dimension's stride is never used (torch saves whatever the view had), however large."""
+    path = _crafted(tmp_path / "crafted.bin", offset, size, stride)
     np.testing.assert_array_equal(read_state_dict(path)["w"].read(), torch.load(path, weights_only=True)["w"].numpy())
 
 
@@ -147,7 +150,10 @@ def test_crafted_layout_reads_like_torch(tmp_path):
     (0, (10**10,), (0,), "repeats its storage of 16 elements to 10000000000"),  # 37 GiB once read
     (0, (4,), (1, 1), "malformed"),
     (0, ("4",), (1,), "malformed"),
-], ids=["negative-stride", "negative-size", "past-the-end", "stride-0-expansion", "rank-mismatch", "not-an-int"])
+    (0, (0, 1 << 70), (1, 1), "implausible"),  # an empty tensor numpy cannot even describe
+    (0, (1 << 30, 1 << 30, 0), (1, 1, 1), "implausible"),
+], ids=["negative-stride", "negative-size", "past-the-end", "stride-0-expansion", "rank-mismatch", "not-an-int",
+        "huge-empty", "huge-empty-product"])
 def test_hostile_layouts_are_refused_before_any_read(tmp_path, offset, size, stride, problem):
     path = _crafted(tmp_path / "crafted.bin", offset, size, stride)
     with pytest.raises(TorchCheckpointError, match=rf"crafted\.bin: tensor 'w' .*{problem}") as error:
