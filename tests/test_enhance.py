@@ -3,6 +3,7 @@ enhance_captions.py end to end (chat template, error rows, resume after a SIGKIL
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -236,3 +237,21 @@ def test_an_error_row_keeps_the_input_caption(tmp_path, monkeypatch):
     assert [r["status"] for r in got] == ["ok", "error", "error", "ok"]
     assert got[1]["error"] == "TemplateError: cannot render this caption" and got[1]["text_enhanced"] == ""
     assert "input row is an error row" in got[2]["error"] and got[2]["text_enhanced"] == ""
+
+
+def test_a_row_the_process_died_on_keeps_the_input_caption(tmp_path):
+    """A row left in flight by a dead process, out of attempts, is written as an error row at start-up (before
+    any model is built) and still keeps its input caption in text."""
+    save_chat_model(tmp_path / "model")
+    rows = [{"path": "videos/a.mp4", "text": "a red square moves left"},
+            {"path": "videos/b.mp4", "text": "a blue circle bounces"}]
+    csv_path, out = tmp_path / "meta.csv", tmp_path / "enhanced.csv"
+    pd.DataFrame(rows).to_csv(csv_path, index=False)
+    (tmp_path / "enhanced.csv.part0.inflight").write_text(json.dumps({"path": "videos/b.mp4"}) + "\n")
+    enhance_captions.main([str(csv_path), "--pretrained_model_name_or_path", str(tmp_path / "model"),
+                           "--template", "concise", "--max_new_tokens", "4", "--max_attempts", "1",
+                           "--output", str(out), "--device", "CPU"])
+    got = read_rows(out)
+    assert [r["status"] for r in got] == ["ok", "error"]
+    assert "died" in got[1]["error"]
+    assert [r["text"] for r in got] == [r["text"] for r in rows]

@@ -216,8 +216,11 @@ def resolve_dtype(args: argparse.Namespace, device: str) -> str:
 
 
 def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, str], Captioner],
-              argv: Sequence[str] | None = None, base_config: str | Path | None = None) -> RunSummary:
+              argv: Sequence[str] | None = None, base_config: str | Path | None = None,
+              error_text: Callable[[argparse.Namespace], Callable[[dict[str, str]], str]] | None = None
+              ) -> RunSummary:
     """Parse flags (over ``base_config``'s defaults) and check them, set up the device (and msrun), run.
+    ``error_text(args)``: the run's ``RunOptions.error_text`` (what an error row's text is).
 
     The captioner is built only once the run knows this rank has rows to caption.
     """
@@ -233,7 +236,8 @@ def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespa
             seed=args.seed, window_seconds=args.window_seconds, window_min_seconds=args.window_min_seconds,
             force=args.force, max_attempts=args.max_attempts, prompt=prompt, cleanup=cleanup,
             decode_timeout=args.decode_timeout, max_decode_pixels=args.max_decode_pixels or None,
-            sidecar=args.sidecar, sidecar_dir=args.sidecar_dir, tp_size=getattr(args, "tp_size", 1))
+            sidecar=args.sidecar, sidecar_dir=args.sidecar_dir, tp_size=getattr(args, "tp_size", 1),
+            error_text=None if error_text is None else error_text(args))
         check_run_options(opts)
         if getattr(args, "attention_block_size", None) is not None:
             try:

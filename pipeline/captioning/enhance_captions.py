@@ -11,13 +11,14 @@ whether it stopped at ``--max_new_tokens`` mid-sentence. The runner replaces an 
 ``text``/``status``/``error`` columns with its own, so the captions are read here from the input
 CSV by row key, and ``text`` is given back as this row's result. An input row whose caption is
 empty or whose status is ``error`` becomes an error row saying so. An error row (these, or a
-rewrite that raised an error) keeps the input caption in ``text`` (see ``error_text``).
+rewrite that raised an error, or a row the process died on) keeps the input caption in ``text``
+(see ``input_caption``).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from jinja2.exceptions import TemplateError
@@ -99,10 +100,6 @@ class CaptionEnhancer:
             raise ValueError(f"the input caption (column {self.column!r}) is empty")
         return caption.strip()
 
-    def error_text(self, cells: dict[str, str]) -> str:
-        """The text of the row's error row: its input caption."""
-        return self.captions[row_key(cells)][0].strip()
-
     def prompt_ids(self, caption: str) -> list[int]:
         """The chat prompt of one caption; templates without a system role get it in the user turn."""
         system, user = self.template["system"], self.template["user"].replace("{caption}", caption)
@@ -168,8 +165,14 @@ def build_enhancer(args: argparse.Namespace, dtype: str) -> CaptionEnhancer:
                            tp_size=args.tp_size)
 
 
+def input_caption(args: argparse.Namespace) -> Callable[[dict[str, str]], str]:
+    """An error row's text: the input caption of its row (``RunOptions.error_text``)."""
+    captions = read_captions(args.input, args.text_column)
+    return lambda cells: captions.get(row_key(cells), ("",))[0].strip()
+
+
 def main(argv: Sequence[str] | None = None) -> RunSummary:
-    return main_with(build_parser(), build_enhancer, argv, base_config=BASE_CONFIG)
+    return main_with(build_parser(), build_enhancer, argv, base_config=BASE_CONFIG, error_text=input_caption)
 
 
 if __name__ == "__main__":

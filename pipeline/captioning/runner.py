@@ -112,9 +112,8 @@ class Captioner(Protocol):
     Optional: ``extra_columns`` (tuple of output column names, default none), filled
     from ``generate`` results given as dicts; ``shrink(inputs) -> inputs | None``,
     the same video re-prepared at half its visual-token budget (None: cannot shrink
-    further), which the runner uses to retry a video that ran out of memory; and
-    ``error_text(cells) -> str``, the ``text`` of the row's error row when it fails in
-    ``prepare`` or ``generate`` (default empty; caption enhancement keeps the input caption).
+    further), which the runner uses to retry a video that ran out of memory. (An error row's ``text`` is
+    empty, or what ``RunOptions.error_text`` says: caption enhancement keeps the input caption.)
 
     ``frame_spec = None``: the captioner reads no video (e.g. it rewrites a caption); ``prepare``
     is then given the row's cells instead of frames, and the row's file is never opened.
@@ -152,6 +151,9 @@ class RunOptions:
     sidecar: bool = False  # after the merge, write each ok row's caption to <video stem>.txt (see sidecars)
     sidecar_dir: str | None = None  # put the sidecars in this folder instead of next to the videos
     tp_size: int = 1  # ranks per tensor-parallel group: rows go to groups, the group's first rank writes them
+    # an error row's text from the row's cells (default empty): also for rows a dead process left, which are
+    # written at start-up, before any captioner exists
+    error_text: Callable[[dict[str, str]], str] | None = None
 
     def __post_init__(self) -> None:
         if self.decode_timeout is not None and not self.decode_timeout >= 0:
@@ -540,14 +542,21 @@ def _remove_leftovers(output: Path, meet: distributed.FileBarrier) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _record_deaths(output: Path, order: list[RowKey], max_attempts: int, schema: Schema) -> None:
+def _error_row(result: Result, cells: dict[str, str], opts: RunOptions) -> dict[str, str]:
+    """The output row of ``result``; an error row's text is ``opts.error_text`` of the cells, if given."""
+    if result.error is not None and opts.error_text is not None:
+        result.text = opts.error_text(cells)
+    return result.row(cells)
+
+
+def _record_deaths(output: Path, order: list[RowKey], opts: RunOptions, schema: Schema) -> None:
     """Count the rows a dead process left in flight; write those out of attempts as error rows."""
     if not attempts.pending(output):
         return  # the usual case: no output read just for this
     progress = read_progress(output)
-    spent = attempts.settle(output, progress.done | progress.failed, max_attempts)
+    spent = attempts.settle(output, progress.done | progress.failed, opts.max_attempts)
     if spent:
-        rows = [failure(attempts.died_error(s.attempts)).row(s.cells) for s in spent]
+        rows = [_error_row(failure(attempts.died_error(s.attempts)), s.cells, opts) for s in spent]
         write_csv_atomic(pd.DataFrame(rows).fillna(""), part_path(output, 0))
         finalize_output(output, order=order, schema=schema)
 
@@ -570,7 +579,7 @@ def _start(output: Path, order: list[RowKey], opts: RunOptions, meet: distribute
             os.replace(output, previous_output(output))
     elif find_part_files(output):
         finalize_output(output, order=order, schema=schema)
-    _record_deaths(output, order, opts.max_attempts, schema)
+    _record_deaths(output, order, opts, schema)
 
 
 def _count_run(output: Path, summary: RunSummary) -> None:
@@ -615,7 +624,6 @@ class _Session:
                  suspects: frozenset[RowKey], summary: RunSummary, bar: tqdm, opts: RunOptions):
         self.captioner = captioner
         self.extra = extra_columns_of(captioner)
-        self.error_text = getattr(captioner, "error_text", None)
         self.writer = writer
         self.inflight = inflight
         self.suspects = suspects
@@ -661,10 +669,7 @@ class _Session:
         return result
 
     def _row(self, result: Result, cells: dict[str, str]) -> dict[str, str]:
-        """The output row; an error row's text is the captioner's ``error_text`` of it, if it has one."""
-        if result.error is not None and self.error_text is not None:
-            result.text = self.error_text(cells)
-        return result.row(cells)
+        return _error_row(result, cells, self.opts)
 
     def _write(self, rows: list[dict[str, str]]) -> None:
         self.writer.write(rows)
