@@ -67,13 +67,16 @@ def from_pretrained(folder: str | Path, dtype: str = "float32", weights: str | P
     up): this rank's part of the model split over ``tp_size`` consecutive ranks (``models.parallel``),
     reading only its slices of the weights; ``forward`` and ``generate`` still return full logits
     and ids on every rank of the group. The model is returned in inference mode (``set_train(False)``).
+    FP8 block-quantised folders (Qwen's "-FP8" releases) load dequantised to ``dtype``; other quantisations
+    are refused.
     """
     import transformers
 
     from models import parallel
-    from models.checkpoint import load_checkpoint, read_config, weight_files
+    from models.checkpoint import check_config, load_checkpoint, read_config, weight_files
 
     raw = read_config(folder)
+    check_config(raw, Path(folder) / "config.json")  # e.g. a GPTQ release: refused before anything is built
     module, class_name, config_name = MODEL_TYPES[model_family(raw)]
     with parallel.building(parallel.init_group(tp_size)):
         if config_name is None:

@@ -4,8 +4,14 @@ One loader for every model family. A folder holds ``config.json`` and either
 ``model.safetensors`` or shards listed in ``model.safetensors.index.json``, or, where only
 those were published, PyTorch's ``pytorch_model.bin`` or its shards (read without torch,
 by ``models.torch_checkpoint``). Tensors are read lazily, one at a time, with plain file
-reads (bfloat16, which numpy lacks, is widened to float32 from the raw bytes), so peak memory
-stays near the model's own size; a tensor-parallel rank reads only its slices.
+reads (bfloat16 and float8 e4m3, which numpy lacks, are widened to float32 from the raw bytes), so
+peak memory stays near the model's own size; a tensor-parallel rank reads only its slices.
+
+FP8 block-quantised checkpoints (``quantization_config.quant_method`` "fp8", as Qwen's "-FP8" releases)
+store each quantised weight ``X`` in float8 e4m3 with ``X_scale_inv``: one float scale per block of
+``weight_block_size`` (default 128 x 128) over the last two dimensions, or one per tensor. They are
+dequantised to float32 as they are read (:func:`dequantized`), before renaming and ``checkpoint_hook``,
+so models see plain float tensors.
 
 Every parameter must be filled and every tensor consumed, otherwise
 :class:`CheckpointError` names the missing, unexpected and wrongly shaped entries.
@@ -53,6 +59,27 @@ _NUMPY_DTYPES = {
     "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _SHOW = 10  # names listed per category in error messages
+SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints: ``X_scale_inv`` holds the scales of ``X``
+DEFAULT_BLOCK_SIZE = (128, 128)  # transformers' FineGrainedFP8Config default weight_block_size
+
+
+def _e4m3_table() -> np.ndarray:
+    """float32 value of each float8 e4m3fn byte: 4 exponent bits (bias 7), 3 mantissa bits, subnormals at
+    exponent 0, no infinities, NaN where all exponent and mantissa bits are set."""
+    byte = np.arange(256)
+    exponent, mantissa = (byte >> 3) & 15, (byte & 7).astype(np.float64)
+    magnitude = np.where(exponent == 0, mantissa * 2.0 ** -9, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    value = np.where(byte >= 128, -magnitude, magnitude).astype(np.float32)
+    value[(byte & 127) == 127] = np.nan
+    return value
+
+
+E4M3_TABLE = _e4m3_table()
+# dtypes numpy lacks: (the integer type their bytes are read as, the widening of those to float32)
+_WIDENED: dict[str, tuple[type, Callable[[np.ndarray], np.ndarray]]] = {
+    "BF16": (np.uint16, lambda raw: (raw.astype(np.uint32) << 16).view(np.float32)),
+    "F8_E4M3": (np.uint8, lambda raw: E4M3_TABLE[raw]),
+}
 
 
 class CheckpointError(ValueError):
@@ -63,16 +90,24 @@ class CheckpointError(ValueError):
 class TensorRef:
     """A checkpoint tensor known by shape, read only when needed.
 
-    ``read_part(index)`` reads only ``tensor[index]`` (a tuple of slices) where the file allows it.
+    ``read_part(index)`` reads only ``tensor[index]`` where the file allows it; ``index`` slices one
+    dimension, ``dim``, and is ``(slice(None),) * dim + (slice(start, stop),)``. ``dtype``: the
+    safetensors dtype in the file ("" where unknown), which tells FP8 tensors apart before any read.
     """
 
     shape: tuple[int, ...]
     read: Callable[[], np.ndarray]
     read_part: Optional[Callable[[tuple], np.ndarray]] = None
+    dtype: str = ""
 
     def part(self, dim: int, start: int, stop: int) -> np.ndarray:
         """Entries [start, stop) along ``dim``: a tensor-parallel rank's slice."""
-        index = (slice(None),) * dim + (slice(start, stop),)
+        return self.take((slice(None),) * dim + (slice(start, stop),))
+
+    def take(self, index: tuple) -> np.ndarray:
+        """``tensor[index]`` (``index`` as for ``read_part``; empty: all of it)."""
+        if not index:
+            return self.read()
         if self.read_part is not None:
             return self.read_part(index)
         return self.read()[index]
@@ -172,8 +207,9 @@ def _read_exactly(f, target: np.ndarray) -> None:
 def _file_reader(path: Path, start: int, kind: str, shape: tuple[int, ...]) -> Callable[[tuple], np.ndarray]:
     """Reads ``tensor[index]`` (all of it, or one slice along one axis: a tensor-parallel part) with plain
     reads, not a memory map, so the file's pages never count against the process's memory; a slice
-    reads only its bytes, or, across rows, whole rows a chunk at a time. bfloat16 is widened to float32."""
-    item = np.dtype(np.uint16 if kind == "BF16" else _NUMPY_DTYPES[kind])
+    reads only its bytes, or, across rows, whole rows a chunk at a time. bfloat16 and float8 e4m3 are
+    widened to float32."""
+    item = np.dtype(_WIDENED[kind][0] if kind in _WIDENED else _NUMPY_DTYPES[kind])
 
     def read(index: tuple = ()) -> np.ndarray:
         dim = len(index) - 1 if index else 0
@@ -195,7 +231,7 @@ def _file_reader(path: Path, start: int, kind: str, shape: tuple[int, ...]) -> C
                     _read_exactly(f, buffer[:n])
                     out[first:first + n] = buffer[:n, lo:hi]
         out = out.reshape(shape[:dim] + (hi - lo,) + shape[dim + 1:] if shape else ())
-        return (out.astype(np.uint32) << 16).view(np.float32) if kind == "BF16" else out
+        return _WIDENED[kind][1](out) if kind in _WIDENED else out
 
     return read
 
@@ -232,11 +268,125 @@ def open_checkpoint(folder: str | Path) -> dict[str, TensorRef]:
             if name in tensors:
                 raise CheckpointError(f"Tensor {name} appears in more than one file of {folder}")
             shape = tuple(info["shape"])
-            if info["dtype"] != "BF16" and info["dtype"] not in _NUMPY_DTYPES:
+            if info["dtype"] not in _WIDENED and info["dtype"] not in _NUMPY_DTYPES:
                 raise CheckpointError(f"Tensor {name} in {path} has unsupported dtype {info['dtype']}")
             read = _file_reader(path, data_start + info["data_offsets"][0], info["dtype"], shape)
-            tensors[name] = TensorRef(shape, read, read)
+            tensors[name] = TensorRef(shape, read, read, info["dtype"])
     return tensors
+
+
+def _field(owner, key: str, default=None):
+    """``owner[key]`` of a dict, ``owner.key`` of a config object (transformers' or another)."""
+    if isinstance(owner, dict):
+        return owner.get(key, default)
+    return getattr(owner, key, default)
+
+
+def quantization_config(config) -> Optional[object]:
+    """The ``quantization_config`` of a model config (config.json's dict or a transformers config), at its
+    top level or, for a composite model, in its ``text_config``; None for an unquantised model."""
+    for owner in (config, _field(config, "text_config")):
+        found = _field(owner, "quantization_config") if owner is not None else None
+        if found is not None:
+            return found
+    return None
+
+
+def fp8_block_size(config) -> Optional[tuple[int, int]]:
+    """The FP8 scale block of a model config: its ``weight_block_size``, 128 x 128 where none is given (as in
+    transformers), None where it is null (per-tensor scales only)."""
+    quantization = quantization_config(config)
+    if quantization is None:
+        return DEFAULT_BLOCK_SIZE
+    size = _field(quantization, "weight_block_size", DEFAULT_BLOCK_SIZE)
+    return None if size is None else (int(size[0]), int(size[1]))
+
+
+def check_config(config: dict, source: str | Path) -> None:
+    """Refuse in one line, before a model is built, a config.json whose weights or sizes cannot load: a
+    quantisation other than FP8 (weight_scale_inv), or a vision tower whose output width is not the decoder's."""
+    quantization = quantization_config(config)
+    method = _field(quantization, "quant_method") if quantization is not None else None
+    if quantization is not None and str(method).lower() != "fp8":
+        raise CheckpointError(f"{source}: quant_method {method!r} cannot load: only FP8 block-quantised checkpoints "
+                              f"(quant_method 'fp8', weight_scale_inv scales) load; use the model's bf16 release")
+    vision, text = config.get("vision_config"), config.get("text_config")
+    if isinstance(vision, dict) and isinstance(text, dict) and "out_hidden_size" in vision and "hidden_size" in text:
+        if vision["out_hidden_size"] != text["hidden_size"]:
+            raise CheckpointError(f"{source}: vision_config.out_hidden_size {vision['out_hidden_size']} is not "
+                                  f"text_config.hidden_size {text['hidden_size']}: the vision tower's output must "
+                                  f"be the decoder's width (a vision/decoder size mismatch)")
+
+
+def _index_ranges(index: tuple, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[start, stop) per dimension of ``tensor[index]`` (``index`` as for ``TensorRef.read_part``)."""
+    ranges = [(0, n) for n in shape]
+    if index:
+        ranges[len(index) - 1] = index[-1].indices(shape[len(index) - 1])[:2]
+    return ranges
+
+
+def _scaled(name: str, values: TensorRef, scales: TensorRef, block: Optional[tuple[int, int]]) -> TensorRef:
+    """``values`` times its scales as a lazy float32 tensor; a slice reads only its rows (or experts) and
+    the blocks of scales that cover them."""
+    shape, scale_shape = tuple(values.shape), tuple(scales.shape)
+    if scale_shape in ((), (1,)):
+        def read_scalar(index: tuple = ()) -> np.ndarray:
+            out = values.take(index).astype(np.float32, copy=False)
+            out *= scales.read().astype(np.float32).reshape(())
+            return out
+
+        return TensorRef(shape, read_scalar, read_scalar)
+    if block is None:
+        raise CheckpointError(f"{name}{SCALE_SUFFIX} has shape {scale_shape}, a scale per block, but config.json's "
+                              f"quantization_config sets no weight_block_size")
+    if len(shape) < 2:
+        raise CheckpointError(f"{name} {shape} has scales of shape {scale_shape}: blocks need two dimensions")
+    grid = shape[:-2] + tuple(-(-n // b) for n, b in zip(shape[-2:], block))
+    if scale_shape != grid:
+        raise CheckpointError(f"{name}{SCALE_SUFFIX} has shape {scale_shape}, not {grid}: the scales of {name} "
+                              f"{shape} in blocks of {block[0]} x {block[1]} (quantization_config.weight_block_size)")
+
+    def read_blocks(index: tuple = ()) -> np.ndarray:
+        ranges = _index_ranges(index, shape)
+        dim = len(index) - 1
+        if dim >= len(shape) - 2:  # rows or columns: the blocks that hold them
+            size = block[dim - len(shape) + 2]
+            start, stop = ranges[dim]
+            scale_index = index[:-1] + (slice(start // size, -(-stop // size)),)
+        else:
+            scale_index = index
+        out = values.take(index).astype(np.float32, copy=False)
+        factors = scales.take(scale_index).astype(np.float32, copy=False)
+        (row0, row1), (col0, col1) = ranges[-2:]
+        factors = factors[..., np.arange(col0, col1) // block[1] - col0 // block[1]]
+        for i, first in enumerate(range(row0 - row0 % block[0], row1, block[0])):
+            rows = slice(max(first, row0) - row0, min(first + block[0], row1) - row0)
+            out[..., rows, :] *= factors[..., i:i + 1, :]
+        return out
+
+    return TensorRef(shape, read_blocks, read_blocks)
+
+
+def dequantized(tensors: dict[str, TensorRef], block: Optional[tuple[int, int]] = DEFAULT_BLOCK_SIZE
+                ) -> dict[str, TensorRef]:
+    """``tensors`` with each tensor ``X`` that has a companion ``X_scale_inv`` (FP8 checkpoints: a weight
+    ``P.weight`` and ``P.weight_scale_inv``) replaced by one lazy float32 tensor, ``X * scale`` per ``block``
+    of its last two dimensions (or one scale for all), and the scales consumed. Reads nothing; an FP8
+    tensor without scales is a :class:`CheckpointError`."""
+    out: dict[str, TensorRef] = {}
+    for name, ref in tensors.items():
+        if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in tensors:
+            continue
+        scales = tensors.get(name + SCALE_SUFFIX)
+        if scales is not None:
+            out[name] = _scaled(name, ref, scales, block)
+        elif ref.dtype.startswith("F8"):
+            raise CheckpointError(f"FP8 tensor {name} has no {name}{SCALE_SUFFIX} (its scales) in the checkpoint; "
+                                  f"restore the published FP8 files")
+        else:
+            out[name] = ref
+    return out
 
 
 def _walk(cell: nn.Cell, prefix: str = "") -> Iterator[tuple[str, nn.Cell]]:
@@ -284,10 +434,10 @@ def _cast(array: np.ndarray, dtype) -> Tensor:
     return Tensor(np.ascontiguousarray(array, dtype=np.float16 if dtype == ms.float16 else np.float32))
 
 
-def _renamed_tensors(model: nn.Cell, source: str | Path, rules: list[tuple[str, list[tuple[str, str]]]]
-                     ) -> dict[str, TensorRef]:
+def _renamed_tensors(model: nn.Cell, source: str | Path, rules: list[tuple[str, list[tuple[str, str]]]],
+                     block: Optional[tuple[int, int]]) -> dict[str, TensorRef]:
     tensors: dict[str, TensorRef] = {}
-    for name, ref in open_checkpoint(source).items():
+    for name, ref in dequantized(open_checkpoint(source), block).items():
         new = _rename(name, rules)
         if new in tensors:
             raise CheckpointError(f"Two checkpoint tensors map to {new} in {source}")
@@ -303,6 +453,7 @@ def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
 
     ``overlay``: a weight file (e.g. a LAVIS fine-tuning ``.pth``, which holds only the
     trained parameters) whose tensors replace the folder's; every one must name a parameter.
+    FP8 tensors are dequantised with the scale block of ``model.config``'s ``quantization_config``.
     Raises :class:`CheckpointError` (before any data is read) listing missing,
     unexpected and shape-mismatched names when checkpoint and model disagree.
     """
@@ -326,9 +477,10 @@ def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
         tied.update(_join(path, name) for name in getattr(cell, "tied_weights_keys", None) or ())
         fp32_modules += [(path, m) for m in getattr(cell, "keep_in_fp32_modules", None) or ()]
 
-    tensors = _renamed_tensors(model, folder, rules)
+    block = fp8_block_size(getattr(model, "config", None))
+    tensors = _renamed_tensors(model, folder, rules, block)
     if overlay is not None:
-        replacing = _renamed_tensors(model, overlay, rules)
+        replacing = _renamed_tensors(model, overlay, rules, block)
         known = {name for names in aliases.values() for name in names} | tied
         stray = sorted(set(replacing) - known)
         if stray:
