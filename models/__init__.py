@@ -73,7 +73,7 @@ def from_pretrained(folder: str | Path, dtype: str = "float32", weights: str | P
     import transformers
 
     from models import parallel
-    from models.checkpoint import check_config, load_checkpoint, read_config, weight_files
+    from models.checkpoint import CheckpointError, check_config, load_checkpoint, read_config, weight_files
 
     raw = read_config(folder)
     check_config(raw, Path(folder) / "config.json")  # e.g. a GPTQ release: refused before anything is built
@@ -83,8 +83,11 @@ def from_pretrained(folder: str | Path, dtype: str = "float32", weights: str | P
             return getattr(importlib.import_module(module), class_name).from_folder(folder, dtype=dtype,
                                                                                     weights=weights)
         weight_files(folder)  # fail on a folder without weights before building a large model
-        config = getattr(transformers, config_name).from_dict(raw)
-        model = getattr(importlib.import_module(module), class_name)(config)
+        try:
+            config = getattr(transformers, config_name).from_dict(raw)
+            model = getattr(importlib.import_module(module), class_name)(config)
+        except (ValueError, NotImplementedError, ZeroDivisionError) as exc:  # e.g. an unknown rope_type
+            raise CheckpointError(f"{Path(folder) / 'config.json'}: {exc}") from exc
     load_checkpoint(model, folder, dtype=dtype, overlay=weights)
     model.set_train(False)
     return model

@@ -302,9 +302,46 @@ def fp8_block_size(config) -> Optional[tuple[int, int]]:
     return None if size is None else (int(size[0]), int(size[1]))
 
 
+# Plain bounds on config.json's sizes, far beyond any published model, so a damaged or hostile file is refused
+# before it builds for minutes or asks for hundreds of GiB: (keys, fewest, most).
+SIZE_BOUNDS = (
+    (("hidden_size", "intermediate_size", "moe_intermediate_size", "out_hidden_size", "head_dim", "d_model",
+      "d_ff", "d_kv", "ffn_dim", "word_embed_proj_dim", "encoder_hidden_size", "embed_dim", "projection_dim",
+      "image_size", "patch_size"), 1, 1 << 17),
+    (("num_hidden_layers", "num_layers", "num_decoder_layers", "depth"), 1, 1 << 10),
+    (("num_attention_heads", "num_key_value_heads", "num_heads"), 1, 1 << 10),
+    (("vocab_size",), 1, 1 << 22),
+    (("num_experts", "num_local_experts"), 0, 1 << 14),
+    (("num_experts_per_tok",), 1, 1 << 10),
+    (("max_position_embeddings", "num_position_embeddings", "n_positions"), 1, 1 << 23),
+)
+
+
+def _size_problem(config: dict, where: str = "") -> Optional[str]:
+    """The first size of ``config`` (nested configs included) that is not a whole number within its bounds."""
+    for key, value in config.items():
+        name = f"{where}{key}"
+        if isinstance(value, dict):
+            problem = _size_problem(value, f"{name}.")
+            if problem:
+                return problem
+            continue
+        for keys, low, high in SIZE_BOUNDS:
+            if key in keys and value is not None:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    return f"{name} is {value!r}, not a whole number"
+                if not low <= value <= high:
+                    return f"{name} is {value}, outside {low}..{high}"
+    return None
+
+
 def check_config(config: dict, source: str | Path) -> None:
-    """Refuse in one line, before a model is built, a config.json whose weights or sizes cannot load: a
-    quantisation other than FP8 (weight_scale_inv), or a vision tower whose output width is not the decoder's."""
+    """Refuse in one line, before a model is built, a config.json whose weights or sizes cannot load: sizes that
+    are not whole numbers within plain bounds, a quantisation other than FP8 (weight_scale_inv), or a vision
+    tower whose output width is not the decoder's."""
+    problem = _size_problem(config)
+    if problem:
+        raise CheckpointError(f"{source}: {problem}; restore config.json from the published checkpoint")
     quantization = quantization_config(config)
     method = _field(quantization, "quant_method") if quantization is not None else None
     if quantization is not None and str(method).lower() != "fp8":
