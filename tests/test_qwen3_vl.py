@@ -66,9 +66,10 @@ QUESTION = "describe the video in detail"
 VIDEO_TOKENS = 12
 
 
-def save_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """The tiny model with a tokenizer (Qwen's chat template) and Qwen3-VL's processor configs, small sizes."""
-    hf_model(seed).save_pretrained(folder)
+def save_checkpoint(folder: Path, seed: int = 0, model=None) -> Path:
+    """The tiny model (or ``model``: the MoE one) with a tokenizer (Qwen's chat template) and Qwen3-VL's
+    processor configs, small sizes."""
+    (hf_model(seed) if model is None else model).save_pretrained(folder)
     save_tokenizer(folder, TIME_WORDS)
     common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3,
               "image_std": [0.5] * 3}
@@ -420,8 +421,9 @@ def expected_captions(pair, checkpoint, clips, captioner) -> dict[str, str]:
     hf = pair[0]
     captions = {}
     for i in range(len(SOURCES)):
-        sampled, _ = sample_frames(str(clips.parent / f"v{i}.mp4"), num_frames=768, fps=2, height=64, width=96)
-        inputs = captioner.prepare(sampled).inputs
+        sampled, times = sample_frames(str(clips.parent / f"v{i}.mp4"), num_frames=768, fps=2, min_frames=4,
+                                       height=64, width=96, return_times=True)
+        inputs = captioner.prepare(sampled, frame_times=times).inputs
         ids = np.array([inputs.input_ids])
         out = hf_generate(hf, ids, np.ones_like(ids), pixel_values_videos=inputs.pixel_values_videos,
                           video_grid_thw=inputs.video_grid_thw, max_new_tokens=6, eos_token_id=EOS,
@@ -442,8 +444,8 @@ def test_caption_csv_batched_equals_transformers_one_by_one(checkpoint, clips, e
     assert [r["clip_id"] for r in rows] == ["c0", "c1", "c2", "c3", "bad"]
     assert [r["status"] for r in rows] == ["ok"] * 4 + ["error"]
     assert {r["path"]: r["text"] for r in rows[:4]} == expected_captions
-    assert [int(r["num_frames_used"]) for r in rows[:4]] == [2, 4, 3, 1]  # 2 fps over 1, 2, 1.5 and 0.5 s
-    assert [int(r["visual_tokens"]) for r in rows[:4]] == [6, 12, 12, 6]  # 6 tokens per temporal patch
+    assert [int(r["num_frames_used"]) for r in rows[:4]] == [4, 4, 4, 4]  # 2 fps over 1, 2, 1.5, 0.5 s; 4 at least
+    assert [int(r["visual_tokens"]) for r in rows[:4]] == [12, 12, 12, 12]  # 6 tokens per temporal patch
     assert all(int(r["visual_token_budget"]) > 12 for r in rows[:4])
 
 
@@ -451,10 +453,10 @@ def test_captioner_refuses_other_models_in_one_line(tmp_path):
     from pipeline.captioning.caption_qwen2vl import main
 
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "qwen3_omni_moe"}))
     table = tmp_path / "meta.csv"
     table.write_text("path\nclip.mp4\n")
     with pytest.raises(SystemExit) as exit_info:
         main([str(table), "--pretrained_model_name_or_path", str(tmp_path / "model"), "--device", "CPU"])
     message = str(exit_info.value.code)
-    assert "'qwen3_vl_moe'" in message and "Qwen3-VL" in message and "\n" not in message
+    assert "'qwen3_omni_moe'" in message and "Qwen3-VL" in message and "\n" not in message

@@ -10,7 +10,8 @@ settings, its video resize rule, a per-frame token range, and frame timestamps i
   ``Qwen3VLVideoProcessor`` with ``cap_pixels_per_frame=True``, ``max_video_tokens`` the per-frame top,
   ``size = {"shortest_edge": per-frame floor in pixels, "longest_edge": 2 x longest_edge}`` (its cap
   divides the total by frames, qwen-vl-utils by temporal patches). The config's video ``shortest_edge``
-  (published: 4,096 px) is not used: the per-frame floor is the rule's 128 tokens.
+  (published: 4,096 px) is not used: the per-frame floor is the rule's 128 tokens, which a token
+  budget may not go below either (:meth:`Qwen3VLVisionProcessor.least_tokens`).
 - Timestamps (:func:`video_prompt_ids`): each temporal patch is written ``<{t:.1f} seconds>`` +
   ``<|vision_start|>`` + its tokens + ``<|vision_end|>``, t the mean time of the patch's first and
   last frame (the last frame repeated to fill the final patch), and the chat template's
@@ -57,6 +58,12 @@ class Qwen3VLVisionProcessor(Qwen2VLVisionProcessor):
         if max_pixels is not None:
             per_frame = min(per_frame, max_pixels)
         return smart_resize(height, width, self.patch_size * self.merge_size, low, per_frame * count, count, tp)
+
+    def least_tokens(self, num_frames: int, height: int, width: int) -> int:
+        """The fewest tokens a token budget may leave a video of ``num_frames`` frames: qwen-vl-utils keeps every
+        temporal patch at its floor (``frame_tokens[0]``) or more, unless the frames themselves are smaller."""
+        t, h, w = self.video_grid(num_frames, height, width)
+        return t * min(h * w // self.merge_size ** 2, self.frame_tokens[0])
 
 
 def patch_times(frame_times: np.ndarray, temporal_patch_size: int = 2) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Caption videos with Qwen2-VL (Qwen/Qwen2-VL-{2B,7B,72B}-Instruct), Qwen2.5-VL
-(Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct) or Qwen3-VL, dense (Qwen/Qwen3-VL-{2B,4B,8B,32B}-Instruct): the
-checkpoint's config.json picks the model, and for Qwen3-VL the defaults (``configs/captioning/qwen3_vl.yaml``).
+(Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct) or Qwen3-VL, dense (Qwen/Qwen3-VL-{2B,4B,8B,32B}-Instruct) or MoE
+(Qwen/Qwen3-VL-{30B-A3B,235B-A22B}-Instruct), and their -FP8 releases: the checkpoint's config.json picks the
+model, and for Qwen3-VL the defaults (``configs/captioning/qwen3_vl.yaml``).
 
 Frames are sampled at ``--fps`` over the whole video (or ``--num_frames`` uniformly) and resized
 to ``--height`` x ``--width``; the question goes through the checkpoint's chat template with one
@@ -10,19 +11,25 @@ stops each row at the checkpoint's EOS tokens (``<|im_end|>``, ``<|endoftext|>``
 
 A video whose frames would need more than ``--max_visual_tokens`` (default: what the context
 holds, see ``pipeline.captioning.budget``) keeps fewer frames, evenly spread (a lower frame rate),
-down to ``MIN_FRAMES``; only then is the resolution lowered. Out of memory, the runner retries a
-video once at half its budget (:meth:`Qwen2VLCaptioner.shrink`).
+down to ``--min_frames`` (default ``MIN_FRAMES``); only then is the resolution lowered. Out of memory,
+the runner retries a video once at half its budget (:meth:`Qwen2VLCaptioner.shrink`).
 
-Qwen2.5-VL also takes each video's ``second_per_grid_ts`` (seconds per temporal patch), from the
-frame rate of the frames it is given: their times when ``prepare`` gets them (``frame_times``),
-else the rate the frame spec samples at (``--fps``, exact unless ``--max_frames`` capped a long
-video; with ``--num_frames`` the rate is unknown and Qwen2.5-VL's processor default of 2 fps stands
-in). Either way the rate follows the frames the budget keeps.
+The runner gives ``prepare`` the sampled frames' real start times (``frame_times``, seconds from the
+first frame of the row's segment or window: a segment is timed as a clip of its own, as Qwen's
+processors time the clip they are given), so variable frame rates, ``--num_frames``, segments and
+windows, and ``--max_frames`` caps keep true time. Without times (the server's videos and images)
+the frames are taken as sampled at ``--fps`` (with ``--num_frames``, Qwen2.5-VL's processor default
+of 2 fps); so are frames that all show one instant (a still image). Qwen2.5-VL turns the times into
+each video's ``second_per_grid_ts`` (seconds per temporal patch); Qwen3-VL writes the video as one
+timestamped group per temporal patch (``models.qwen3_vl.processing``). Either way the times follow the
+frames the budget keeps.
 
-Qwen3-VL writes the video as one timestamped group per temporal patch (``models.qwen3_vl.processing``), the
-times from the same frame times; its frame size follows qwen-vl-utils' rule (128 to ``--max_frame_tokens``
-tokens per temporal patch, about the checkpoint's total for the video) before ``--max_visual_tokens``
-applies.
+Qwen3-VL follows qwen-vl-utils: under ``--fps`` sampling a video gets at least ``--min_frames`` (4)
+frames, a short clip's spread evenly over its duration (an odd count's last frame is repeated to fill
+the final temporal patch); its frame size is 128 to ``--max_frame_tokens`` tokens per temporal patch,
+about the checkpoint's total for the video, before ``--max_visual_tokens`` applies; and a budget may not
+take a temporal patch below those 128 tokens, so a budget under the minimum frames at that floor makes
+the video an error row (a ``BudgetError`` naming the numbers) rather than a caption of less.
 """
 from __future__ import annotations
 
@@ -46,14 +53,15 @@ from pipeline.captioning.chat import Turn, template_messages, with_token_counts
 from pipeline.captioning.cli import checkpoint_decoding, common_parser, generation_options, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
 from pipeline.captioning.runner import FrameSpec, RunSummary
-from pipeline.config import CONFIG_DIR
+from pipeline.config import CONFIG_DIR, ConfigError
 
 BASE_CONFIG = CONFIG_DIR / "captioning" / "qwen2vl.yaml"
 QWEN3_VL_CONFIG = CONFIG_DIR / "captioning" / "qwen3_vl.yaml"
 PROCESSORS = {"qwen2_vl": Qwen2VLVisionProcessor, "qwen2_5_vl": Qwen2_5_VLVisionProcessor,
-              "qwen3_vl": Qwen3VLVisionProcessor}
+              "qwen3_vl": Qwen3VLVisionProcessor, "qwen3_vl_moe": Qwen3VLVisionProcessor}
+QWEN3_VL_TYPES = ("qwen3_vl", "qwen3_vl_moe")  # dense and MoE: the same vision tower, video rules and prompt
 VIDEO_PAD = "<|video_pad|>"
-MIN_FRAMES = 4  # fewest frames a budget may leave (two temporal patches) before the resolution drops
+MIN_FRAMES = 4  # fewest frames a budget may leave (two temporal patches), and Qwen3-VL's fewest sampled
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +90,12 @@ class Qwen2VLCaptioner:
     def __init__(self, folder: str, dtype: str = "float32", question: str = "Describe the video in detail",
                  fps: float = 4.0, num_frames: int | None = None, max_frames: int = 768, height: int = 448,
                  width: int = 672, max_new_tokens: int = 200, max_visual_tokens: int | None = None,
-                 generation: dict | None = None, tp_size: int = 1, max_frame_tokens: int | None = None):
+                 generation: dict | None = None, tp_size: int = 1, max_frame_tokens: int | None = None,
+                 min_frames: int | None = None):
+        """``min_frames``: the fewest frames the budget may leave a video (default ``MIN_FRAMES``) and, for
+        Qwen3-VL (or when given), the fewest ``fps`` sampling gives."""
+        if min_frames is not None and min_frames < 1:
+            raise ConfigError(f"--min_frames must be at least 1 (got {min_frames})")
         model_type = read_config(folder).get("model_type")
         if model_type not in PROCESSORS:
             raise CheckpointError(f"{folder} holds a {model_type!r} model; this script captions with "
@@ -90,14 +103,17 @@ class Qwen2VLCaptioner:
         self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
         self.model = from_pretrained(folder, dtype=dtype, tp_size=tp_size)
         self.timed = model_type == "qwen2_5_vl"  # Qwen2.5-VL: time-based positions
-        self.timestamps = model_type == "qwen3_vl"  # Qwen3-VL: a timestamp before each temporal patch
+        self.timestamps = model_type in QWEN3_VL_TYPES  # Qwen3-VL: a timestamp before each temporal patch
         top = max_frame_tokens or FRAME_TOKENS[1]  # Qwen3-VL's per-patch range: [128 or less, top]
         options = {"frame_tokens": (min(FRAME_TOKENS[0], top), top)} if self.timestamps else {}
         self.processor = PROCESSORS[model_type].from_pretrained(folder, **options)
+        self.min_frames = min_frames or MIN_FRAMES
         if num_frames:
-            self.frame_spec = FrameSpec(num_frames=num_frames, height=height, width=width)
+            self.frame_spec = FrameSpec(num_frames=num_frames, height=height, width=width, times=True)
         else:
-            self.frame_spec = FrameSpec(num_frames=max_frames, fps=fps, height=height, width=width)
+            sampled_min = min_frames or (MIN_FRAMES if self.timestamps else None)  # qwen-vl-utils' 4 frames
+            self.frame_spec = FrameSpec(num_frames=max_frames, fps=fps, height=height, width=width,
+                                        min_frames=sampled_min, times=True)
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if text.count(VIDEO_PAD) != 1:
@@ -120,12 +136,16 @@ class Qwen2VLCaptioner:
 
     def fit(self, frames: np.ndarray, budget: int) -> tuple[np.ndarray, int | None]:
         """Frames and per-frame pixel limit that keep the video within ``budget`` tokens: fewer frames
-        first (down to MIN_FRAMES), then a lower resolution. Raises BudgetError when nothing fits."""
+        first (down to ``min_frames``), then a lower resolution (Qwen3-VL: not below its per-patch floor).
+        Raises BudgetError when nothing fits."""
         proc = self.processor
         count, height, width = frames.shape[:3]
+        fewest = min(count, self.min_frames)
         t, h, w = proc.video_grid(count, height, width)
         per_group = h * w // proc.merge_size ** 2
-        groups = max(budget // per_group, -(-min(count, MIN_FRAMES) // proc.temporal_patch_size))
+        if self.timestamps and t * per_group > budget:
+            self.check_least(fewest, height, width, budget)
+        groups = max(budget // per_group, -(-fewest // proc.temporal_patch_size))
         if groups < t:
             keep = min(count, groups * proc.temporal_patch_size)
             logger.info("video of %d frames needs %d visual tokens, budget %d: keeping %d frames",
@@ -146,15 +166,27 @@ class Qwen2VLCaptioner:
                     h * proc.patch_size, w * proc.patch_size, len(frames), budget)
         return frames, max_pixels
 
+    def check_least(self, frames: int, height: int, width: int, budget: int) -> None:
+        """Qwen3-VL: raise BudgetError when ``budget`` is below ``frames`` frames at the per-patch floor, so the
+        row says what to raise instead of being captioned from less than Qwen's rule allows."""
+        least = self.processor.least_tokens(frames, height, width)
+        if budget < least:
+            patches = -(-frames // self.processor.temporal_patch_size)
+            raise BudgetError(f"the budget of {budget} visual tokens is too small for the minimum of {frames} "
+                              f"frames: {patches} temporal patches of at least {least // patches} tokens need "
+                              f"{least}; raise --max_visual_tokens to {least} or more (or lower --min_frames)")
+
     def prepare(self, frames: np.ndarray, budget: int | None = None,
                 frame_times: np.ndarray | None = None) -> TimedVideo:
-        """Model inputs within ``budget`` tokens; ``frame_times`` (seconds) give the sampled frame rate."""
+        """Model inputs within ``budget`` tokens; ``frame_times``: the frames' start times (seconds from the
+        clip's, segment's or window's first frame), else (or when no time passes between them, as for a still
+        image) the rate the frame spec samples at."""
         budget = budget or self.budget
-        if frame_times is None:  # evenly spread at the rate the frame spec samples at
+        if frame_times is not None and len(frame_times) != len(frames):
+            raise ValueError(f"{len(frame_times)} frame times for {len(frames)} frames")
+        if frame_times is None or not np.ptp(frame_times):
             frame_times = np.arange(len(frames)) / (self.frame_spec.fps or DEFAULT_FPS)
         frame_times = np.asarray(frame_times, np.float64)
-        if len(frame_times) != len(frames):
-            raise ValueError(f"{len(frame_times)} frame times for {len(frames)} frames")
         fitted, max_pixels = self.fit(frames, budget)
         kept = frame_times[uniform_subset(len(frames), len(fitted))]  # the frames fit keeps
         rows, grid = self.processor.video(fitted, max_pixels)
@@ -167,7 +199,8 @@ class Qwen2VLCaptioner:
         return TimedVideo(VideoInputs(rows, grid, ids, second), fitted, budget, len(fitted), tokens, kept)
 
     def shrink(self, video: TimedVideo) -> TimedVideo | None:
-        """The same video at half its budget (after running out of memory), or None when nothing fits."""
+        """The same video at half its budget (after running out of memory), its frames' times kept, or None
+        when nothing fits."""
         try:
             return self.prepare(video.frames, max(1, video.budget // 2), video.frame_times)
         except BudgetError:
@@ -244,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Qwen3-VL: most vision tokens per temporal patch (2 frames) before --max_visual_tokens "
                         "applies; each patch gets at least 128 (or this, when lower) and the video about the "
                         "checkpoint's total (published: 24576)")
+    p.add_argument("--min_frames", type=int,
+                   help="fewest frames per video: with --fps sampling a shorter clip gets this many, spread evenly "
+                        "over it (Qwen3-VL: 4 by default, as qwen-vl-utils; Qwen2-VL/2.5-VL: only when given), "
+                        "and --max_visual_tokens never leaves fewer (default 4); a Qwen3-VL video whose minimum "
+                        "at 128 tokens per temporal patch (--max_frame_tokens when lower) exceeds "
+                        "--max_visual_tokens is an error row")
     return p
 
 
@@ -255,7 +294,8 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> Qwen2VLCaptioner:
                             num_frames=args.num_frames, max_frames=args.max_frames, height=args.height,
                             width=args.width, max_new_tokens=args.max_new_tokens,
                             max_visual_tokens=args.max_visual_tokens, generation=generation_options(args),
-                            tp_size=args.tp_size, max_frame_tokens=args.max_frame_tokens)
+                            tp_size=args.tp_size, max_frame_tokens=args.max_frame_tokens,
+                            min_frames=args.min_frames)
 
 
 def base_config(argv: Sequence[str] | None) -> Path:
@@ -264,7 +304,7 @@ def base_config(argv: Sequence[str] | None) -> Path:
     pre.add_argument("--pretrained_model_name_or_path")
     folder = pre.parse_known_args(argv)[0].pretrained_model_name_or_path
     try:
-        qwen3 = folder is not None and read_config(folder).get("model_type") == "qwen3_vl"
+        qwen3 = folder is not None and read_config(folder).get("model_type") in QWEN3_VL_TYPES
     except CheckpointError:  # the captioner reports a broken folder
         qwen3 = False
     return QWEN3_VL_CONFIG if qwen3 else BASE_CONFIG

@@ -97,13 +97,20 @@ CLEANUP_COLUMNS = (RAW_TEXT_COLUMN, REPETITION_COLUMN)
 
 @dataclass(frozen=True)
 class FrameSpec:
-    """How a captioner wants its frames sampled from each video."""
+    """How a captioner wants its frames sampled from each video.
+
+    ``min_frames``: with ``fps``, the fewest frames a video gets (a short clip's spread over it). ``times``:
+    ``prepare`` also gets the frames' start times, ``frame_times=`` (seconds from the first frame of the row's
+    segment or window, see ``sample_frames``), for a model whose prompt or positions carry time.
+    """
 
     num_frames: int = 8
     sampling: str = "uniform"
     fps: float | None = None
     height: int | None = None
     width: int | None = None
+    min_frames: int | None = None
+    times: bool = False
 
 
 class Captioner(Protocol):
@@ -123,7 +130,7 @@ class Captioner(Protocol):
 
     def prepare(self, frames: np.ndarray) -> Any:
         """Turn (T,H,W,3) uint8 RGB frames (or, without a frame_spec, the row's cells) into this model's
-        per-video inputs (runs in a worker thread)."""
+        per-video inputs (runs in a worker thread); with ``frame_spec.times`` also given ``frame_times``."""
 
     def generate(self, batch: Sequence[Any]) -> list[str | dict | BaseException]:
         """Caption a batch of prepared inputs: per video a caption, a dict of "text" and extra columns, or
@@ -407,10 +414,11 @@ class _Loader:
             if spec is None:
                 return item, self.captioner.prepare(item.cells), None, time.perf_counter() - start
             begin, end = item.span if item.span is not None else (None, None)
-            frames, _ = sample(item.path, num_frames=spec.num_frames, sampling=spec.sampling, fps=spec.fps,
-                               height=spec.height, width=spec.width, start=begin, end=end,
-                               max_pixels=self.max_pixels)
-            return item, self.captioner.prepare(frames), None, time.perf_counter() - start
+            frames, times = sample(item.path, num_frames=spec.num_frames, sampling=spec.sampling, fps=spec.fps,
+                                   height=spec.height, width=spec.width, start=begin, end=end,
+                                   max_pixels=self.max_pixels, min_frames=spec.min_frames, return_times=spec.times)
+            inputs = self.captioner.prepare(frames, frame_times=times) if spec.times else self.captioner.prepare(frames)
+            return item, inputs, None, time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 - any failure becomes an error row
             return item, None, exc, time.perf_counter() - start
 
@@ -479,7 +487,7 @@ def _check_frame_spec(captioner: Captioner) -> None:
     if spec is None:
         return
     try:
-        check_sampling_args(spec.num_frames, spec.sampling, spec.fps)
+        check_sampling_args(spec.num_frames, spec.sampling, spec.fps, min_frames=spec.min_frames)
     except ValueError as exc:
         raise RunError(f"frame sampling: {exc}") from exc
 

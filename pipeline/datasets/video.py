@@ -18,7 +18,10 @@ adjacent segments share no frame and together hold every frame. Sampling counts 
 not frames: "uniform" takes the frames showing at evenly spaced instants and fps
 sampling counts the seconds the timestamps span, so a variable-frame-rate clip is
 sampled evenly over its duration (on a constant-rate clip, instants and frame numbers
-agree, and the evenly-spaced-index formula is used as is).
+agree, and the evenly-spaced-index formula is used as is). ``sample_frames`` can return the
+sampled frames' start times instead of their indices, counted from the first frame of the
+sampled span, so a model that writes times into its prompt (Qwen3-VL) or positions tokens by
+them (Qwen2.5-VL) gets the real ones on variable-rate clips, segments and capped samplings.
 
 Frames come out upright, as players show them: decord applies the rotation of the
 stream's display matrix, and the PyAV path applies the whole matrix (90/180/270 degree
@@ -130,6 +133,13 @@ class Timeline:
             return None
         end = self.starts[hi] if hi < self.count else self.starts[-1] + self._last_length(self.starts)
         return float(end - self.starts[lo])
+
+    def times(self, indices: np.ndarray, first: int) -> np.ndarray:
+        """Start times (seconds) of frames ``indices``, counted from frame ``first``'s start; zeros
+        where no time is known (neither timestamps nor a frame rate)."""
+        if self.starts is None:
+            return np.zeros(len(indices))
+        return self.starts[indices] - self.starts[first]
 
     def uneven_starts(self, lo: int, hi: int) -> np.ndarray | None:
         """Start times of frames ``[lo, hi)`` if they (and the last one's end) stray more than a
@@ -259,19 +269,22 @@ def headtail_indices(num_available: int, count: int, rng: np.random.Generator) -
     return np.concatenate([head, tail])
 
 
-def _frame_count_for_fps(duration: float, fps: float, num_frames: int | None) -> int:
-    """How many frames sampling at ``fps`` over ``duration`` seconds gives (at least one)."""
-    count = max(1, round(duration * fps))
+def _frame_count_for_fps(duration: float, fps: float, num_frames: int | None, min_frames: int | None = None) -> int:
+    """How many frames sampling at ``fps`` over ``duration`` seconds gives: at least ``min_frames`` (or one),
+    at most ``num_frames``."""
+    count = max(min_frames or 1, round(duration * fps))
     return count if num_frames is None else min(count, num_frames)
 
 
 def check_sampling_args(num_frames: int | None, sampling: str, fps: float | None,
-                        max_pixels: int | None = None) -> None:
+                        max_pixels: int | None = None, min_frames: int | None = None) -> None:
     """Reject bad arguments up front, so they are never mistaken for a bad file."""
     if sampling not in SAMPLINGS:
         raise ValueError(f"unknown sampling {sampling!r}; choose from {SAMPLINGS}")
     if num_frames is not None and num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    if min_frames is not None and min_frames < 1:
+        raise ValueError(f"min_frames must be at least 1, got {min_frames}")
     if fps is not None and not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     if max_pixels is not None and max_pixels < 1:
@@ -281,14 +294,15 @@ def check_sampling_args(num_frames: int | None, sampling: str, fps: float | None
 def select_indices(num_available: int, num_frames: int | None, sampling: str,
                    fps: float | None, duration: float | None,
                    rng: np.random.Generator | int | None,
-                   starts: np.ndarray | None = None) -> np.ndarray:
+                   starts: np.ndarray | None = None, min_frames: int | None = None) -> np.ndarray:
     """Frame indices (sorted int64) for ``num_available`` frames that show for ``duration`` seconds.
 
     ``duration`` is needed with ``fps`` and with ``starts``. ``starts`` (the frames' start
     times, given when they are unevenly spaced) makes "uniform" uniform in time; None
     means uniform in frame number, which on an even spacing is the same thing.
+    ``min_frames``: with ``fps``, the fewest frames (a short clip's spread over its duration).
     """
-    check_sampling_args(num_frames, sampling, fps)
+    check_sampling_args(num_frames, sampling, fps, min_frames=min_frames)
     if num_available < 1:
         raise ValueError("a video needs at least one frame")
     if fps is None and num_frames is None:
@@ -298,7 +312,7 @@ def select_indices(num_available: int, num_frames: int | None, sampling: str,
     elif duration is None:
         raise ValueError("the video has neither frame times nor a frame rate, so fps sampling is impossible")
     else:
-        count = _frame_count_for_fps(duration, fps, num_frames)
+        count = _frame_count_for_fps(duration, fps, num_frames, min_frames)
     if sampling == "headtail":
         return headtail_indices(num_available, count, np.random.default_rng(rng))
     if starts is None:
@@ -598,9 +612,9 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
                   height: int | None = None, width: int | None = None,
                   rng: np.random.Generator | int | None = None,
                   backend: str = "auto", start: float | None = None,
-                  end: float | None = None, max_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Read sampled frames of a video as uint8 RGB (T, H, W, 3) plus their int64 indices.
+                  end: float | None = None, max_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS,
+                  min_frames: int | None = None, return_times: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read sampled frames of a video as uint8 RGB (T, H, W, 3) plus their int64 indices (or times).
 
     sampling: "uniform" takes the frame showing at the centre of each of ``num_frames``
     equal time slices (deterministic; captioning and evaluation; at a constant frame rate
@@ -609,7 +623,8 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
     each half of the frames, see ``headtail_indices``; ``rng`` is a Generator or seed,
     None for fresh randomness). fps: when given, sample at that rate over the whole
     duration as the timestamps measure it (Qwen2-VL style): ``round(duration * fps)``
-    frames, at least 1, at most ``num_frames`` unless that is None, placed by ``sampling``.
+    frames, at least 1 (at least ``min_frames`` when given: Qwen3-VL's 4 for a short clip, spread over
+    its duration), at most ``num_frames`` unless that is None, placed by ``sampling``.
     The count can be odd; a model that needs an even count (Qwen2-VL's temporal patch of 2)
     rounds it itself. ``num_frames=None`` without fps reads every frame. A video shorter
     than requested (or a frame showing longer than one slice) repeats indices (still
@@ -624,22 +639,28 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
     max_pixels: frames with more pixels (displayed height * width) are scaled down, aspect
     kept, inside the decoder before height/width apply (None: never; images are not capped).
     backend: "auto" (decord, PyAV where decord is unreliable or fails), "decord", "pyav".
+    return_times: the second array is the frames' start times (float64 seconds, see ``Timeline``)
+    instead of their indices, counted from the first frame of the segment (of the video when
+    there is none): the segment is timed as a clip of its own, as Qwen's processors time the clip
+    they are given. A still image, or a video with neither timestamps nor a frame rate, gives zeros.
     Raises VideoReadError for any unreadable file, ValueError for bad arguments.
     """
-    check_sampling_args(num_frames, sampling, fps, max_pixels)
+    check_sampling_args(num_frames, sampling, fps, max_pixels, min_frames)
     check_segment_args(start, end)
     _check_backend(backend)
     path = Path(path)
     _check_file(path)
     whole = start is None and end is None
+    span: dict[str, Any] = {}  # the timeline and the span's first frame, for the times
 
     def select(timeline: Timeline) -> np.ndarray:
         lo, hi = (0, timeline.count) if whole else timeline.frame_range(path, start or 0.0, end)
+        span.update(timeline=timeline, first=lo)
         duration = timeline.seconds(lo, hi)
         if fps is not None and duration is None:
             raise VideoReadError(path, "neither frame times nor a frame rate, so fps sampling is impossible")
         return select_indices(hi - lo, num_frames, sampling, fps, duration, rng,
-                              timeline.uneven_starts(lo, hi)) + lo
+                              timeline.uneven_starts(lo, hi), min_frames) + lo
 
     def transform(frames: np.ndarray) -> np.ndarray:
         return resize_frames(frames, height, width)
@@ -651,10 +672,12 @@ def sample_frames(path: str | os.PathLike, num_frames: int | None = 8,
         count = 1 if num_frames is None or fps is not None else num_frames  # fps: a still has no duration
         frames = np.repeat(image, count, axis=0)
         indices = np.zeros(count, dtype=np.int64)
+        times = np.zeros(count)
     else:
         frames, indices, used = _decode(path, select, backend, transform, max_pixels)
         logger.debug("%s: %d frames via %s", path, len(indices), used)
-    return np.ascontiguousarray(frames), indices
+        times = span["timeline"].times(indices, span["first"])
+    return np.ascontiguousarray(frames), times if return_times else indices
 
 
 def probe_duration(path: str | os.PathLike, backend: str = "auto") -> float:

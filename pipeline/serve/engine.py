@@ -39,6 +39,7 @@ ENTRY_SCRIPTS = {
     "qwen2_vl": ("pipeline.captioning.caption_qwen2vl", ("qwen2vl.yaml",)),
     "qwen2_5_vl": ("pipeline.captioning.caption_qwen2vl", ("qwen2vl.yaml", "qwen2_5_vl.yaml")),
     "qwen3_vl": ("pipeline.captioning.caption_qwen2vl", ("qwen3_vl.yaml",)),
+    "qwen3_vl_moe": ("pipeline.captioning.caption_qwen2vl", ("qwen3_vl.yaml",)),
     "video_llama": ("pipeline.captioning.caption_videollama", ("videollama.yaml",)),
 }
 
