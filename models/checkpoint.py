@@ -138,8 +138,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.j
 
 
 def load_tokenizer(folder: str | Path):
-    """The folder's transformers tokenizer, or one CheckpointError that names the folder and the problem."""
+    """The folder's transformers tokenizer, or one CheckpointError that names the folder and the problem.
+
+    Its chat template (code from the checkpoint) is tried on test conversations here, so a broken one fails
+    the load once, and it then renders every prompt within time and size limits (``models.chat_template``).
+    """
     from transformers import AutoTokenizer
+
+    from models.chat_template import ChatTemplateError, bound_chat_templates
 
     folder = Path(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -148,9 +154,13 @@ def load_tokenizer(folder: str | Path):
     if (folder / "config.json").is_file():
         read_config(folder)  # transformers 5's AutoTokenizer reads it too: name a broken one as such
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for broken tokenizer files
         raise CheckpointError(f"cannot load the tokenizer in {folder}: {type(exc).__name__}: {exc}") from exc
+    try:
+        return bound_chat_templates(tokenizer)
+    except ChatTemplateError as exc:
+        raise CheckpointError(f"the chat template in {folder} cannot be used: {exc}") from None
 
 
 def _listed_shards(index: Path) -> list[Path]:

@@ -56,6 +56,13 @@ def save_llava(kind: str):
     return save
 
 
+def save_qwen3_vl_moe(folder: Path) -> Path:
+    from tests.test_qwen3_vl import save_checkpoint
+    from tests.test_qwen3_vl_moe import hf_moe
+
+    return save_checkpoint(folder, model=hf_moe())
+
+
 # family -> (entry script under pipeline.captioning, checkpoint writer, the family's flags)
 CAPTIONERS = {
     "blip2": ("caption_blip2", lambda folder: save_tiny_blip2(folder, OPT),
@@ -66,6 +73,8 @@ CAPTIONERS = {
     "llava_next": ("caption_llava", save_llava("next"), ["--num_frames", "1"]),
     "pllava": ("caption_pllava", save_llava("pllava"), ["--num_frames", "3"]),
     "video_llama": ("caption_videollama", save_video_llama, ["--num_frames", "3"]),
+    "qwen3_vl_moe": ("caption_qwen2vl", save_qwen3_vl_moe, ["--max_frames", "4", "--height", "64", "--width", "96",
+                                                             "--max_frame_tokens", "6"]),
 }
 
 
@@ -190,4 +199,35 @@ def test_server_answers_a_chat_completion(runtime_python, checkpoint, videos, tm
         server.terminate()
         server.wait(30)
     assert status == 200 and reply["choices"][0]["message"]["content"].strip(), reply
+    assert_quiet(log.read_text())
+
+
+def test_review_page_serves_a_table(runtime_python, videos, tmp_path):
+    """The review page's server and a preview strip, with the runtime's packages only."""
+    table = tmp_path / "captions.csv"
+    table.write_text(f"path,text,status\n{videos.parent / 'v0.mp4'},a test pattern,ok\n")
+    port, log = free_port(), tmp_path / "review.log"
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        server = subprocess.Popen([runtime_python, "-m", "pipeline.review", str(table), "--port", str(port),
+                                   "--video_root", str(videos.parent)],
+                                  cwd=ROOT, env=runtime_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/api/rows", timeout=2) as response:
+                    rows = json.load(response)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the review page did not come up"
+                time.sleep(0.5)
+        with urllib.request.urlopen(f"{url}/api/preview/0", timeout=60) as response:
+            preview = response.read()
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert "a test pattern" in json.dumps(rows)
+    assert preview[:3] == b"\xff\xd8\xff", "a JPEG strip"
     assert_quiet(log.read_text())

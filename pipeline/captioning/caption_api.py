@@ -6,7 +6,10 @@ the reply is the caption. It runs through the captioning runner like every other
 (resume, error rows, part files, msrun). A batch's ``--bs`` rows are sent together, at most
 ``--concurrency`` at a time; 429 and 5xx answers, timeouts and dropped connections are retried
 with exponential backoff (a server's ``Retry-After`` is honoured), other 4xx answers make that
-row an error row. Each row records ``prompt_tokens`` and ``completion_tokens`` from the answer's
+row an error row. ``--timeout`` bounds each attempt as a whole (connect, send, the full answer), so
+a server that trickles bytes cannot hold a row; a redirect is not followed (the frames and the key
+would go to another address) and an answer over ``--max_response_bytes`` is not kept: both make
+error rows. Each row records ``prompt_tokens`` and ``completion_tokens`` from the answer's
 ``usage``, and ``truncated`` when the endpoint stopped at ``--max_new_tokens``.
 
 The API key is read from the environment variable ``--api_key_env`` names, and only from there:
@@ -20,11 +23,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
+import http.client
 import json
 import logging
 import os
 import random
 import socket
+import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,10 +52,19 @@ logger = logging.getLogger(__name__)
 BASE_CONFIG = CONFIG_DIR / "captioning" / "api.yaml"
 TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens")
 RETRIED_STATUS = (408, 429)  # and every 5xx
+ERROR_BODY_BYTES = 65536  # of an error answer, enough for its message
 
 
 class ApiError(RuntimeError):
     """The endpoint refused a request, or kept failing after the retries; the message says which."""
+
+
+class _Transient(Exception):
+    """An attempt failed in a way worth retrying (429, 5xx, a timeout, a dropped connection)."""
+
+    def __init__(self, problem: str, retry_after: str | None = None):
+        super().__init__(problem)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -61,10 +77,11 @@ class ApiSettings:
     temperature: float | None = None
     top_p: float | None = None
     detail: str | None = None
-    timeout: float = 60.0
+    timeout: float = 60.0       # seconds for a whole attempt: connect, send, the full answer
     max_retries: int = 5
     backoff: float = 1.0        # seconds before the first retry; doubled each time, capped at a minute
     concurrency: int = 8
+    max_response_bytes: int = 2 ** 20
 
 
 def encode_frames(frames: np.ndarray, max_side: int, quality: int) -> list[str]:
@@ -89,9 +106,115 @@ def _error_text(body: bytes) -> str:
         error = json.loads(body).get("error")
         if isinstance(error, dict) and error.get("message"):
             return str(error["message"])[:300]
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         pass
     return body[:300].decode("utf-8", "replace")
+
+
+class _Deadline:
+    """Shuts an attempt's sockets down when its time is up: socket timeouts bound each read, not the
+    answer, so a server sending a byte a second would otherwise hold the row for as long as it likes."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    """Wake a thread blocked on ``sock`` (it reads an end of stream); the socket may be closed already."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _Watched:
+    """A connection whose socket, once connected, is under the attempt's deadline."""
+
+    def __init__(self, *args, deadline: _Deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self.deadline.watch(self.sock)
+
+
+class _WatchedHTTP(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+class _TimedRequest(urllib.request.Request):
+    """Carries the attempt's deadline to the connection urllib opens for it."""
+
+    def __init__(self, *args, deadline: _Deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: _TimedRequest) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_WatchedHTTP, deadline=req.deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    context = ssl.create_default_context()
+
+    def https_open(self, req: _TimedRequest) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_WatchedHTTPS, deadline=req.deadline), req, context=self.context)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a 302 as a GET without the frames, with the Bearer key, to any host: follow none."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl) -> None:
+        return None
+
+
+def _read_at_most(response, limit: int) -> bytes:
+    """The body, or its first ``limit + 1`` bytes when it is longer; IncompleteRead when the connection
+    closes before the Content-Length it announced (``read(n)`` itself returns the short body silently)."""
+    data = bytearray()
+    while len(data) <= limit:
+        chunk = response.read(min(65536, limit + 1 - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and len(data) < min(int(length), limit + 1):
+        raise http.client.IncompleteRead(bytes(data), int(length) - len(data))
+    return bytes(data)
+
+
+def _error_body(error: urllib.error.HTTPError) -> bytes:
+    """The start of an error answer's body, as much as arrives (its message is all that is used)."""
+    try:
+        return _read_at_most(error, ERROR_BODY_BYTES)
+    except (OSError, http.client.HTTPException):
+        return b""
 
 
 class ApiClient:
@@ -100,6 +223,7 @@ class ApiClient:
     def __init__(self, settings: ApiSettings):
         self.settings = settings
         self.base = settings.base_url.rstrip("/")
+        self.opener = urllib.request.build_opener(_NoRedirects, _DeadlineHTTPHandler, _DeadlineHTTPSHandler)
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -113,28 +237,49 @@ class ApiClient:
         data = None if payload is None else json.dumps(payload).encode("utf-8")
         attempt = 0
         while True:
-            retry_after = None
             try:
-                req = urllib.request.Request(url, data=data, headers=self._headers(),
-                                             method="GET" if data is None else "POST")
-                with urllib.request.urlopen(req, timeout=self.settings.timeout) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as exc:
-                body = exc.read()
-                problem = f"HTTP {exc.code} from {url}: {_error_text(body)}"
-                if exc.code not in RETRIED_STATUS and exc.code < 500:
-                    hint = " (the base URL usually ends in /v1)" if exc.code == 404 else ""
-                    raise ApiError(problem + hint) from None
-                retry_after = exc.headers.get("Retry-After")
-            except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as exc:
-                reason = getattr(exc, "reason", exc)
-                problem = f"no answer from {url}: {reason}"
-            except json.JSONDecodeError:
-                raise ApiError(f"{url} answered with something that is not JSON") from None
-            if attempt >= self.settings.max_retries:
-                raise ApiError(f"{problem} (gave up after {attempt + 1} attempts)")
-            time.sleep(self._delay(attempt, retry_after))
-            attempt += 1
+                body = self._attempt(url, data)
+                break
+            except _Transient as exc:
+                if attempt >= self.settings.max_retries:
+                    raise ApiError(f"{exc} (gave up after {attempt + 1} attempts)") from None
+                time.sleep(self._delay(attempt, exc.retry_after))
+                attempt += 1
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise ApiError(f"{url} answered with something that is not JSON") from None
+
+    def _attempt(self, url: str, data: bytes | None) -> bytes:
+        """One request under the ``--timeout`` deadline: the body, an ApiError, or a _Transient to retry."""
+        timeout, limit = self.settings.timeout, self.settings.max_response_bytes
+        deadline = _Deadline(timeout)
+        req = _TimedRequest(url, data=data, headers=self._headers(), method="GET" if data is None else "POST",
+                            deadline=deadline)
+        late = f"no complete answer from {url} within --timeout {timeout:g} s"
+        try:
+            with self.opener.open(req, timeout=timeout) as response:
+                body = _read_at_most(response, limit)
+        except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                raise ApiError(f"HTTP {exc.code} from {url} redirects to {exc.headers.get('Location')!r}: "
+                               f"redirects are not followed (the frames and the API key would go there); "
+                               f"give the final address as --base_url") from None
+            problem = f"HTTP {exc.code} from {url}: {_error_text(_error_body(exc))}"
+            if exc.code not in RETRIED_STATUS and exc.code < 500:
+                hint = " (the base URL usually ends in /v1)" if exc.code == 404 else ""
+                raise ApiError(problem + hint) from None
+            raise _Transient(late if deadline.expired else problem, exc.headers.get("Retry-After")) from None
+        except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, IncompleteRead
+            reason = getattr(exc, "reason", None) or repr(exc)
+            raise _Transient(late if deadline.expired else f"no complete answer from {url}: {reason}") from None
+        finally:
+            deadline.cancel()
+        if deadline.expired:
+            raise _Transient(late)
+        if len(body) > limit:
+            raise ApiError(f"the answer from {url} is over --max_response_bytes {limit}; not kept")
+        return body
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         if retry_after is not None:
@@ -219,9 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="environment variable holding the API key, sent as a Bearer token (default: no key)")
     g.add_argument("--concurrency", type=int, help="requests in flight at once per process (a batch of --bs "
                                                    "rows is sent together, so at most --bs)")
-    g.add_argument("--timeout", type=float, help="seconds to wait for one answer before retrying")
+    g.add_argument("--timeout", type=float, help="seconds one attempt may take as a whole (connect, send, the full "
+                                                 "answer) before it is retried")
     g.add_argument("--max_retries", type=int, help="retries of a request after 429, 5xx, a timeout or a dropped "
                                                    "connection, with exponential backoff; then the row is an error row")
+    g.add_argument("--max_response_bytes", type=int, default=2 ** 20,
+                   help="a longer answer is not kept: the row is an error row")
     g.add_argument("--backoff", type=float, help="seconds before the first retry, doubled for each next one "
                                                  "(capped at a minute); a Retry-After header overrides it")
     g.add_argument("--temperature", type=float, help="sampling temperature sent with each request (default: the "
@@ -245,7 +393,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         key = os.environ.get(args.api_key_env)
         if not key:
             raise ConfigError(f"--api_key_env {args.api_key_env}: that environment variable is not set or empty")
-    for name in ("concurrency", "max_side"):
+    for name in ("concurrency", "max_side", "max_response_bytes"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if not 1 <= args.jpeg_quality <= 100:
@@ -255,7 +403,8 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
     return ApiSettings(base_url=args.base_url, model=args.model, api_key=key, question=args.question,
                        max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        detail=args.detail, timeout=args.timeout, max_retries=args.max_retries,
-                       backoff=args.backoff, concurrency=args.concurrency)
+                       backoff=args.backoff, concurrency=args.concurrency,
+                       max_response_bytes=args.max_response_bytes)
 
 
 def build_captioner(args: argparse.Namespace, dtype: str) -> ApiCaptioner:

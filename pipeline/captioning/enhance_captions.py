@@ -37,6 +37,7 @@ BASE_CONFIG = CONFIG_DIR / "captioning" / "enhance.yaml"
 TEMPLATES_CONFIG = CONFIG_DIR / "enhance_templates.yaml"
 ENHANCED_COLUMN = "text_enhanced"
 TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+SAMPLE_CAPTION = "a red ball rolls across a wooden table"
 
 
 def load_template(name: str, path: str | Path = TEMPLATES_CONFIG) -> dict[str, str]:
@@ -80,9 +81,14 @@ class CaptionEnhancer:
         if not self.tokenizer.chat_template:
             raise CheckpointError(f"the tokenizer in {folder} has no chat template; use an instruction-tuned "
                                   f"checkpoint (e.g. Qwen2.5-*-Instruct)")
+        self.template = template
+        try:  # once here, before the model loads: a template that cannot make this prompt fails no row
+            self.prompt_ids(SAMPLE_CAPTION)
+        except Exception as exc:  # noqa: BLE001 - a chat template can raise any error
+            raise CheckpointError(f"the chat template in {folder} cannot make the rewrite prompt: "
+                                  f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
         self.model = from_pretrained(folder, dtype=dtype, tp_size=tp_size)
         self.captions = captions
-        self.template = template
         self.column = column
         # The checkpoint's repetition controls (Qwen2.5-Instruct: repetition_penalty 1.05) unless a flag is given.
         decoding = checkpoint_decoding(folder, self.model.config, self.tokenizer)

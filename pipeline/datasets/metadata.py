@@ -6,6 +6,9 @@ as ``007``, empty captions and values such as ``1.50`` go through unchanged. A P
 or JSONL table also has a ``Schema``: each column's type, with which its cells were
 turned into text (``read_schema``) and are turned back when a Parquet or JSONL file is
 written (``write_table_atomic``). A CSV has no schema: its columns stay text everywhere.
+Dates, times and decimals read as their ISO/plain text, bytes as base64; a Parquet output
+gets a Parquet input's exact column types back. A column type with no text form (a
+duration, a map, dates or bytes inside lists) is refused in one line naming the column.
 
 Row keys. A row is identified by its raw cells as written in the CSV (not the resolved
 file path), so resume and merge work no matter where the videos live: by ``path`` alone
@@ -23,6 +26,9 @@ its parts), the last ``ok`` row wins; a key without any ``ok`` row keeps its las
 from __future__ import annotations
 
 import ast
+import base64
+import datetime
+import decimal
 import io
 import json
 import logging
@@ -39,6 +45,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
@@ -248,15 +255,18 @@ def _parse_csv(source: StrPath | io.BytesIO, label: str) -> pd.DataFrame:
 
 PARQUET_SUFFIX = ".parquet"
 JSONL_SUFFIX = ".jsonl"
-KINDS = ("string", "int", "float", "bool", "datetime", "json")
+# "number": a JSONL column mixing integers and floats, each cell keeping its own; "json": lists, dicts or
+# other mixed values, held as JSON text.
+KINDS = ("string", "int", "float", "number", "bool", "datetime", "date", "time", "decimal", "binary", "json")
 
 
 @dataclass(frozen=True)
 class ColumnType:
     """A Parquet or JSONL column's type: how its cells read as text and what they turn back into."""
 
-    kind: str  # one of KINDS; "json": lists, dicts or mixed values, held as JSON text
+    kind: str  # one of KINDS
     dtype: Any  # the pandas dtype a Parquet file gets back, e.g. Int64, float32, datetime64[ns, UTC]
+    arrow: pa.DataType | None = None  # a Parquet input's column type, given back exactly where the cells fit
 
 
 Schema = dict[str, ColumnType]
@@ -266,6 +276,34 @@ def table_format(path: StrPath) -> str:
     """The format a file name asks for: ``.parquet``, ``.jsonl`` or (any other suffix) ``.csv``."""
     suffix = Path(path).suffix.lower()
     return suffix if suffix in (PARQUET_SUFFIX, JSONL_SUFFIX) else ".csv"
+
+
+def _scalar_arrow_kind(arrow: pa.DataType) -> str | None:
+    """The kind of the Arrow types read as their own text (pandas gives date, time, Decimal, bytes objects)."""
+    if pa.types.is_date(arrow):
+        return "date"
+    if pa.types.is_time(arrow):
+        return "time"
+    if pa.types.is_decimal(arrow):
+        return "decimal"
+    if pa.types.is_binary(arrow) or pa.types.is_large_binary(arrow) or pa.types.is_fixed_size_binary(arrow):
+        return "binary"
+    return None
+
+
+def _has_text_form(arrow: pa.DataType, nested: bool = False) -> bool:
+    """Whether cells of this Arrow type can be pipeline text and back: JSON values inside lists and structs,
+    and at the top also timestamps, dates, times, decimals and bytes."""
+    if pa.types.is_dictionary(arrow):
+        return _has_text_form(arrow.value_type, nested)
+    if (pa.types.is_string(arrow) or pa.types.is_large_string(arrow) or pa.types.is_integer(arrow)
+            or pa.types.is_floating(arrow) or pa.types.is_boolean(arrow) or pa.types.is_null(arrow)):
+        return True
+    if pa.types.is_list(arrow) or pa.types.is_large_list(arrow) or pa.types.is_fixed_size_list(arrow):
+        return _has_text_form(arrow.value_type, True)
+    if pa.types.is_struct(arrow):
+        return all(_has_text_form(arrow.field(i).type, True) for i in range(arrow.num_fields))
+    return not nested and (pa.types.is_timestamp(arrow) or _scalar_arrow_kind(arrow) is not None)
 
 
 def _dtype_kind(series: pd.Series) -> str:
@@ -291,12 +329,14 @@ def _value_kind(values: Sequence[object]) -> str:
     if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
         return "int"
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
-        return "float"
+        return "number" if any(isinstance(v, int) for v in present) else "float"
     return "json"
 
 
-_JSONL_DTYPES = {"string": "object", "int": "Int64", "float": "float64", "bool": "boolean",
+# "number": a Parquet column holds one type, so mixed integers and floats go there as floats
+_JSONL_DTYPES = {"string": "object", "int": "Int64", "float": "float64", "number": "float64", "bool": "boolean",
                  "datetime": "datetime64[ns]", "json": "object"}
+_INTEGER_TEXT = re.compile(r"[+-]?\d+")
 
 
 def _plain(value: object) -> object:
@@ -324,15 +364,29 @@ def _cell_text(value: object, column: ColumnType) -> str:
         return "true" if value else "false"
     if column.kind == "datetime":
         return pd.Timestamp(value).isoformat()
+    if column.kind in ("date", "time"):
+        return value.isoformat()
+    if column.kind == "decimal":
+        return format(value, "f")
+    if column.kind == "binary":
+        return base64.b64encode(bytes(value)).decode("ascii")
     if column.kind == "float":  # the shortest text that reads back as the same value of its precision
         dtype = pd.api.types.pandas_dtype(column.dtype)
         return str(getattr(dtype, "numpy_dtype", dtype).type(value))
     return str(value)
 
 
-def _typed_to_text(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    return pd.DataFrame({col: pd.Series([_cell_text(v, schema[col]) for v in df[col].tolist()], dtype=object)
-                         for col in df.columns})
+def _column_text(values: Sequence[object], column: ColumnType, label: str, name: str) -> pd.Series:
+    """A column's cells as text; values nested past Python's recursion limit are refused in one line."""
+    try:
+        return pd.Series([_cell_text(v, column) for v in values], dtype=object)
+    except RecursionError:
+        raise MetadataError(f"{label}: column {name!r} nests lists or objects too deeply to read; "
+                            f"flatten it or drop the column") from None
+
+
+def _typed_to_text(df: pd.DataFrame, schema: Schema, label: str) -> pd.DataFrame:
+    return pd.DataFrame({col: _column_text(df[col].tolist(), schema[col], label, col) for col in df.columns})
 
 
 def _text_value(text: str, kind: str) -> object:
@@ -345,6 +399,8 @@ def _text_value(text: str, kind: str) -> object:
         return int(text)
     if kind == "float":
         return float(text)
+    if kind == "number":
+        return int(text) if _INTEGER_TEXT.fullmatch(text) else float(text)
     if kind == "bool":
         if text not in ("true", "false"):
             raise ValueError(f"{text!r} is not true or false")
@@ -352,8 +408,23 @@ def _text_value(text: str, kind: str) -> object:
     return json.loads(text) if kind == "json" else text
 
 
+def _decimal(text: str) -> decimal.Decimal:
+    try:
+        return decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        raise ValueError(f"{text!r} is not a decimal number") from None
+
+
+# text back to the objects pandas and pyarrow write as dates, times, decimals and bytes
+_OBJECT_VALUES: dict[str, Callable[[str], object]] = {
+    "date": datetime.date.fromisoformat, "time": datetime.time.fromisoformat, "decimal": _decimal,
+    "binary": lambda text: base64.b64decode(text, validate=True)}
+
+
 def _typed_series(texts: Sequence[str], column: ColumnType) -> pd.Series:
     """Text cells as a pandas column of the schema's dtype (a nullable one where cells are empty)."""
+    if column.kind in _OBJECT_VALUES:
+        return pd.Series([_OBJECT_VALUES[column.kind](t) if t else None for t in texts], dtype=object)
     values = [_text_value(t, column.kind) for t in texts]
     dtype = pd.api.types.pandas_dtype(column.dtype)
     if column.kind == "datetime":
@@ -381,23 +452,46 @@ def _restore(df: pd.DataFrame, schema: Schema, label: str, convert: Callable[[li
     return columns
 
 
-def _read_parquet(label: str) -> tuple[pd.DataFrame, Schema]:
+# Where a row is in its file, for messages: ("line", each row's line number) or ("row", its 1-based number).
+Positions = tuple[str, Sequence[int]]
+
+
+def _check_text_forms(types: dict[str, pa.DataType], label: str) -> None:
+    """Refuse, before any cell is read, a column whose type has no text form."""
+    for name, arrow in types.items():
+        if not _has_text_form(arrow):
+            raise MetadataError(f"{label}: column {name!r} is {arrow}, which the pipeline cannot hold as text "
+                                f"(it keeps text, numbers, booleans, timestamps, dates, times, decimals, bytes, "
+                                f"and lists/structs of text, numbers and booleans); cast it or drop the column")
+
+
+def _read_parquet(label: str) -> tuple[pd.DataFrame, Schema, Positions]:
+    invalid = f"{label}: not a valid Parquet file ({{}}); write it with pandas or pyarrow"
+    try:
+        types = {field.name: field.type for field in pq.read_schema(label)}
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise MetadataError(invalid.format(exc)) from None
+    _check_text_forms(types, label)
     try:
         typed = pd.read_parquet(label, dtype_backend="numpy_nullable")
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise MetadataError(f"{label}: not a valid Parquet file ({exc}); write it with pandas or pyarrow") from None
+        raise MetadataError(invalid.format(exc)) from None
     typed.columns = [str(col) for col in typed.columns]
-    schema = {col: ColumnType(_dtype_kind(typed[col]), typed[col].dtype) for col in typed.columns}
-    return _typed_to_text(typed, schema), schema
+    schema = {}
+    for col in typed.columns:
+        arrow = types.get(col)
+        kind = (_scalar_arrow_kind(arrow) if arrow is not None else None) or _dtype_kind(typed[col])
+        schema[col] = ColumnType(kind, typed[col].dtype, arrow)
+    return _typed_to_text(typed, schema, label), schema, ("row", range(1, len(typed) + 1))
 
 
-def _read_jsonl(label: str) -> tuple[pd.DataFrame, Schema]:
+def _read_jsonl(label: str) -> tuple[pd.DataFrame, Schema, Positions]:
     """One JSON object per line (blank lines skipped); keys are columns, in first-seen order."""
     try:
         text = Path(label).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise MetadataError(f"{label}: not UTF-8 text ({exc}); save the JSONL file as UTF-8") from None
-    records = []
+    records, lines = [], []
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -406,23 +500,26 @@ def _read_jsonl(label: str) -> tuple[pd.DataFrame, Schema]:
         except json.JSONDecodeError as exc:
             raise MetadataError(f"{label}: line {number} is not valid JSON ({exc}); write one JSON object "
                                 f"per line") from None
+        except RecursionError:
+            raise MetadataError(f"{label}: line {number} nests lists or objects too deeply to read; "
+                                f"flatten that value") from None
         if not isinstance(record, dict):
             raise MetadataError(f"{label}: line {number} is a JSON {type(record).__name__}, not an object; "
                                 f"write one object per line, e.g. {{\"path\": \"a.mp4\"}}")
         records.append(record)
+        lines.append(number)
     columns = list(dict.fromkeys(key for record in records for key in record))
     values = {col: [record.get(col) for record in records] for col in columns}
     schema = {}
     for col in columns:
         kind = _value_kind(values[col])
         schema[col] = ColumnType(kind, _JSONL_DTYPES[kind])
-    table = pd.DataFrame({col: pd.Series([_cell_text(v, schema[col]) for v in values[col]], dtype=object)
-                          for col in columns})
-    return table, schema
+    table = pd.DataFrame({col: _column_text(values[col], schema[col], label, col) for col in columns})
+    return table, schema, ("line", lines)
 
 
-def _read_any(label: str) -> tuple[pd.DataFrame, Schema]:
-    """A table as text cells, and its column types (none for a CSV)."""
+def _read_any(label: str) -> tuple[pd.DataFrame, Schema, Positions | None]:
+    """A table as text cells, its column types (none for a CSV) and where its rows are (None: CSV lines)."""
     fmt = table_format(label)
     if fmt == PARQUET_SUFFIX:
         return _read_parquet(label)
@@ -432,7 +529,7 @@ def _read_any(label: str) -> tuple[pd.DataFrame, Schema]:
         raise MetadataError(
             f"{label}: the file is empty (0 bytes); write a header line with at least '{PATH_COLUMN}'"
         )
-    return _parse_csv(label, label), {}
+    return _parse_csv(label, label), {}, None
 
 
 def _check_file(label: str) -> None:
@@ -451,7 +548,8 @@ def read_schema(path: StrPath) -> Schema:
     return _read_any(label)[1]
 
 
-def _validate(df: pd.DataFrame, label: str, required: Sequence[str]) -> pd.DataFrame:
+def _validate(df: pd.DataFrame, label: str, required: Sequence[str], where: Positions | None = None
+              ) -> pd.DataFrame:
     missing = [col for col in required if col not in df.columns]
     if missing:
         found = ", ".join(repr(col) for col in df.columns) or "none"
@@ -462,9 +560,10 @@ def _validate(df: pd.DataFrame, label: str, required: Sequence[str]) -> pd.DataF
     if PATH_COLUMN in required:
         empty = df.index[df[PATH_COLUMN].str.strip() == ""]
         if len(empty):
-            lines = ", ".join(str(i + 2) for i in empty[:5])
+            unit, numbers = where or ("line", range(2, len(df) + 2))  # a CSV row i is on line i + 2
+            lines = ", ".join(str(numbers[i]) for i in empty[:5])
             raise MetadataError(
-                f"{label}: {len(empty)} row(s) with an empty '{PATH_COLUMN}' (line {lines}); "
+                f"{label}: {len(empty)} row(s) with an empty '{PATH_COLUMN}' ({unit} {lines}); "
                 f"fill in or delete those rows"
             )
     return df
@@ -494,10 +593,10 @@ def read_metadata(
     """
     label = os.fspath(csv_path)
     _check_file(label)
-    df, _ = _read_any(label)
+    df, _, where = _read_any(label)
     if not len(df) and table_format(label) == JSONL_SUFFIX:
         df = pd.DataFrame({col: pd.Series(dtype=object) for col in dict.fromkeys([*df.columns, *required])})
-    df = _validate(df, label, required)
+    df = _validate(df, label, required, where)
     if warn_duplicates:
         _warn_duplicates(df, label)
     return df
@@ -532,7 +631,8 @@ def write_table_atomic(df: pd.DataFrame, out_path: StrPath, schema: Schema | Non
         write_csv_atomic(df, out_path)
     elif fmt == PARQUET_SUFFIX:
         typed = pd.DataFrame(_restore(df, schema, label, _typed_series), columns=list(df.columns))
-        write_atomic(out_path, lambda fh: typed.to_parquet(fh, index=False))
+        table = _input_types(pa.Table.from_pandas(typed, preserve_index=False), schema, label)
+        write_atomic(out_path, lambda fh: pq.write_table(table, fh))
     else:
         def values(texts: list[str], column: ColumnType) -> list[object]:
             return [_text_value(t, column.kind) for t in texts]
@@ -541,6 +641,27 @@ def write_table_atomic(df: pd.DataFrame, out_path: StrPath, schema: Schema | Non
         lines = (json.dumps(dict(zip(columns, record)), ensure_ascii=False, allow_nan=False) + "\n"
                  for record in zip(*columns.values()))
         write_atomic(out_path, lambda fh: fh.writelines(line.encode("utf-8") for line in lines))
+
+
+def _input_types(table: pa.Table, schema: Schema, label: str) -> pa.Table:
+    """Columns cast back to their Parquet input's exact type (decimal precision, int8, time32, large_string,
+    dictionary, null ...); a column whose cells no longer fit keeps the type its values give (warned)."""
+    for i, name in enumerate(table.column_names):
+        column = schema.get(name)
+        target = column.arrow if column is not None else None
+        if target is None or table.schema.field(i).type == target:
+            continue
+        values = table.column(i)
+        if pa.types.is_null(target) and all(v in (None, "") for v in values.to_pylist()):
+            table = table.set_column(i, pa.field(name, target), pa.nulls(len(table)))
+            continue
+        try:
+            table = table.set_column(i, pa.field(name, target), values.cast(target))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            if not pa.types.is_string(values.type):  # text: _restore has said the column does not fit
+                logger.warning("%s: column %r does not fit its input type %s (%s); written as %s",
+                               label, name, target, exc, values.type)
+    return table
 
 
 def write_atomic(out_path: StrPath, write: Callable[[BinaryIO], object]) -> None:
