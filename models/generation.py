@@ -568,10 +568,14 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     live = attention_mask.any(axis=1)
     drop = cols if prefix_is_prompt else 0
     rules = _Rules(eos, prefix.shape[1], min_new_tokens, repetition_penalty, no_repeat_ngram_size, drop)
-    out = _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
-                           rules, num_beams, num_return_sequences, length_penalty,
-                           early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad, use_jit,
-                           select_on_device, emit, tuple(prompt_inputs))
+    try:
+        out = _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
+                               rules, num_beams, num_return_sequences, length_penalty,
+                               early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad, use_jit,
+                               select_on_device, emit, tuple(prompt_inputs))
+    except RuntimeError:  # how MindSpore reports a failed run, whose graph would fail every later call
+        jit.discard_graphs()
+        raise
     per_row = num_return_sequences if num_beams > 1 else 1
     out.sequences = out.sequences[:real_rows * per_row, drop:]
     if out.sequences_scores is not None:

@@ -4,6 +4,11 @@
 :func:`call` runs a compiled function and records the first call of each such signature, so a
 run can report how many graphs it compiled and how long those first calls took (compile plus
 one execution).
+
+A graph whose run raised stays unusable in MindSpore (seen with 2.10): the outputs of the failed run are never
+released, so every later run of that graph fails with "Invalid output number for flatten stub output nodes"
+(expecting its outputs, finding those of every failed run too), and a new ``ms.jit`` of the same method
+finds the same cached graph. :func:`discard_graphs` is the way out after a failure.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import mindspore as ms
 from mindspore import Tensor
 
 from models import attention
@@ -56,3 +62,11 @@ def call(name: str, fn: Callable, *args: Any) -> Any:
         COMPILES.graphs += 1
         COMPILES.seconds += time.perf_counter() - start
     return out
+
+
+def discard_graphs() -> None:
+    """Drop every compiled graph, so that later calls compile afresh: after a compiled call raised. Runs are
+    asynchronous, so a graph's failure may surface in a later call, and which graph failed is not known."""
+    ms.ms_memory_recycle()
+    with COMPILES.lock:
+        COMPILES.seen.clear()

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import functools
 import http.server
+import ipaddress
 import json
 import os
 import shutil
@@ -157,7 +158,9 @@ def engines(checkpoints):
 def qwen(engines, videos):
     """A Qwen2-VL server that allows local media under the videos folder, and http(s) media."""
     engine = engines("qwen2_vl")
-    media = MediaPolicy(max_bytes=2 ** 20, allowed_local_path=videos.resolve(), allow_remote=True)
+    # the test's own HTTP server is on loopback, which the media policy refuses unless allowed by name
+    media = MediaPolicy(max_bytes=2 ** 20, allowed_local_path=videos.resolve(), allow_remote=True,
+                        allowed_networks=(ipaddress.ip_network("127.0.0.1/32"),))
     with ThreadServer(engine, media=media, max_frames=5, batch_wait_s=0.3, max_batch=4) as url:
         yield engine, url
 

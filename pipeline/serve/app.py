@@ -2,30 +2,41 @@
 
 Every error is a JSON body in OpenAI's shape, ``{"error": {"message", "type", "code"}}``, with a
 4xx status for what the client can fix; the handler's failure never stops the server.
+
+Any web page the user has open can send requests to a local server, so before a handler runs the
+request must name this server in its ``Host`` header (a page on another name that resolves here, DNS
+rebinding, does not), come from this server's own page when a browser says where it comes from
+(``Origin``), and, when the server has an API key, carry it on every ``/v1`` path.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
+import ipaddress
 import json
 import logging
+import math
 import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Awaitable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
-from aiohttp import web
+from aiohttp import hdrs, web
 
+from models.video_llama.modeling import build_prompt_ids
+from pipeline.captioning.chat import Turn
 from pipeline.datasets.decode_pool import DecodePool
 from pipeline.datasets.video import VideoReadError
-from pipeline.serve.batching import Batcher
+from pipeline.serve.batching import Batcher, ClientGone
 from pipeline.serve.engine import Engine, Prepared, RequestError
-from pipeline.serve.media import MediaPolicy, MediaRef, materialise, parse_messages
+from pipeline.serve.media import MediaPolicy, MediaRef, fit_images, materialise, parse_messages
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
@@ -34,6 +45,7 @@ SETTINGS = web.AppKey("settings", object)
 BATCHER = web.AppKey("batcher", Batcher)
 DECODERS = web.AppKey("decoders", ThreadPoolExecutor)
 STARTED = web.AppKey("started", int)
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,8 @@ class Settings:
     decode_workers: int
     media: MediaPolicy
     decode_timeout: float | None = None  # seconds a video may take to decode (None: by frame count; 0: threads)
+    api_key: str | None = None  # every /v1 request must send "Authorization: Bearer <api_key>"
+    allowed_hosts: frozenset[str] = frozenset()  # Host names answered besides the server's own address ("*": any)
 
 
 def error_body(status: int, message: str, code: str) -> web.Response:
@@ -60,6 +74,8 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except RequestError as exc:
         return error_body(exc.status, str(exc), exc.code)
+    except ClientGone as exc:  # nobody reads this answer; the access log shows the 499
+        return error_body(499, str(exc), "client_closed_request")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -70,7 +86,89 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         return error_body(500, "internal error (see the server's log)", "internal_error")
 
 
+def _host_port(value: str) -> tuple[str, int | None] | None:
+    """(lower-case name, port or None) of a Host header's value; None when it is malformed."""
+    try:
+        parts = urlsplit("//" + value)
+        return (parts.hostname, parts.port) if parts.hostname else None
+    except ValueError:
+        return None
+
+
+def _known_host(request: web.Request, allowed: frozenset[str]) -> bool:
+    """Whether the Host header names this server: the address and port it was reached at (on loopback,
+    localhost by any of its names), or a name in ``allowed``."""
+    host = _host_port(request.headers.get(hdrs.HOST, ""))
+    if host is None:
+        return False
+    if "*" in allowed or host[0] in allowed:
+        return True
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    try:
+        local = ipaddress.ip_address(sockname[0])
+    except (TypeError, ValueError):
+        return False
+    local = getattr(local, "ipv4_mapped", None) or local
+    names = {str(local)} | (LOOPBACK_NAMES if local.is_loopback else set())
+    return host[0] in names and (host[1] or 80) == sockname[1]
+
+
+def _same_origin(origin: str, request: web.Request, allowed: frozenset[str]) -> bool:
+    """Whether a browser's ``Origin`` is this server: the name and port the Host header names (a Host without
+    a port has the origin scheme's default), or a name in ``allowed`` (a proxy that rewrites Host)."""
+    try:
+        parts = urlsplit(origin)
+        default = {"http": 80, "https": 443}.get(parts.scheme)
+        port = parts.port or default
+    except ValueError:
+        return False
+    if default is None or not parts.hostname:
+        return False  # "null" (sandboxed frames, files) and other schemes
+    if parts.hostname in allowed:
+        return True
+    host = _host_port(request.headers.get(hdrs.HOST, ""))
+    return host is not None and host[0] == parts.hostname and (host[1] or default) == port
+
+
+def _authorised(request: web.Request, key: str) -> bool:
+    scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+@web.middleware
+async def guard(request: web.Request, handler) -> web.StreamResponse:
+    """Refuse requests that do not name this server (DNS rebinding), browsers' cross-origin requests
+    (another page driving this server) and, with an API key, ``/v1`` requests without it."""
+    settings: Settings = request.app[SETTINGS]
+    if not _known_host(request, settings.allowed_hosts):
+        return error_body(400, f"the Host header {request.headers.get(hdrs.HOST)!r} does not name this server; "
+                               "names it is reached by (behind a proxy) are given with --allowed_hosts", "invalid_host")
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is not None and not _same_origin(origin, request, settings.allowed_hosts):
+        return error_body(403, f"cross-origin requests are refused: Origin {origin!r} is not this server (a page "
+                               "served under another name is allowed with --allowed_hosts)", "cross_origin_refused")
+    if settings.api_key and request.path.startswith("/v1") and not _authorised(request, settings.api_key):
+        response = error_body(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>' (on "
+                                   "the chat page, enter it in the API key field)", "invalid_api_key")
+        response.headers[hdrs.WWW_AUTHENTICATE] = "Bearer"
+        return response
+    return await handler(request)
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or (content_type.startswith("application/")
+                                                  and content_type.endswith("+json"))
+
+
 async def read_json(request: web.Request) -> dict:
+    """The JSON object a request carries. Browsers send text/plain and form bodies to any site without
+    asking it first (no CORS preflight), so only a JSON content type is read, or none from a client that
+    is not a browser (one without ``Origin``), as FastAPI does."""
+    given = request.headers.get(hdrs.CONTENT_TYPE)
+    untyped_from_browser = given is None and hdrs.ORIGIN in request.headers
+    if untyped_from_browser or (given is not None and not _is_json(request.content_type)):
+        raise RequestError(f"send the body as JSON with 'Content-Type: application/json' (got {given!r})",
+                           "unsupported_media_type", 415)
     try:
         body = json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -91,6 +189,8 @@ async def decode_frames(request: web.Request, refs: Sequence[MediaRef]) -> np.nd
             if refs[0].kind == "video":
                 frames = await loop.run_in_executor(request.app[DECODERS], engine.video_frames, paths[0])
             else:
+                paths = await loop.run_in_executor(request.app[DECODERS], fit_images, paths, settings.media,
+                                                   engine.max_decode_pixels, Path(folder))
                 frames = await loop.run_in_executor(request.app[DECODERS], engine.image_frames, paths)
         except VideoReadError as exc:
             raise RequestError(f"the media cannot be read: {exc}", "unreadable_media") from exc
@@ -101,8 +201,9 @@ def _number(body: dict, name: str, kind: type, low: float, high: float | None = 
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise RequestError(f"'{name}' must be a number", "invalid_parameter")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not math.isfinite(value)) or (kind is int and value != int(value)):
+        raise RequestError(f"'{name}' must be a finite number", "invalid_parameter")
     if value < low or (high is not None and value > high):
         limits = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise RequestError(f"'{name}' must be {limits}", "invalid_parameter")
@@ -121,23 +222,44 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise RequestError("only n=1 is supported", "invalid_parameter")
     wanted = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
     max_tokens = min(wanted or engine.max_new_tokens, settings.max_tokens)
-    options = engine.options(max_tokens, _number(body, "temperature", float, 0, 2),
-                             _number(body, "top_p", float, 0, 1), _number(body, "seed", int, 0),
-                             _number(body, "min_tokens", int, 0))
+    sampling = dict(temperature=_number(body, "temperature", float, 0, 2), top_p=_number(body, "top_p", float, 0, 1),
+                    seed=_number(body, "seed", int, 0), min_tokens=_number(body, "min_tokens", int, 0))
+    if (sampling["min_tokens"] or 0) > max_tokens:
+        raise RequestError(f"'min_tokens' ({sampling['min_tokens']}) is above the reply's max_tokens ({max_tokens}; "
+                           f"this server allows at most {settings.max_tokens})", "invalid_parameter")
+    options = engine.options(max_tokens, **sampling)
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise RequestError("'stream_options' must be an object, e.g. {\"include_usage\": true}", "invalid_parameter")
     turns, refs = parse_messages(body.get("messages"), settings.max_frames)
     if not refs:
         raise RequestError("the conversation has no video or image: add a video_url or image_url part",
                            "missing_media")
     frames = await decode_frames(request, refs)
-    prepared: Prepared = await asyncio.get_running_loop().run_in_executor(
-        request.app[DECODERS], engine.prepare, frames, turns)
+    prepared, room = await asyncio.get_running_loop().run_in_executor(
+        request.app[DECODERS], prepare_within_context, engine, frames, turns, max_tokens)
+    if room < max_tokens:  # the reply ends where the model's positions do (finish_reason "length")
+        if (sampling["min_tokens"] or 0) > room:
+            raise RequestError(f"'min_tokens' ({sampling['min_tokens']}) is above the {room} tokens the model's "
+                               "positions leave after this prompt", "invalid_parameter")
+        options = engine.options(room, **sampling)
     seedless = tuple(sorted((k, v) for k, v in options.items() if k != "seed"))
     key = (prepared.num_frames, seedless, id(options) if "seed" in options else None)  # a seed: its own call
+    prepared = replace(prepared, is_alive=connected(request))
     reply = Reply(settings.model_name)
     if body.get("stream"):
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool((stream_options or {}).get("include_usage"))
         return await reply.stream(request, prepared, options, key, include_usage)
     return web.json_response(reply.completion(await _answer(request.app[BATCHER].submit(prepared, options, key))))
+
+
+def connected(request: web.Request) -> Callable[[], bool]:
+    """A check of whether the request's client is still connected. aiohttp does not cancel a handler whose
+    client left, so the batcher and the model ask this before and while they work for it."""
+    def alive() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+    return alive
 
 
 async def _answer(submitted: Awaitable[dict]) -> dict:
@@ -145,6 +267,46 @@ async def _answer(submitted: Awaitable[dict]) -> dict:
         return await submitted
     except ValueError as exc:  # the prompt cannot be built (e.g. text holding the model's media marker)
         raise RequestError(f"the model cannot take this conversation: {exc}", "invalid_prompt") from exc
+
+
+def max_positions(engine: Engine) -> int | None:
+    """The positions the language model has (None for an encoder-decoder: its encoder has no fixed limit)."""
+    model = engine.captioner.model
+    if not getattr(model, "is_decoder_only", True):
+        return None
+    return getattr(model.config.text_config, "max_position_embeddings", None)
+
+
+def prompt_tokens(engine: Engine, prepared: Prepared) -> int:
+    """The prompt's length in tokens, visual ones included, built as the family's ``generate`` builds it."""
+    captioner, video, text = engine.captioner, prepared.inputs, prepared.prompt
+    if engine.family.startswith("qwen"):
+        return len(captioner.with_prompt(video, text).input_ids)
+    if engine.family in ("llava", "llava_next", "pllava"):
+        return len(captioner.model_inputs([video], [text])[0][0])
+    if engine.family == "video_llama":
+        return len(build_prompt_ids(captioner.tokenizer, text, captioner.model.config.num_video_query_tokens))
+    queries = 0 if captioner.image_ids else captioner.model.config.num_query_tokens  # BLIP-2: put in front
+    return len(captioner.image_ids) + len(captioner.tokenizer(text)["input_ids"]) + queries
+
+
+def prepare_within_context(engine: Engine, frames: np.ndarray, turns: Sequence[Turn],
+                           max_tokens: int) -> tuple[Prepared, int]:
+    """The conversation ready to generate, and the new tokens it may have: ``max_tokens``, or fewer where
+    the model's positions end first. A prompt that fills them is refused here, before the model would
+    index past its position table."""
+    prepared = engine.prepare(frames, turns)
+    limit = max_positions(engine)
+    if limit is None:
+        return prepared, max_tokens
+    try:
+        used = prompt_tokens(engine, prepared)
+    except ValueError as exc:  # e.g. text holding the model's media marker
+        raise RequestError(f"the model cannot take this conversation: {exc}", "invalid_prompt") from exc
+    if used >= limit:
+        raise RequestError(f"the prompt is {used} tokens (its text and the video's), which fills the model's {limit} "
+                           "positions: shorten 'messages' or send fewer or smaller frames", "context_length_exceeded")
+    return prepared, min(max_tokens, limit - used)
 
 
 class Reply:
@@ -208,17 +370,21 @@ class Reply:
             while not tokens.empty():  # the last tokens came in with the answer
                 await send_text(text.add(tokens.get_nowait()))
             result = await answer
+            await send_text(text.finish(result["text"]))
+            await send(self._chunk({}, self.finish_reason(result)))
+            if include_usage:
+                await send({**self._chunk({}), "choices": [], "usage": self.usage(result)})
+        except ConnectionResetError as exc:  # the client left: a write failed, or the model stopped for it
+            if not response.prepared:
+                raise
+            logger.info("a streamed reply stopped: the client left (%s)", exc)
+            return response
         except Exception as exc:  # noqa: BLE001
             if not response.prepared:
                 raise
             logger.exception("a streamed reply failed")
             await response.write(self._event({"error": {"message": str(exc), "type": "server_error",
                                                         "code": "generation_failed"}}))
-        else:
-            await send_text(text.finish(result["text"]))
-            await send(self._chunk({}, self.finish_reason(result)))
-            if include_usage:
-                await send({**self._chunk({}), "choices": [], "usage": self.usage(result)})
         finally:
             answer.cancel()
         await response.write(b"data: [DONE]\n\n")
@@ -267,11 +433,11 @@ async def page(request: web.Request) -> web.FileResponse:
 
 
 def build_app(engine: Engine, settings: Settings, max_body_bytes: int) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_errors])
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_errors, guard])
     app[ENGINE], app[SETTINGS] = engine, settings
     app[STARTED] = int(time.time())
     app[DECODERS] = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
-    app[BATCHER] = Batcher(engine.generate, settings.max_batch, settings.batch_wait_s)
+    app[BATCHER] = Batcher(engine.generate, settings.max_batch, settings.batch_wait_s, wanted=Engine.wanted)
 
     async def lifecycle(app: web.Application):
         app[BATCHER].start()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from models import attention, model_family
+from models import attention, jit, model_family
 from models.checkpoint import read_config
 from models.generation import check_generation_args
 from pipeline import distributed, environment
@@ -25,6 +25,7 @@ from pipeline.captioning.cli import check_args, resolve_dtype, resolve_prompt
 from pipeline.config import CONFIG_DIR, ConfigError, apply_config, parse_with_config
 from pipeline.datasets.decode_pool import DecodePool, default_timeout
 from pipeline.datasets.video import resize_frames, sample_frames, uniform_indices
+from pipeline.serve.batching import ClientGone
 from pipeline.serve.streaming import TextStream
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Prepared:
     prompt: str
     num_frames: int
     on_token: Callable[[int], None] | None = None  # a streamed reply: called with each new token id
+    is_alive: Callable[[], bool] | None = None  # False once the client has disconnected (None: always wanted)
 
 
 class Engine:
@@ -197,20 +199,32 @@ class Engine:
         return TextStream(lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                           getattr(self.captioner, "separator", "") or "")
 
+    @staticmethod
+    def wanted(prepared: Prepared) -> bool:
+        """Whether someone still waits for this reply."""
+        return prepared.is_alive is None or prepared.is_alive()
+
     def generate(self, batch: Sequence[Prepared], options: dict) -> list[dict]:
         """Replies to a batch of conversations in one model call (options shared by the batch); the
-        streamed ones get their tokens as they are picked."""
+        streamed ones get their tokens as they are picked. Decoding token by token stops (``ClientGone``)
+        once no client of the batch is left; beam search runs to its end."""
         hooks = [p.on_token for p in batch]
-        if any(hooks) and self.streams_tokens(options):
+        if self.streams_tokens(options) and any(p.on_token or p.is_alive for p in batch):
             def streamer(tokens: np.ndarray) -> None:
                 for hook, token in zip(hooks, tokens.tolist()):
                     if hook is not None and token >= 0:
                         hook(token)
+                if not any(self.wanted(p) for p in batch):
+                    raise ClientGone(f"every client of the batch of {len(batch)} disconnected")
             options = {**options, "streamer": streamer}
         with self._lock:
             self.generate_calls += 1
-            return self.captioner.generate([p.inputs for p in batch], prompts=[p.prompt for p in batch],
-                                           options=options)
+            try:
+                return self.captioner.generate([p.inputs for p in batch], prompts=[p.prompt for p in batch],
+                                               options=options)
+            except RuntimeError:  # a graph that failed (e.g. the video encoder's) would fail the next requests
+                jit.discard_graphs()
+                raise
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
