@@ -40,11 +40,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         engine = Engine.load(args.pretrained_model_name_or_path, family_argv, args.device, args.dtype)
         is_image = args.video.lower().endswith(tuple(IMAGE_SUFFIXES))
-        frames = engine.image_frames([args.video]) if is_image else engine.video_frames(args.video)
+        clip = engine.image_frames([args.video]) if is_image else engine.video_frames(args.video)
         options = engine.options(args.max_tokens or engine.max_new_tokens, args.temperature)
     except (ConfigError, CheckpointError, VideoReadError, RequestError, OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    print(f"{len(frames)} frames of {args.video}; {COMMANDS}.", flush=True)
+    print(f"{len(clip.frames)} frames of {args.video}; {COMMANDS}.", flush=True)
     turns: list[Turn] = []
     while True:
         try:
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print("(conversation reset)", flush=True)
             continue
         turns.append(Turn("user", line or engine.question, media=not turns))
-        prepared = engine.prepare(frames, turns)
+        prepared = engine.prepare(clip, turns)
         if args.show_prompt:
             print(f"[prompt] {prepared.prompt!r}", flush=True)
         answer = engine.generate([prepared], options)[0]["text"]

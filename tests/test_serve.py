@@ -169,6 +169,21 @@ def complete(url: str, body: dict) -> requests.Response:
     return requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
 
 
+def test_qwen3_vl_server_samples_as_the_runner_does(engines, videos):
+    """The server's Qwen3-VL videos get qwen-vl-utils' 4 frames at least and the frames' real times, as the
+    runner's; the 1.5 s clip at 2 fps would have 3 frames at 0, 0.5 and 1 s."""
+    import numpy as np
+
+    from pipeline.datasets.video import sample_frames
+
+    clip = engines("qwen3_vl").video_frames(videos / "v0.mp4")
+    want, times = sample_frames(str(videos / "v0.mp4"), num_frames=4, fps=2, min_frames=4, height=64, width=96,
+                                return_times=True)
+    assert len(clip.frames) == 4 and np.array_equal(clip.frames, want)
+    np.testing.assert_array_equal(clip.times, times)
+    assert len(set(np.round(clip.times, 3))) == 4 and clip.times[-1] > 1.0  # spread over the clip
+
+
 @pytest.mark.parametrize("family", list(FAMILY_ARGV))
 def test_completion_equals_in_process_caption(family, engines, videos):
     """A served one-turn chat with the caption prompt answers exactly what the captioner's fixed-prompt
@@ -176,7 +191,9 @@ def test_completion_equals_in_process_caption(family, engines, videos):
     engine = engines(family)
     video = videos / "v2.mp4"
     captioner = engine.captioner
-    expected = captioner.generate([captioner.prepare(engine.video_frames(video))])[0]["text"]
+    clip = engine.video_frames(video)  # the runner's sampling, frame times included for the Qwen families
+    timed = {"frame_times": clip.times} if captioner.frame_spec.times else {}
+    expected = captioner.generate([captioner.prepare(clip.frames, **timed)])[0]["text"]
     with ThreadServer(engine) as url:
         models = requests.get(f"{url}/v1/models", timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["tiny"]

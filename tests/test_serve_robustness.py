@@ -28,7 +28,7 @@ from models.generation import generate
 from pipeline.captioning.chat import Turn
 from pipeline.serve.app import BATCHER
 from pipeline.serve.batching import Batcher
-from pipeline.serve.engine import Engine
+from pipeline.serve.engine import Clip, Engine
 from pipeline.serve.media import MediaPolicy
 from tests.test_serve import ThreadServer
 
@@ -100,7 +100,7 @@ def test_one_failing_request_in_a_batch_fails_only_itself(engine, frames):
     """Without any check ahead of the model, a batch holding a request that fails is retried without
     sharing the failure: the others get the answers they get alone, the failing one its error."""
     options = engine.options(NEW_TOKENS, min_tokens=NEW_TOKENS)
-    good, bad = (engine.prepare(frames, [Turn("user", text, media=True)]) for text in (GOOD, TOO_LONG))
+    good, bad = (engine.prepare(Clip(frames), [Turn("user", text, media=True)]) for text in (GOOD, TOO_LONG))
     alone = engine.generate([good], options)[0]
     calls = engine.generate_calls
 

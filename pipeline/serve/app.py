@@ -35,7 +35,7 @@ from pipeline.captioning.chat import Turn
 from pipeline.datasets.decode_pool import DecodePool
 from pipeline.datasets.video import VideoReadError
 from pipeline.serve.batching import Batcher, ClientGone
-from pipeline.serve.engine import Engine, Prepared, RequestError
+from pipeline.serve.engine import Clip, Engine, Prepared, RequestError
 from pipeline.serve.media import MediaPolicy, MediaRef, fit_images, materialise, parse_messages
 
 logger = logging.getLogger(__name__)
@@ -178,8 +178,9 @@ async def read_json(request: web.Request) -> dict:
     return body
 
 
-async def decode_frames(request: web.Request, refs: Sequence[MediaRef]) -> np.ndarray:
-    """The media's frames, sampled as the runner samples them, decoded in the decoder threads."""
+async def decode_frames(request: web.Request, refs: Sequence[MediaRef]) -> Clip:
+    """The media's frames (and a video's frame times), sampled as the runner samples them, decoded in the
+    decoder threads."""
     engine: Engine = request.app[ENGINE]
     settings: Settings = request.app[SETTINGS]
     loop = asyncio.get_running_loop()
@@ -235,9 +236,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not refs:
         raise RequestError("the conversation has no video or image: add a video_url or image_url part",
                            "missing_media")
-    frames = await decode_frames(request, refs)
+    clip = await decode_frames(request, refs)
     prepared, room = await asyncio.get_running_loop().run_in_executor(
-        request.app[DECODERS], prepare_within_context, engine, frames, turns, max_tokens)
+        request.app[DECODERS], prepare_within_context, engine, clip, turns, max_tokens)
     if room < max_tokens:  # the reply ends where the model's positions do (finish_reason "length")
         if (sampling["min_tokens"] or 0) > room:
             raise RequestError(f"'min_tokens' ({sampling['min_tokens']}) is above the {room} tokens the model's "
@@ -290,12 +291,12 @@ def prompt_tokens(engine: Engine, prepared: Prepared) -> int:
     return len(captioner.image_ids) + len(captioner.tokenizer(text)["input_ids"]) + queries
 
 
-def prepare_within_context(engine: Engine, frames: np.ndarray, turns: Sequence[Turn],
+def prepare_within_context(engine: Engine, clip: Clip, turns: Sequence[Turn],
                            max_tokens: int) -> tuple[Prepared, int]:
     """The conversation ready to generate, and the new tokens it may have: ``max_tokens``, or fewer where
     the model's positions end first. A prompt that fills them is refused here, before the model would
     index past its position table."""
-    prepared = engine.prepare(frames, turns)
+    prepared = engine.prepare(clip, turns)
     limit = max_positions(engine)
     if limit is None:
         return prepared, max_tokens
@@ -409,7 +410,7 @@ async def frames(request: web.Request) -> web.Response:
     url, kind = body.get("url"), body.get("kind", "video")
     if not isinstance(url, str) or kind not in ("video", "image"):
         raise RequestError("send {\"url\": <data URL or path>, \"kind\": \"video\" or \"image\"}", "invalid_parameter")
-    sampled = await decode_frames(request, [MediaRef(kind, url)])
+    sampled = (await decode_frames(request, [MediaRef(kind, url)])).frames
     return web.json_response({"frames": [jpeg_data_url(f) for f in sampled], "num_frames": len(sampled),
                               "height": int(sampled.shape[1]), "width": int(sampled.shape[2])})
 

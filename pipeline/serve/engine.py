@@ -12,7 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -63,6 +63,14 @@ def checkpoint_family(folder: str | Path) -> str:
         raise ConfigError(f"{folder} holds a {family!r} model, which the server does not caption with; supported: "
                           f"{', '.join(sorted(ENTRY_SCRIPTS))}")
     return family
+
+
+class Clip(NamedTuple):
+    """A request's frames and, for a sampled video, their start times in seconds (None for images), which
+    captioners whose prompt or positions carry time use (Qwen2.5-VL, Qwen3-VL)."""
+
+    frames: np.ndarray
+    times: np.ndarray | None = None
 
 
 @dataclass
@@ -134,18 +142,22 @@ class Engine:
         """Frames every video must have (PLLaVA's pooling shape is built for one count), else None."""
         return self.captioner.frame_spec.num_frames if self.family == "pllava" else None
 
-    def video_frames(self, path: str | Path) -> np.ndarray:
-        """A video's frames sampled as the runner samples them for this captioner; in a decoder process,
-        stopped after ``decode_timeout`` (a ``DecodeTimeoutError``), when the engine has a pool."""
+    def video_frames(self, path: str | Path) -> Clip:
+        """A video's frames (and their times, where the captioner takes them) sampled as the runner samples
+        them for this captioner; in a decoder process, stopped after ``decode_timeout`` (a
+        ``DecodeTimeoutError``), when the engine has a pool."""
         spec = self.captioner.frame_spec
         sampling = dict(num_frames=spec.num_frames, sampling=spec.sampling, fps=spec.fps, height=spec.height,
-                        width=spec.width, max_pixels=self.max_decode_pixels)
+                        width=spec.width, max_pixels=self.max_decode_pixels, min_frames=spec.min_frames,
+                        return_times=spec.times)
         if self.decode_pool is None:
-            return sample_frames(path, **sampling)[0]
-        timeout = self.decode_timeout or default_timeout(spec.num_frames)
-        return np.array(self.decode_pool.sample_frames(path, timeout=timeout, **sampling)[0])
+            frames, times = sample_frames(path, **sampling)
+        else:
+            timeout = self.decode_timeout or default_timeout(spec.num_frames)
+            frames, times = self.decode_pool.sample_frames(path, timeout=timeout, **sampling)
+        return Clip(np.asarray(frames), np.asarray(times, np.float64) if spec.times else None)
 
-    def image_frames(self, paths: Sequence[str | Path]) -> np.ndarray:
+    def image_frames(self, paths: Sequence[str | Path]) -> Clip:
         """Images as the frames of one video, in order, at the first one's size (and the spec's, if set)."""
         spec = self.captioner.frame_spec
         images = [sample_frames(p, num_frames=1, height=spec.height, width=spec.width)[0][0] for p in paths]
@@ -153,19 +165,22 @@ class Engine:
         frames = np.stack([resize_frames(image[None], height, width)[0] for image in images])
         if self.fixed_frames and len(frames) != self.fixed_frames:
             frames = frames[uniform_indices(len(frames), self.fixed_frames)]
-        return frames
+        return Clip(frames)
 
-    def prepare(self, frames: np.ndarray, turns: Sequence[Turn]) -> Prepared:
-        """The conversation about ``frames`` as model inputs; a user turn without text asks the default
+    def prepare(self, clip: Clip, turns: Sequence[Turn]) -> Prepared:
+        """The conversation about ``clip`` as model inputs; a user turn without text asks the default
         question (the captioner's caption prompt)."""
         turns = [replace(t, text=self.question) if t.role == "user" and not t.text else t for t in turns]
         if turns[-1].role != "user":
             raise RequestError("the last message must be the user's", "invalid_messages")
         try:
-            inputs = self.captioner.prepare(frames)
+            if clip.times is not None:
+                inputs = self.captioner.prepare(clip.frames, frame_times=clip.times)
+            else:
+                inputs = self.captioner.prepare(clip.frames)
         except ValueError as exc:  # e.g. a budget no frame fits
             raise RequestError(f"the video cannot be prepared for this model: {exc}", "invalid_media") from exc
-        return Prepared(inputs, self.captioner.chat_prompt(turns), len(frames))
+        return Prepared(inputs, self.captioner.chat_prompt(turns), len(clip.frames))
 
     def options(self, max_tokens: int, temperature: float | None = None, top_p: float | None = None,
                 seed: int | None = None, min_tokens: int | None = None) -> dict:
