@@ -29,6 +29,8 @@ ids back, beam search each row's best 2 x beams log-probs (plus running score) w
 min length's eos ban applied there too; ties go to the lower id exactly as a stable host sort. Only
 rules that need the whole row on the host (repetition penalty, no-repeat n-grams, sampling) copy the
 full (rows, V) logits every step, and the host then ranks with ``argpartition``, not a full sort.
+A grammar (``grammar=``, ``models.constrained``) adds one input to that graph, each row's allowed tokens,
+computed on the host while the model's step runs; the others get -inf before any of the above.
 
 Return contract (same as transformers' ``generate``, 4.56 to 5.25):
 - decoder-only with ``input_ids``: ``sequences`` = prompt ids + new tokens;
@@ -48,6 +50,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from models import attention, jit
+from models.constrained import JsonGrammar, RowMatchers
 
 _JIT_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -251,18 +254,23 @@ def _best(x: Tensor, k: int, eos: Optional[Tensor], ban: Optional[Tensor],
 
 
 def _select(pick: _Pick, logits: Tensor, eos: Optional[Tensor], ban: Optional[Tensor], shift: Optional[Tensor],
-            rows: Optional[Tensor], seen: Optional[Tensor] = None, tokens: Optional[Tensor] = None) -> tuple:
+            rows: Optional[Tensor], allowed: Optional[Tensor] = None, seen: Optional[Tensor] = None,
+            tokens: Optional[Tensor] = None) -> tuple:
     """What ``pick`` asks of one step's logits; ``rows`` repeats rows first (a prompt's row per beam).
 
-    ``seen`` (rows, V) bool marks the tokens of each row so far, ``tokens`` (rows,) the ones this step
-    added: they are penalised as transformers' repetition penalty does (a positive score divided by the
-    penalty, a negative one multiplied), and the updated mask is returned last."""
+    ``allowed`` (rows, V) bool: the tokens a grammar lets each row take (``models.constrained``); every other
+    logit becomes -inf before anything else, so greedy, beam top-k and sampling pick only allowed tokens (and
+    beams' log-probs are normalised over them). ``seen`` (rows, V) bool marks the tokens of each row so far,
+    ``tokens`` (rows,) the ones this step added: they are penalised as transformers' repetition penalty does
+    (a positive score divided by the penalty, a negative one multiplied), and the updated mask is returned last."""
+    if rows is not None:
+        logits = ops.gather(logits, rows, 0)
+    if allowed is not None:
+        logits = ops.where(allowed, logits, ops.full(logits.shape, float("-inf"), dtype=logits.dtype))
     if not pick.k:
         return (logits,)
     if pick.log_probs:
         logits = ops.log_softmax(logits, -1)
-    if rows is not None:
-        logits = ops.gather(logits, rows, 0)
     if seen is None:
         return _best(logits, pick.k, eos, ban, shift)
     if tokens is not None:
@@ -278,12 +286,15 @@ class _Session:
     """Drives one model's cache: prefill, one-token steps and beam reordering.
 
     Each step returns what ``pick`` asks for, as numpy arrays (see ``_Pick``); ``eos`` are the columns a
-    step bans when asked to (min length)."""
+    step bans when asked to (min length); ``matchers`` (``models.constrained.RowMatchers``, one per selection
+    row) give each step's allowed tokens, computed on the host while the model's step runs."""
 
-    def __init__(self, model, max_slots: int, use_jit: bool, pick: _Pick = _Pick(), eos: Sequence[int] = ()):
+    def __init__(self, model, max_slots: int, use_jit: bool, pick: _Pick = _Pick(), eos: Sequence[int] = (),
+                 matchers: Optional[RowMatchers] = None):
         self.model = model
         self.use_jit = use_jit
         self.pick = pick
+        self.matchers = matchers
         attention.refresh_device()
         self.step_fn = _jitted(model, "decode_step") if use_jit else model.decode_step
         # The selection is its own small graph on the step's device logits (one per row count and pick).
@@ -359,7 +370,9 @@ class _Session:
             out = self.call("decode_step", self.step_fn, *args, *self.cache, *prompt_inputs)
         self.cache = tuple(out[1:])
         self.next_slot += length
-        if not self.pick.k:
+        allowed = None if self.matchers is None else Tensor(self.matchers.allowed(out[0].shape[1]))
+        selection += (allowed,)
+        if not self.pick.k and rows is None and allowed is None:
             return (out[0].asnumpy(),)
         if self.pick.penalty == 1.0:
             return tuple(o.asnumpy() for o in self.select_fn(self.pick, out[0], *selection))
@@ -500,7 +513,7 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
              decoder_start_token_id: Optional[int] = None, use_jit: bool = True,
              select_on_device: bool = True,
              streamer: Optional[Callable[[np.ndarray], None]] = None,
-             prompt_inputs: Sequence[Tensor] = ()) -> GenerateOutput:
+             prompt_inputs: Sequence[Tensor] = (), grammar: Optional[JsonGrammar] = None) -> GenerateOutput:
     """Generate token ids with transformers' semantics (see the module docstring for the contract).
 
     ``max_length``/``min_length`` count the returned sequence (prompt ids or the decoder start token
@@ -516,9 +529,15 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     of the N returned rows, -1 for a row that had already ended (a server streams replies with it).
     ``prompt_inputs``: (B, T, ·) tensors aligned with the prompt (decoder-only), which only the prompt's
     ``decode_step`` gets, after the cache; they are padded and repeated as ``inputs_embeds`` are.
+    ``grammar`` (``models.constrained.JsonGrammar``): every row (each beam, each sample) takes only tokens that
+    keep its text a prefix of a JSON document the grammar's schema accepts, and ends (an eos token) only when
+    that document is complete, so min length does not apply; a row that reaches ``max_new_tokens`` first is
+    cut JSON (``models.constrained.is_complete`` tells).
     """
     check_generation_args(num_beams, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                           repetition_penalty, no_repeat_ngram_size)
+    if grammar is not None:
+        min_new_tokens = min_length = 0  # the grammar alone decides where a row may end
     cfg = model.config
     eos = _as_list(eos_token_id if eos_token_id is not None else getattr(cfg, "eos_token_id", None))
     pad = pad_token_id if pad_token_id is not None else getattr(cfg, "pad_token_id", None)
@@ -572,7 +591,7 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
         out = _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                                rules, num_beams, num_return_sequences, length_penalty,
                                early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad, use_jit,
-                               select_on_device, emit, tuple(prompt_inputs))
+                               select_on_device, emit, tuple(prompt_inputs), grammar)
     except RuntimeError:  # how MindSpore reports a failed run, whose graph would fail every later call
         jit.discard_graphs()
         raise
@@ -586,17 +605,20 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
 def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                      rules: _Rules, num_beams, num_return_sequences, length_penalty,
                      early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad,
-                     use_jit, select_on_device, emit=None, prompt_inputs: tuple = ()) -> GenerateOutput:
+                     use_jit, select_on_device, emit=None, prompt_inputs: tuple = (),
+                     grammar: Optional[JsonGrammar] = None) -> GenerateOutput:
     """The search loops over a bucket-shaped batch; rows not ``live`` are fillers, finished from the start."""
     on_device = select_on_device and rules.on_device(num_beams > 1) and not do_sample
     if num_beams > 1:
         keep = max(2, 1 + len(eos)) * num_beams
         pick = _Pick(keep, log_probs=True, penalty=rules.repetition_penalty) if on_device else _Pick()
+        matchers = None if grammar is None else grammar.matchers(np.repeat(live, num_beams), eos)
         return _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                             num_beams, num_return_sequences, length_penalty, early_stopping, eos, pad, rules,
-                            keep, use_jit, pick, prompt_inputs)
+                            keep, use_jit, pick, prompt_inputs, matchers)
     pick = _Pick(1) if on_device else _Pick()
-    session = _Session(model, _cache_length(model, attention_mask, max_new_tokens), use_jit, pick, eos)
+    matchers = None if grammar is None else grammar.matchers(live, eos)
+    session = _Session(model, _cache_length(model, attention_mask, max_new_tokens), use_jit, pick, eos, matchers)
     picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, rules.bans_eos(prefix.shape[1]),
                     seen_ids=prefix[:, rules.skip:], prompt_inputs=prompt_inputs)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
@@ -608,9 +630,11 @@ def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, li
             scores = rules.apply(picked[0].astype(np.float32), seqs)
             if do_sample:
                 probs = np.exp(_log_softmax(_warp_for_sampling(scores, temperature, top_k, top_p).astype(np.float64)))
+                # the first token whose running total passes u * total: never one of probability 0 (a
+                # grammar's -inf), as a token at the threshold itself could be
+                cumulative = np.cumsum(probs, axis=-1)
                 u = rng.random((probs.shape[0], 1))
-                tokens = np.minimum((np.cumsum(probs, axis=-1) < u * probs.sum(-1, keepdims=True)).sum(-1),
-                                    probs.shape[-1] - 1)
+                tokens = np.minimum((cumulative <= u * cumulative[:, -1:]).sum(-1), probs.shape[-1] - 1)
             else:
                 tokens = scores.argmax(axis=-1)
         if emit is not None:
@@ -620,6 +644,8 @@ def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, li
         finished |= np.isin(tokens, eos)
         if finished.all() or t == max_new_tokens - 1:
             break
+        if matchers is not None:
+            matchers.advance(tokens, ~finished)
         picked = session.step(tokens, rules.bans_eos(seqs.shape[1]))
     return GenerateOutput(seqs.astype(np.int64))
 
@@ -688,8 +714,12 @@ def _beam_candidates(picked: tuple, running_scores: np.ndarray, rules: _Rules, s
 
 def _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens, num_beams,
                  num_return_sequences, length_penalty, early_stopping, eos, pad, rules: _Rules, keep: int,
-                 use_jit: bool, pick: _Pick, prompt_inputs: tuple = ()) -> GenerateOutput:
-    """transformers' vectorised beam search (4.56 to 5.25), in numpy; keeps all beams for the caller."""
+                 use_jit: bool, pick: _Pick, prompt_inputs: tuple = (),
+                 matchers: Optional[RowMatchers] = None) -> GenerateOutput:
+    """transformers' vectorised beam search (4.56 to 5.25), in numpy; keeps all beams for the caller.
+
+    ``matchers``: one per beam, reordered with the beams; a beam that holds an eos token or a -inf score (it
+    had no allowed token left to take) is no longer constrained, and can never win."""
     batch, prompt_len = prefix.shape
     max_len = prompt_len + max_new_tokens
     top_nb = np.arange(keep) < num_beams
@@ -706,16 +736,16 @@ def _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, 
     improvable = live.copy()
     cur_len = prompt_len
 
-    session = _Session(model, _cache_length(model, attention_mask, max_new_tokens), use_jit, pick, eos)
+    session = _Session(model, _cache_length(model, attention_mask, max_new_tokens), use_jit, pick, eos, matchers)
     expand = np.repeat(np.arange(batch), num_beams)
-    if pick.k:  # the prompt's rows are repeated per beam on the device, before selection
+    # the prompt's rows are repeated per beam on the device, before selection
+    if pick.k:
         picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, rules.bans_eos(cur_len),
                         running_scores.reshape(-1), expand, np.repeat(prefix[:, rules.skip:], num_beams, axis=0),
                         prompt_inputs)
     else:
-        picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, False,
+        picked = _start(session, input_ids, inputs_embeds, attention_mask, prefix, False, rows=expand,
                         prompt_inputs=prompt_inputs)
-        picked = (np.repeat(picked[0], num_beams, axis=0),)
     session.reorder(expand, expand=True)
     while True:
         seqs = running[:, :, :cur_len].reshape(batch * num_beams, cur_len)
@@ -751,9 +781,13 @@ def _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, 
         improvable = improvable & (best_running > worst_done).any(axis=1)
         if not improvable.any() or (done[live].all() and early_stopping is True) or hits.all():
             break
-        session.reorder((parent + np.arange(batch)[:, None] * num_beams).reshape(-1))
-        picked = session.step(running[:, :, cur_len - 1].reshape(-1), rules.bans_eos(cur_len),
-                              running_scores.reshape(-1))
+        index = (parent + np.arange(batch)[:, None] * num_beams).reshape(-1)
+        session.reorder(index)
+        tokens = running[:, :, cur_len - 1].reshape(-1)
+        if matchers is not None:
+            matchers.reorder(index)
+            matchers.advance(tokens, np.isfinite(running_scores.reshape(-1)) & ~np.isin(tokens, eos))
+        picked = session.step(tokens, rules.bans_eos(cur_len), running_scores.reshape(-1))
 
     n = num_return_sequences
     out_len = prompt_len + int(done_lens[:, :n].max())

@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 from tests import llava_fixtures
 from tests.test_enhance import save_chat_model
 from tests.test_qwen2vl import save_checkpoint as save_qwen2vl
+from tests.structured_fixtures import TEST_SCHEMA, save_qwen2vl_bpe
 from tests.test_serve import data_url, free_port, save_qwen2_5_vl, save_video_llama, video_message
 from tests.tiny_models import OPT, save_tiny_blip2
 from tests.video_factory import write_caption_clips
@@ -150,6 +151,17 @@ def test_captioner_runs(family, runtime_python, checkpoint, videos, tmp_path):
     out = tmp_path / "captions.csv"
     run_module(runtime_python, f"pipeline.captioning.{script}", str(videos), "--pretrained_model_name_or_path",
                str(checkpoint(family)), "--output", str(out), *COMMON, *flags)
+    assert statuses(out) == {"v0.mp4": "ok", "v1.mp4": "ok", "broken.mp4": "error"}
+
+
+def test_structured_captions_run(runtime_python, videos, tmp_path):
+    """--schema: the grammar engine and jsonschema come with requirements.txt and need no torch."""
+    schema = tmp_path / "scene.json"
+    schema.write_text(json.dumps(TEST_SCHEMA))
+    out = tmp_path / "captions.csv"
+    run_module(runtime_python, "pipeline.captioning.caption_qwen2vl", str(videos), "--pretrained_model_name_or_path",
+               str(save_qwen2vl_bpe(tmp_path / "model")), "--output", str(out), "--schema", str(schema),
+               "--max_new_tokens", "96", "--bs", "2", *CAPTIONERS["qwen2_vl"][2])
     assert statuses(out) == {"v0.mp4": "ok", "v1.mp4": "ok", "broken.mp4": "error"}
 
 

@@ -10,7 +10,9 @@ row an error row. ``--timeout`` bounds each attempt as a whole (connect, send, t
 a server that trickles bytes cannot hold a row; a redirect is not followed (the frames and the key
 would go to another address) and an answer over ``--max_response_bytes`` is not kept: both make
 error rows. Each row records ``prompt_tokens`` and ``completion_tokens`` from the answer's
-``usage``, and ``truncated`` when the endpoint stopped at ``--max_new_tokens``.
+``usage``, and ``truncated`` when the endpoint stopped at ``--max_new_tokens``. ``--schema`` goes with
+every request as ``response_format`` (``json_schema``, strict), so the endpoint constrains the reply; the
+runner checks each reply's JSON and splits it into columns as for any captioner.
 
 The API key is read from the environment variable ``--api_key_env`` names, and only from there:
 it is never logged or written.
@@ -29,6 +31,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import ssl
 import threading
@@ -37,12 +40,13 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 
-from pipeline.captioning.cli import add_cleanup_flags, add_prompt_flags, common_parser, main_with
+from pipeline.captioning.cli import add_cleanup_flags, add_prompt_flags, caption_schema, common_parser, main_with
 from pipeline.captioning.results import TRUNCATED_COLUMN
 from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR, ConfigError
@@ -82,6 +86,7 @@ class ApiSettings:
     backoff: float = 1.0        # seconds before the first retry; doubled each time, capped at a minute
     concurrency: int = 8
     max_response_bytes: int = 2 ** 20
+    response_format: dict | None = None  # sent as is: --schema's {"type": "json_schema", ...}
 
 
 def encode_frames(frames: np.ndarray, max_side: int, quality: int) -> list[str]:
@@ -321,7 +326,7 @@ class ApiCaptioner:
         content += [{"type": "image_url", "image_url": {"url": url, **image}} for url in frame_urls]
         payload = {"model": self.model, "messages": [{"role": "user", "content": content}],
                    "max_tokens": self.settings.max_tokens}
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "response_format"):
             if getattr(self.settings, name) is not None:
                 payload[name] = getattr(self.settings, name)
         return payload
@@ -404,7 +409,17 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
                        max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        detail=args.detail, timeout=args.timeout, max_retries=args.max_retries,
                        backoff=args.backoff, concurrency=args.concurrency,
-                       max_response_bytes=args.max_response_bytes)
+                       max_response_bytes=args.max_response_bytes, response_format=response_format(args))
+
+
+def response_format(args: argparse.Namespace) -> dict | None:
+    """--schema as OpenAI's structured-output request: the endpoint constrains the reply to the schema (OpenAI
+    wants a name of at most 64 letters, digits, '_' or '-')."""
+    schema = caption_schema(args)
+    if schema is None:
+        return None
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(schema.name).stem)[:64] or "caption"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema.schema, "strict": True}}
 
 
 def build_captioner(args: argparse.Namespace, dtype: str) -> ApiCaptioner:

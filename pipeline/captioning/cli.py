@@ -16,12 +16,13 @@ import numpy as np
 
 from models import attention
 from models.generation import check_generation_args
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, load_tokenizer
 from pipeline import distributed, environment
 from pipeline.distributed import RunAborted
 from pipeline.captioning.attempts import DEFAULT_MAX_ATTEMPTS
 from pipeline.captioning.lock import OutputLockedError
 from pipeline.captioning.runner import Captioner, RunError, RunOptions, RunSummary, check_run_options, run
+from pipeline.captioning.schemas import CaptionSchema, load_schema, presets
 from pipeline.config import CONFIG_DIR, ConfigError, load_yaml, parse_with_config
 from pipeline.datasets.caption_text import CLEANUP_CONFIG, Cleanup
 from pipeline.datasets.metadata import MetadataError
@@ -123,6 +124,12 @@ def add_prompt_flags(p: argparse.ArgumentParser) -> None:
                    help=f"use a named prompt from {PROMPTS_CONFIG.relative_to(CONFIG_DIR.parent)} instead of "
                         "--question; the output's prompt column records the name (else the question)")
     p.add_argument("--max_new_tokens", type=int, help="longest caption, in tokens")
+    p.add_argument("--schema", metavar="NAME|FILE",
+                   help=f"structured captions: every caption is a JSON object that this JSON Schema accepts "
+                        f"(decoding is constrained to it, and the prompt lists its fields); NAME is a preset in "
+                        f"configs/schemas ({', '.join(presets())}), FILE a JSON Schema file. The text column holds "
+                        f"the JSON, each top-level field also a caption_<field> column, the schema column the "
+                        f"name; a caption whose JSON --max_new_tokens cut is an error row; --cleanup does not apply")
 
 
 def add_cleanup_flags(p: argparse.ArgumentParser) -> None:
@@ -158,11 +165,21 @@ def _given_generation_flags(args: argparse.Namespace) -> dict:
 
 def generation_options(args: argparse.Namespace) -> dict:
     """The decoding controls given on the command line or in the YAML, as ``generate`` keyword arguments;
-    sampling draws from one generator seeded by --seed, so a run samples the same captions again."""
+    sampling draws from one generator seeded by --seed, so a run samples the same captions again; --schema
+    becomes a grammar compiled for the checkpoint's tokenizer."""
     options = _given_generation_flags(args)
     if options.get("do_sample"):
         options["seed"] = np.random.default_rng(args.seed)
+    schema = caption_schema(args)
+    if schema is not None:
+        options["grammar"] = schema.grammar(load_tokenizer(args.pretrained_model_name_or_path))
     return options
+
+
+def caption_schema(args: argparse.Namespace) -> CaptionSchema | None:
+    """The --schema preset or file, checked (ConfigError), or None."""
+    value = getattr(args, "schema", None)
+    return load_schema(value) if value else None
 
 
 def checkpoint_decoding(folder: str, model_config, tokenizer) -> dict:
@@ -229,7 +246,12 @@ def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespa
         args = parse_with_config(parser, argv, base_config)
         check_args(args)
         prompt = resolve_prompt(args)
-        cleanup = Cleanup.from_yaml(args.cleanup_config) if getattr(args, "cleanup", False) else None
+        schema = caption_schema(args)
+        if schema is not None and getattr(args, "question", None):
+            args.question = f"{args.question}\n{schema.instruction()}"
+        # the clean-up edits prose, and would break the JSON
+        cleanup = Cleanup.from_yaml(args.cleanup_config) if getattr(args, "cleanup", False) and schema is None \
+            else None
         opts = RunOptions(
             input=args.input, output=args.output, video_root=args.video_root, bs=args.bs,
             num_workers=args.num_workers, overwrite=args.overwrite, retry_errors=args.retry_errors,
@@ -237,7 +259,7 @@ def main_with(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespa
             force=args.force, max_attempts=args.max_attempts, prompt=prompt, cleanup=cleanup,
             decode_timeout=args.decode_timeout, max_decode_pixels=args.max_decode_pixels or None,
             sidecar=args.sidecar, sidecar_dir=args.sidecar_dir, tp_size=getattr(args, "tp_size", 1),
-            error_text=None if error_text is None else error_text(args))
+            error_text=None if error_text is None else error_text(args), caption_schema=schema)
         check_run_options(opts)
         if getattr(args, "attention_block_size", None) is not None:
             try:

@@ -78,6 +78,7 @@ from pipeline.captioning import attempts
 from pipeline.captioning.attempts import DEFAULT_MAX_ATTEMPTS
 from pipeline.captioning.lock import acquire as acquire_lock
 from pipeline.captioning.results import Result, caption_batch, failure
+from pipeline.captioning.schemas import CaptionSchema, CutCaptionError
 from pipeline.captioning.sidecars import write_sidecars
 from pipeline.datasets.caption_text import Cleanup
 from pipeline.captioning.windows import (WINDOW_COLUMNS, Windowing, has_segment_columns, recorded_windows, whole_row,
@@ -152,6 +153,7 @@ class RunOptions:
     force: bool = False  # take over the output's lock from a run whose heartbeat stopped
     prompt: str | None = None  # recorded in a "prompt" column: the preset's name or the prompt's text
     cleanup: Cleanup | None = None  # applied to every caption; the model's own text goes to "text_raw"
+    caption_schema: CaptionSchema | None = None  # structured captions: JSON text, its fields in columns (see schemas)
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # deaths of the process on one row before it becomes an error row
     decode_timeout: float | None = None  # s per video in a decoder process; None: default_timeout; 0: threads
     max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS  # larger frames are scaled down while decoding
@@ -188,7 +190,8 @@ class RunOptions:
 
     def run_columns(self) -> tuple[str, ...]:
         """Output columns the run itself fills, after text/status/error."""
-        return (PROMPT_COLUMN,) * (self.prompt is not None) + CLEANUP_COLUMNS * (self.cleanup is not None)
+        return ((PROMPT_COLUMN,) * (self.prompt is not None) + CLEANUP_COLUMNS * (self.cleanup is not None)
+                + (self.caption_schema.columns() if self.caption_schema is not None else ()))
 
     def windowing(self) -> Windowing | None:
         if self.window_seconds is None:
@@ -666,9 +669,15 @@ class _Session:
         self.batch = []
 
     def _finish(self, result: Result) -> Result:
-        """The run's own columns: the prompt, and the cleaned caption (the model's text kept in text_raw)."""
+        """The run's own columns: the prompt, the cleaned caption (the model's text kept in text_raw), a
+        structured caption's fields; a structured caption cut before its JSON closed becomes an error row."""
         if self.opts.prompt is not None:
             result.columns[PROMPT_COLUMN] = self.opts.prompt
+        if self.opts.caption_schema is not None and result.error is None:
+            try:
+                result.columns.update(self.opts.caption_schema.cells(result.text))
+            except CutCaptionError as exc:
+                return Result(columns=result.columns, error=exc)
         if self.opts.cleanup is not None and result.error is None:
             text, repetition = self.opts.cleanup.clean(result.text)
             result.columns.update({RAW_TEXT_COLUMN: result.text if text != result.text else "",

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 from aiohttp import hdrs, web
 
+from models.constrained import ANY_JSON_OBJECT, GrammarError, JsonGrammar
 from models.video_llama.modeling import build_prompt_ids
 from pipeline.captioning.chat import Turn
 from pipeline.datasets.decode_pool import DecodePool
@@ -211,6 +212,50 @@ def _number(body: dict, name: str, kind: type, low: float, high: float | None = 
     return kind(value)
 
 
+def response_schema(body: dict) -> tuple[dict | None, str]:
+    """The JSON Schema a request's ``response_format`` asks the reply to follow (None: free text) and the field that
+    holds it, as OpenAI and vLLM take it: ``{"type": "text"}``, ``{"type": "json_object"}`` (any JSON object), or
+    ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`` (the reply always
+    follows the schema, strict or not)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None, ""
+    if not isinstance(fmt, dict):
+        raise RequestError("'response_format' must be an object, e.g. {\"type\": \"json_object\"}",
+                           "invalid_response_format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return None, ""
+    if kind == "json_object":
+        return ANY_JSON_OBJECT, "response_format"
+    if kind != "json_schema":
+        raise RequestError(f"'response_format.type' must be 'text', 'json_object' or 'json_schema' (got {kind!r})",
+                           "invalid_response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise RequestError("'response_format.json_schema' must be an object with 'name' and 'schema'",
+                           "invalid_response_format")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise RequestError("'response_format.json_schema.name' must be a non-empty string", "invalid_response_format")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise RequestError("'response_format.json_schema.strict' must be true or false", "invalid_response_format")
+    if not isinstance(spec.get("schema"), dict):
+        raise RequestError("'response_format.json_schema.schema' must be a JSON Schema object",
+                           "invalid_response_format")
+    return spec["schema"], "response_format.json_schema.schema"
+
+
+def response_grammar(engine: Engine, body: dict) -> JsonGrammar | None:
+    """The request's ``response_format`` compiled for the model (a 400 naming the field when it cannot be)."""
+    schema, field = response_schema(body)
+    if schema is None:
+        return None
+    try:
+        return engine.grammar(schema)
+    except GrammarError as exc:
+        raise RequestError(f"'{field}': {exc}", "invalid_response_format") from None
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine: Engine = request.app[ENGINE]
     settings: Settings = request.app[SETTINGS]
@@ -224,7 +269,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     wanted = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
     max_tokens = min(wanted or engine.max_new_tokens, settings.max_tokens)
     sampling = dict(temperature=_number(body, "temperature", float, 0, 2), top_p=_number(body, "top_p", float, 0, 1),
-                    seed=_number(body, "seed", int, 0), min_tokens=_number(body, "min_tokens", int, 0))
+                    seed=_number(body, "seed", int, 0), min_tokens=_number(body, "min_tokens", int, 0),
+                    grammar=await asyncio.get_running_loop().run_in_executor(request.app[DECODERS],
+                                                                             response_grammar, engine, body))
     if (sampling["min_tokens"] or 0) > max_tokens:
         raise RequestError(f"'min_tokens' ({sampling['min_tokens']}) is above the reply's max_tokens ({max_tokens}; "
                            f"this server allows at most {settings.max_tokens})", "invalid_parameter")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -18,10 +20,12 @@ import numpy as np
 
 from models import attention, jit, model_family
 from models.checkpoint import read_config
+from models.constrained import JsonGrammar, is_complete
 from models.generation import check_generation_args
 from pipeline import distributed, environment
 from pipeline.captioning.chat import Turn
 from pipeline.captioning.cli import check_args, resolve_dtype, resolve_prompt
+from pipeline.captioning.results import TRUNCATED_COLUMN
 from pipeline.config import CONFIG_DIR, ConfigError, apply_config, parse_with_config
 from pipeline.datasets.decode_pool import DecodePool, default_timeout
 from pipeline.datasets.video import resize_frames, sample_frames, uniform_indices
@@ -29,6 +33,7 @@ from pipeline.serve.batching import ClientGone
 from pipeline.serve.streaming import TextStream
 
 logger = logging.getLogger(__name__)
+GRAMMAR_CACHE = 32  # compiled response_format schemas an engine keeps
 
 # registry family -> (entry module, its configs/captioning presets, in order); PLLaVA is a "llava"
 # config with pooling keys; Qwen2.5-VL's preset (2 fps) goes over Qwen2-VL's
@@ -96,6 +101,8 @@ class Engine:
         self.decode_timeout: float | None = None     # seconds one video may take there (None: by frame count)
         self.generate_calls = 0
         self._lock = threading.Lock()  # one generate at a time: the model's caches are not shared
+        self._grammars: OrderedDict[str, JsonGrammar] = OrderedDict()  # compiled response_format schemas
+        self._grammars_lock = threading.Lock()  # requests compile theirs in the decoder threads
 
     @classmethod
     def load(cls, folder: str, family_argv: Sequence[str] = (), device: str | None = None,
@@ -182,13 +189,27 @@ class Engine:
             raise RequestError(f"the video cannot be prepared for this model: {exc}", "invalid_media") from exc
         return Prepared(inputs, self.captioner.chat_prompt(turns), len(clip.frames))
 
+    def grammar(self, schema: dict) -> JsonGrammar:
+        """``schema`` compiled for this model's tokenizer (``GrammarError`` if it cannot be); the last
+        ``GRAMMAR_CACHE`` schemas are kept, so requests with one schema share a grammar and can share a batch."""
+        key = json.dumps(schema, sort_keys=True)
+        with self._grammars_lock:
+            if key not in self._grammars:
+                self._grammars[key] = JsonGrammar(schema, self.captioner.tokenizer)
+                if len(self._grammars) > GRAMMAR_CACHE:
+                    self._grammars.popitem(last=False)
+            self._grammars.move_to_end(key)
+            return self._grammars[key]
+
     def options(self, max_tokens: int, temperature: float | None = None, top_p: float | None = None,
-                seed: int | None = None, min_tokens: int | None = None) -> dict:
+                seed: int | None = None, min_tokens: int | None = None, grammar: JsonGrammar | None = None) -> dict:
         """Generate overrides for a request: at most ``max_tokens`` new tokens, at least ``min_tokens`` (capped by
         ``max_tokens``; unset: the captioner's own); sampling when temperature is above 0 (0 or unset: the
-        captioner's own greedy or beam decoding)."""
+        captioner's own greedy or beam decoding); the reply constrained to ``grammar`` (``response_format``)."""
         base = self.captioner.generate_kwargs
         options: dict[str, Any] = {"max_new_tokens": max_tokens}
+        if grammar is not None:
+            options["grammar"] = grammar
         if min_tokens is not None:
             options["min_new_tokens"] = min(min_tokens, max_tokens)
         elif base.get("min_new_tokens", 0) > max_tokens:
@@ -199,7 +220,7 @@ class Engine:
             if seed is not None:
                 options["seed"] = np.random.default_rng(seed)
         try:
-            check_generation_args(**{k: v for k, v in options.items() if k != "seed"})
+            check_generation_args(**{k: v for k, v in options.items() if k not in ("seed", "grammar")})
         except ValueError as exc:
             raise RequestError(str(exc), "invalid_parameter") from exc
         return options
@@ -235,11 +256,16 @@ class Engine:
         with self._lock:
             self.generate_calls += 1
             try:
-                return self.captioner.generate([p.inputs for p in batch], prompts=[p.prompt for p in batch],
-                                               options=options)
+                answers = self.captioner.generate([p.inputs for p in batch], prompts=[p.prompt for p in batch],
+                                                  options=options)
             except RuntimeError:  # a graph that failed (e.g. the video encoder's) would fail the next requests
                 jit.discard_graphs()
                 raise
+        grammar = options.get("grammar")
+        if grammar is not None:  # a reply is cut (finish_reason "length") exactly when its JSON is incomplete
+            for answer in answers:
+                answer[TRUNCATED_COLUMN] = str(not is_complete(answer["text"], grammar.schema)).lower()
+        return answers
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
