@@ -15,13 +15,17 @@ How the experts run (:func:`run_experts`), never as a Python loop over experts:
 - Ascend: MindSpore's ``moe_token_permute``, ``grouped_matmul_v4`` (one grouped matmul per projection over
   the tokens sorted by expert) and ``moe_token_unpermute``; static shapes, so it compiles. Not run here
   (no NPU on the development machine).
-- CPU, one-token steps (T = 1, what generation compiles, so shapes must be static): with no more
-  (token, expert) pairs than experts, each pair gathers its expert's matrices and one batched matmul runs
-  every pair (only the picked experts' weights are read); with more, every expert runs on every token and
-  the routing weights (zero where not picked) combine them, which reads each expert once.
+- CPU, one-token steps (T = 1, what generation compiles, so shapes must be static): the fused kernel
+  ``models/kernels/moe.cc`` (float32), which groups the pairs by expert and reads each picked expert's
+  matrices once, in place. Without it (``CAPTION_KERNELS=0``, other dtypes): with no more (token, expert)
+  pairs than experts, each pair gathers its expert's matrices and one batched matmul runs every pair; with
+  more, every expert runs on every token and the routing weights (zero where not picked) combine them, which
+  reads each expert once.
 - CPU, longer inputs (prompts, which an MoE model runs op by op: ``compile_prompt = False``): the pairs
   are sorted by expert on the host, each expert's tokens padded to the largest group, and one batched matmul
-  per projection runs all experts that got tokens.
+  per projection runs the experts (only those that got tokens, when few did); the routing and that device
+  part are each one graph compiled for every token count (``dynamic``): op by op, their slices and
+  elementwise ops cost more than the matmuls on CPU (2.3x faster at 512 to 4096 tokens).
 
 Expert parallelism: inside ``models.parallel.building`` a group of ``size`` ranks splits the experts evenly
 (rank r keeps experts [r E / size, (r + 1) E / size)), and the loader reads only those (``checkpoint_slices``
@@ -38,7 +42,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from models import attention
+from models import attention, kernels
 from models.layers import Linear, silu_mul, zeros_parameter
 from models.parallel import current
 
@@ -93,20 +97,39 @@ class SparseMoeBlock(nn.Cell):
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(N, hidden) tokens -> their experts (N, k) int32 and routing weights (N, k) in x's dtype."""
-        probs = ops.softmax(_matmul_t(x, self.gate.weight.astype(x.dtype)).astype(ms.float32), axis=-1)
-        weights, ids = ops.topk(probs, self.top_k)
-        if self.normalise:
-            weights = weights / weights.sum(axis=-1, keepdims=True)
-        return ids.astype(ms.int32), weights.astype(x.dtype)
+        return _route(x, self.gate.weight, self.top_k, self.normalise)
 
     def construct(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
-        ids, weights = self.route(flat)
+        # a prompt on CPU runs op by op (see run_experts): its routing is compiled once for every length
+        if t == 1 or _on_ascend():
+            ids, weights = self.route(flat)
+        else:
+            ids, weights = _route_prompt(flat, self.gate.weight, self.top_k, self.normalise)
         out = run_experts(flat, ids, weights, self.experts, one_step=t == 1)
         if self.reduce is not None:
             out = self.reduce(out)
         return out.reshape(b, t, d)
+
+
+def _route(x: Tensor, gate: Tensor, top_k: int, normalise: bool) -> tuple[Tensor, Tensor]:
+    """Softmax over the experts (float32), the top ``top_k``, renormalised with ``normalise``."""
+    probs = ops.softmax(_matmul_t(x, gate.astype(x.dtype)).astype(ms.float32), axis=-1)
+    weights, ids = ops.topk(probs, top_k)
+    if normalise:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return ids.astype(ms.int32), weights.astype(x.dtype)
+
+
+def _route_once(x: Tensor, gate: Tensor, top_k: int, normalise: bool) -> tuple[Tensor, Tensor]:
+    """:func:`_route` as a function of its own to compile, so ``_route`` stays plain inside the decode graphs."""
+    return _route(x, gate, top_k, normalise)
+
+
+# a prompt's routing, compiled once for every length (jitting the bound method would make the decode graphs'
+# inputs dynamic)
+_route_prompt = ms.jit(_route_once, dynamic=1)
 
 
 def _local(ids: Tensor, weights: Tensor, experts: Experts) -> tuple[Tensor, Tensor]:
@@ -141,33 +164,49 @@ def _all_experts(x: Tensor, ids: Tensor, weights: Tensor, experts: Experts) -> T
     return (out * dense.swapaxes(0, 1)[..., None]).sum(axis=0)
 
 
+def _grouped_compute(x: Tensor, rows: Tensor, gate_up: Tensor, down: Tensor, slot: Tensor, weights: Tensor,
+                     inter: int) -> Tensor:
+    """The device part of the host-grouped path: ``rows`` (G, W) the token of each group slot, ``slot`` (N, k)
+    each pair's row among the G x W outputs; the routing-weighted sum of a token's k rows is one batched matmul."""
+    out = _swiglu_bmm(ops.gather(x, rows, 0), gate_up, down, inter)
+    picked = ops.gather(out.reshape(-1, out.shape[-1]), slot, 0)
+    return _bmm(weights[:, None, :], picked)[:, 0]
+
+
+# compiled once for every token count and group width (op by op, the slices and elementwise ops cost more
+# than the two matmuls on CPU)
+_grouped_compute_jit = ms.jit(_grouped_compute, dynamic=1)
+
+
 def _grouped_on_host(x: Tensor, ids: Tensor, weights: Tensor, experts: Experts) -> Tensor:
     """Pairs sorted by expert on the host (other ranks' experts left out); one batched matmul per projection
-    over the experts that got tokens, each expert's tokens padded to the largest group."""
+    over the experts (those that got tokens, when few did), each expert's tokens padded to the largest group."""
     n, k = ids.shape
     pair_expert = ids.asnumpy().reshape(-1) - experts.first
     mine = (pair_expert >= 0) & (pair_expert < experts.count)
     if not mine.any():
         return ops.zeros_like(x)
     counts = np.bincount(pair_expert[mine], minlength=experts.count)
-    hit = np.flatnonzero(counts)
     width = int(counts.max())
+    # the experts that got tokens, when they are few (copying them costs about 3 reads of one); else all
+    # experts, those without tokens on padding rows (reading every expert once costs less than the copies)
+    hit = np.flatnonzero(counts)
+    groups = hit if 3 * len(hit) < experts.count else np.arange(experts.count)
     order = np.flatnonzero(mine)[np.argsort(pair_expert[mine], kind="stable")]
     rank_in_group = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
-    slot = np.full(n * k, len(hit) * width, np.int64)  # pairs of other ranks read the zero row after the groups
-    slot[order] = np.searchsorted(hit, pair_expert[order]) * width + rank_in_group
-    token_of_row = np.zeros(len(hit) * width, np.int32)
+    slot = np.zeros(n * k, np.int32)  # pairs of other ranks read row 0, with weight 0
+    slot[order] = np.searchsorted(groups, pair_expert[order]) * width + rank_in_group
+    token_of_row = np.zeros(len(groups) * width, np.int32)
     token_of_row[slot[order]] = order // k
-    tokens = ops.gather(x, Tensor(token_of_row), 0).reshape(len(hit), width, -1)
-    if len(hit) == experts.count:
+    if not mine.all():
+        weights = weights * Tensor(mine.reshape(n, k).astype(np.float32)).astype(weights.dtype)
+    if len(groups) == experts.count:
         gate_up, down = experts.gate_up_proj, experts.down_proj
     else:
-        chosen = Tensor(hit.astype(np.int32))
+        chosen = Tensor(groups.astype(np.int32))
         gate_up, down = ops.gather(experts.gate_up_proj, chosen, 0), ops.gather(experts.down_proj, chosen, 0)
-    rows = _swiglu_bmm(tokens, gate_up, down, experts.inter).reshape(len(hit) * width, -1)
-    rows = ops.concat((rows, ops.zeros((1, rows.shape[1]), rows.dtype)), axis=0)
-    out = ops.gather(rows, Tensor(slot.astype(np.int32)), 0) * weights.reshape(-1)[:, None]
-    return out.reshape(n, k, -1).sum(axis=1)
+    return _grouped_compute_jit(x, Tensor(token_of_row.reshape(len(groups), width)), gate_up, down,
+                                Tensor(slot.reshape(n, k)), weights, experts.inter)
 
 
 def _grouped_ascend(x: Tensor, ids: Tensor, weights: Tensor, experts: Experts) -> Tensor:
@@ -196,6 +235,9 @@ def run_experts(x: Tensor, ids: Tensor, weights: Tensor, experts: Experts, one_s
     ids, weights = _local(ids, weights, experts)
     if _on_ascend():
         return _grouped_ascend(x, ids, weights, experts)
+    if kernels.runs_on(x) and x.shape[1] % 8 == 0 and experts.inter % 4 == 0 \
+            and experts.gate_up_proj.dtype == ms.float32:
+        return kernels.op("moe_experts")(x, ids.astype(ms.float32), weights, experts.gate_up_proj, experts.down_proj)
     if ids.size <= experts.count:
         return _pairs_gathered(x, ids, weights, experts)
     return _all_experts(x, ids, weights, experts)

@@ -156,10 +156,17 @@ def layer_pair():
     return hf, ours
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "ops"])
 @pytest.mark.parametrize("tokens", [1, 3, 37])
-def test_every_expert_path_equals_transformers(layer_pair, tokens):
-    """The host-grouped path (any token count) and both one-token paths: 1 token (2 picks: gathered pairs),
-    3 and 37 tokens (6 and 74 picks > 8 experts: all experts) give transformers' outputs."""
+def test_every_expert_path_equals_transformers(layer_pair, tokens, fused, monkeypatch):
+    """The host-grouped path (any token count) and the one-token paths: the fused kernel, or without it 1 token
+    (2 picks: gathered pairs), 3 and 37 tokens (6 and 74 picks > 8 experts: all experts), give transformers'
+    outputs."""
+    from models import kernels
+
+    assert kernels.active(), "the fused kernels should build here"
+    if not fused:
+        monkeypatch.setattr(kernels, "runs_on", lambda x: False)
     hf, ours = layer_pair
     x = np.random.default_rng(tokens).standard_normal((tokens, 64)).astype(np.float32)
     with torch.no_grad():

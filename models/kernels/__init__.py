@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 SWITCH = "CAPTION_KERNELS"
 CACHE = "CAPTION_KERNELS_CACHE"
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("activations.cc", "norms.cc", "rotary.cc", "infer.cc")
+SOURCES = ("activations.cc", "norms.cc", "rotary.cc", "moe.cc", "infer.cc")
 HEADERS = ("common.h",)
 COMPILER = "g++"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-pthread")
@@ -175,6 +175,7 @@ def _make_ops(lib: str) -> None:
     def silu_mul_bprop(gate, up, out, dout):
         return silu_mul_grad(gate, up, dout)
     _ops["silu_mul"] = _custom(lib, "SiluMul", 2, 1, silu_mul_bprop)
+    _ops["moe_experts"] = _custom(lib, "MoeExperts", 5, 1)  # inference only: one-token steps (models.moe)
 
     ln_grad = _custom(lib, "LayerNormGrad", 4, 3)
 
