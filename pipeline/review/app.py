@@ -9,22 +9,20 @@ JSON body (a cross-site form cannot send one without the browser asking first). 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 
+from pipeline.local_server import known_host, same_origin
 from pipeline.review.previews import PreviewError, Previews
 from pipeline.review.table import Query, QueryError, ReviewTable
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 SAME_SITE_FETCHES = frozenset({"same-origin", "none"})  # "none": typed into the address bar
 
 
@@ -46,49 +44,17 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _host_port(value: str) -> tuple[str, int | None] | None:
-    try:
-        parts = urlsplit("//" + value)
-        return (parts.hostname, parts.port) if parts.hostname else None
-    except ValueError:
-        return None
-
-
-def _names_this_server(request: web.Request, extra: frozenset[str]) -> bool:
-    """Whether the Host header is the address and port this connection reached (on loopback also localhost)."""
-    host = _host_port(request.headers.get(hdrs.HOST, ""))
-    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
-    if host is None or not sockname:
-        return False
-    try:
-        local = ipaddress.ip_address(sockname[0])
-    except ValueError:
-        return False
-    local = getattr(local, "ipv4_mapped", None) or local
-    names = {str(local), *extra} | (LOOPBACK_NAMES if local.is_loopback else set())
-    return host[0] in names and (host[1] or 80) == sockname[1]
-
-
-def _same_origin(origin: str, host: str) -> bool:
-    """Whether a browser's Origin is the site the Host header names (http, same name and port)."""
-    try:
-        parts, named = urlsplit(origin), _host_port(host)
-        return parts.scheme == "http" and named is not None and (parts.hostname, parts.port or 80) == (
-            named[0], named[1] or 80)
-    except ValueError:
-        return False
-
-
 @web.middleware
 async def guard(request: web.Request, handler) -> web.StreamResponse:
     """Refuse requests that do not name this server, and browsers' requests from other sites; errors as JSON."""
     review = request.app[REVIEW]
     host = request.headers.get(hdrs.HOST, "")
-    if not _names_this_server(request, review.extra_hosts):
+    if not known_host(request, review.extra_hosts):
         return _error(400, f"the Host header {host!r} does not name this server; open it as http://127.0.0.1:<port>/")
     origin = request.headers.get(hdrs.ORIGIN)
     from_elsewhere = request.headers.get("Sec-Fetch-Site", "none") not in SAME_SITE_FETCHES
-    if (origin is not None and not _same_origin(origin, host)) or (from_elsewhere and request.path != "/"):
+    foreign = origin is not None and not same_origin(origin, request, review.extra_hosts)
+    if foreign or (from_elsewhere and request.path != "/"):
         return _error(403, "requests from other sites' pages are refused")  # a link to the page itself is fine
     try:
         return await handler(request)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -24,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
-from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -35,6 +33,7 @@ from models.video_llama.modeling import build_prompt_ids
 from pipeline.captioning.chat import Turn
 from pipeline.datasets.decode_pool import DecodePool
 from pipeline.datasets.video import VideoReadError
+from pipeline.local_server import known_host, same_origin
 from pipeline.serve.batching import Batcher, ClientGone
 from pipeline.serve.engine import Clip, Engine, Prepared, RequestError
 from pipeline.serve.media import MediaPolicy, MediaRef, fit_images, materialise, parse_messages
@@ -46,7 +45,6 @@ SETTINGS = web.AppKey("settings", object)
 BATCHER = web.AppKey("batcher", Batcher)
 DECODERS = web.AppKey("decoders", ThreadPoolExecutor)
 STARTED = web.AppKey("started", int)
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 @dataclass(frozen=True)
@@ -87,50 +85,6 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         return error_body(500, "internal error (see the server's log)", "internal_error")
 
 
-def _host_port(value: str) -> tuple[str, int | None] | None:
-    """(lower-case name, port or None) of a Host header's value; None when it is malformed."""
-    try:
-        parts = urlsplit("//" + value)
-        return (parts.hostname, parts.port) if parts.hostname else None
-    except ValueError:
-        return None
-
-
-def _known_host(request: web.Request, allowed: frozenset[str]) -> bool:
-    """Whether the Host header names this server: the address and port it was reached at (on loopback,
-    localhost by any of its names), or a name in ``allowed``."""
-    host = _host_port(request.headers.get(hdrs.HOST, ""))
-    if host is None:
-        return False
-    if "*" in allowed or host[0] in allowed:
-        return True
-    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
-    try:
-        local = ipaddress.ip_address(sockname[0])
-    except (TypeError, ValueError):
-        return False
-    local = getattr(local, "ipv4_mapped", None) or local
-    names = {str(local)} | (LOOPBACK_NAMES if local.is_loopback else set())
-    return host[0] in names and (host[1] or 80) == sockname[1]
-
-
-def _same_origin(origin: str, request: web.Request, allowed: frozenset[str]) -> bool:
-    """Whether a browser's ``Origin`` is this server: the name and port the Host header names (a Host without
-    a port has the origin scheme's default), or a name in ``allowed`` (a proxy that rewrites Host)."""
-    try:
-        parts = urlsplit(origin)
-        default = {"http": 80, "https": 443}.get(parts.scheme)
-        port = parts.port or default
-    except ValueError:
-        return False
-    if default is None or not parts.hostname:
-        return False  # "null" (sandboxed frames, files) and other schemes
-    if parts.hostname in allowed:
-        return True
-    host = _host_port(request.headers.get(hdrs.HOST, ""))
-    return host is not None and host[0] == parts.hostname and (host[1] or default) == port
-
-
 def _authorised(request: web.Request, key: str) -> bool:
     scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
@@ -141,11 +95,11 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
     """Refuse requests that do not name this server (DNS rebinding), browsers' cross-origin requests
     (another page driving this server) and, with an API key, ``/v1`` requests without it."""
     settings: Settings = request.app[SETTINGS]
-    if not _known_host(request, settings.allowed_hosts):
+    if not known_host(request, settings.allowed_hosts):
         return error_body(400, f"the Host header {request.headers.get(hdrs.HOST)!r} does not name this server; "
                                "names it is reached by (behind a proxy) are given with --allowed_hosts", "invalid_host")
     origin = request.headers.get(hdrs.ORIGIN)
-    if origin is not None and not _same_origin(origin, request, settings.allowed_hosts):
+    if origin is not None and not same_origin(origin, request, settings.allowed_hosts):
         return error_body(403, f"cross-origin requests are refused: Origin {origin!r} is not this server (a page "
                                "served under another name is allowed with --allowed_hosts)", "cross_origin_refused")
     if settings.api_key and request.path.startswith("/v1") and not _authorised(request, settings.api_key):
