@@ -9,11 +9,12 @@ made in each side's process from the same seed and copied into each layout (tran
 Inputs are N(0, 1), the same on both sides.
 
 Cases, each one call of the layer:
-- prefill: one row of N tokens, (1, N, hidden) (``--prefill``). Ours runs op by op (PyNative), as an MoE
-  prompt runs: the host-grouped path (pairs sorted by expert on the host, one batched matmul per projection).
+- prefill: one row of N tokens, (1, N, hidden) (``--prefill``), as an MoE prompt runs: the host-grouped
+  path (pairs sorted by expert on the host, the routing and one batched matmul per projection compiled for
+  every length).
 - decode: B rows of one token, (B, 1, hidden) (``--decode``), as a generation step runs them. Ours is
-  compiled (``ms.jit`` of the block's ``construct``): gathered pairs when B x top_k <= experts, every
-  expert on every token otherwise.
+  compiled (``ms.jit`` of the block's ``construct``): the fused kernel (``models/kernels/moe.cc``), or with
+  ``CAPTION_KERNELS=0`` gathered pairs when B x top_k <= experts, every expert on every token otherwise.
 Torch runs under ``torch.no_grad()`` with each experts implementation of ``transformers.integrations.moe``
 (``--torch_impls``): ``grouped_mm`` (what transformers picks by default for a model it builds, on this CPU
 through torch's own ``F.grouped_mm`` kernel: see ``meta.sides``), ``eager`` (the per-expert Python
@@ -95,9 +96,14 @@ def case_input(spec: dict, case: dict) -> np.ndarray:
 
 
 def ours_path(spec: dict, case: dict) -> str:
-    """The expert path ``models.moe.run_experts`` takes on CPU for a case."""
+    """The expert path ``models.moe.run_experts`` takes on CPU for a case (in the parent process, which reads
+    the same switch and builds the same kernels as the child that runs it)."""
+    from models import kernels
+
     if case["kind"] == "prefill":
-        return "host-grouped"
+        return "host-grouped (compiled)"
+    if kernels.active():
+        return "fused kernel"
     return "gathered pairs" if case["size"] * spec["top_k"] <= spec["experts"] else "all experts"
 
 

@@ -416,9 +416,16 @@ def clips(tmp_path_factory) -> Path:
 def expected_captions(pair, checkpoint, clips, captioner) -> dict[str, str]:
     """transformers' greedy generate, one video at a time, on our inputs for the frames the runner samples
     (2 fps, qwen3_vl.yaml's rate): pixel rows, grid and prompt ids, with its ``mm_token_type_ids``."""
+    captions = reference_captions(pair[0], captioner, clips)
+    assert len(set(captions.values()) - {""}) >= 3, f"captions should depend on the video: {captions}"
+    return captions
+
+
+def reference_captions(hf, captioner, clips: Path) -> dict[str, str]:
+    """transformers' greedy captions of the SOURCES clips one at a time, on our inputs for the frames and times
+    the runner samples (2 fps, at least 4 frames)."""
     from pipeline.datasets.video import sample_frames
 
-    hf = pair[0]
     captions = {}
     for i in range(len(SOURCES)):
         sampled, times = sample_frames(str(clips.parent / f"v{i}.mp4"), num_frames=768, fps=2, min_frames=4,
@@ -429,7 +436,6 @@ def expected_captions(pair, checkpoint, clips, captioner) -> dict[str, str]:
                           video_grid_thw=inputs.video_grid_thw, max_new_tokens=6, eos_token_id=EOS,
                           pad_token_id=ENDOFTEXT)
         captions[f"v{i}.mp4"] = captioner.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    assert len(set(captions.values()) - {""}) >= 3, f"captions should depend on the video: {captions}"
     return captions
 
 
