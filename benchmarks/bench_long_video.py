@@ -44,7 +44,7 @@ import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Callable, Sequence
 from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,10 @@ def ours_without_model(folder: str, config):
         return caption_qwen2vl.Qwen2VLCaptioner(folder, max_new_tokens=NEW_TOKENS)
 
 
-def torch_captioner(folder: str):
+def torch_captioner(folder: str, model_class: str = "Qwen2VLForConditionalGeneration",
+                    without_model: Callable | None = None):
+    """transformers' ``model_class`` (sdpa) behind our captioner's interface, fed the inputs of
+    ``without_model(folder, config)`` (default :func:`ours_without_model`): only the model differs."""
     import torch
     import transformers
 
@@ -146,9 +149,9 @@ def torch_captioner(folder: str):
         extra_columns = BUDGET_COLUMNS
 
         def __init__(self):  # TorchQwen2VL's attributes, with sdpa asked for explicitly
-            self.model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+            self.model = getattr(transformers, model_class).from_pretrained(
                 folder, attn_implementation="sdpa", dtype=torch.float32).eval()
-            self.ours = ours_without_model(folder, self.model.config)
+            self.ours = (without_model or ours_without_model)(folder, self.model.config)
             self.frame_spec = self.ours.frame_spec
             self.prepare = self.ours.prepare
             self.tokenizer = self.ours.tokenizer

@@ -152,31 +152,12 @@ def ours_without_model(folder: str, config):
         return caption_qwen2vl.Qwen2VLCaptioner(folder, max_new_tokens=NEW_TOKENS, **preset())
 
 
+_long_video_torch = long_video.torch_captioner  # kept: child() puts torch_captioner below in its place
+
+
 def torch_captioner(folder: str):
-    import torch
-    import transformers
-
-    from benchmarks.families import TorchQwen2VL
-    from pipeline.captioning.budget import BUDGET_COLUMNS
-
-    class TorchQwen3VL(TorchQwen2VL):
-        """transformers' Qwen3-VL (sdpa) behind our captioner's interface, fed our PreparedVideo inputs."""
-
-        extra_columns = BUDGET_COLUMNS
-
-        def __init__(self):  # TorchQwen2VL's attributes, with the Qwen3-VL class and sdpa asked for explicitly
-            self.model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
-                folder, attn_implementation="sdpa", dtype=torch.float32).eval()
-            self.ours = ours_without_model(folder, self.model.config)
-            self.frame_spec = self.ours.frame_spec
-            self.prepare = self.ours.prepare
-            self.tokenizer = self.ours.tokenizer
-
-        def generate(self, batch):
-            texts = super().generate([video.inputs for video in batch])
-            return [{"text": text, **video.columns()} for text, video in zip(texts, batch)]
-
-    return TorchQwen3VL()
+    """transformers' Qwen3-VL (sdpa) fed our Qwen3-VL inputs (bench_long_video's torch side)."""
+    return _long_video_torch(folder, "Qwen3VLForConditionalGeneration", ours_without_model)
 
 
 def ours_captioner(folder: str):
