@@ -230,11 +230,13 @@ def child(side: str, folder: str, csvs: Sequence[str], work: Path, result: Path)
 # ----------------------------------------------------------------------------- the parent
 
 
-def run_side(side: str, folder: Path, csvs: Sequence[Path], work: Path) -> dict:
-    """One side in its own subprocess; any failure becomes {"error": ...} with the stderr's last lines."""
+def run_side(side: str, folder: Path, csvs: Sequence[Path], work: Path,
+             module: str = "benchmarks.bench_long_video") -> dict:
+    """One side in its own subprocess (``module``'s ``--child``); any failure becomes {"error": ...} with the
+    stderr's last lines."""
     work.mkdir(parents=True, exist_ok=True)
     result, log = work / "result.json", work / "stderr.txt"
-    cmd = [sys.executable, "-m", "benchmarks.bench_long_video", "--child", side, "--folder", str(folder),
+    cmd = [sys.executable, "-m", module, "--child", side, "--folder", str(folder),
            "--videos", ",".join(map(str, csvs)), "--work", str(work), "--result", str(result)]
     env = {**os.environ, "TQDM_DISABLE": "1", "GLOG_v": os.environ.get("GLOG_v", "3")}
     start = time.perf_counter()

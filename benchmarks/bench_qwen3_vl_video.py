@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -187,31 +186,8 @@ def child(side: str, folder: str, csvs: Sequence[str], work: Path, result: Path)
 
 
 def run_side(side: str, folder: Path, csvs: Sequence[Path], work: Path) -> dict:
-    """One side in its own subprocess; any failure becomes {"error": ...} with the stderr's last lines."""
-    work.mkdir(parents=True, exist_ok=True)
-    result, log = work / "result.json", work / "stderr.txt"
-    cmd = [sys.executable, "-m", "benchmarks.bench_qwen3_vl_video", "--child", side, "--folder", str(folder),
-           "--videos", ",".join(map(str, csvs)), "--work", str(work), "--result", str(result)]
-    env = {**os.environ, "TQDM_DISABLE": "1", "GLOG_v": os.environ.get("GLOG_v", "3")}
-    start = time.perf_counter()
-    try:
-        with open(log, "w") as err:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=err, stderr=subprocess.STDOUT, timeout=TIMEOUT)
-        error = None if proc.returncode == 0 else (
-            f"exit {proc.returncode}" + (" (SIGKILL: likely out of memory)" if proc.returncode == -9 else ""))
-    except subprocess.TimeoutExpired:
-        error = f"timeout after {TIMEOUT} s"
-    tail = log.read_text(errors="replace").strip().splitlines()[-12:] if log.is_file() else []
-    if error is None and not result.is_file():
-        error = "no result file"
-    out = {"error": error} if error else json.loads(result.read_text())
-    out["wall_seconds"] = time.perf_counter() - start
-    failed = [v for v in out.get("videos", []) if v["status"] != "ok"]
-    if failed:
-        out["error"] = "; ".join(f"{v['video']} video: {v['error']}" for v in failed)
-    if out.get("error"):
-        out["stderr_tail"] = tail
-    return out
+    """One side in its own subprocess of this module (bench_long_video's runner)."""
+    return long_video.run_side(side, folder, csvs, work, module="benchmarks.bench_qwen3_vl_video")
 
 
 def estimate_seconds(rows: list[dict], config: str, seconds: int) -> float:
