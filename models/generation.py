@@ -41,6 +41,7 @@ Finished sequences are padded with ``pad_token_id`` (greedy/sampling); beam sear
 """
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -150,10 +151,108 @@ def _pad_embeds(embeds, batch: int, length: int):
 @dataclass
 class GenerateOutput:
     """``sequences`` (N, S) int64 (see the module docstring for what they start with);
-    ``sequences_scores`` (N,) length-normalised beam log-probs for beam search, else None."""
+    ``sequences_scores`` (N,) length-normalised beam log-probs for beam search, else None;
+    ``stopped_repeating`` (N,) bool: rows ``stop_repetition`` ended in a loop (all False without it)."""
 
     sequences: np.ndarray
     sequences_scores: Optional[np.ndarray] = None
+    stopped_repeating: Optional[np.ndarray] = None
+
+    def first_rows(self, count: int) -> GenerateOutput:
+        """The first ``count`` rows of every per-row field (a bucket's filler rows cut off)."""
+        self.sequences = self.sequences[:count]
+        if self.sequences_scores is not None:
+            self.sequences_scores = self.sequences_scores[:count]
+        if self.stopped_repeating is not None:
+            self.stopped_repeating = self.stopped_repeating[:count]
+        return self
+
+
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
+class LoopStop:
+    """When a row is in a repetition loop, so that generation ends it (``generate(stop_repetition=...)``).
+
+    The rule is the caption clean-up's (``pipeline.datasets.caption_text``: ``min_repeats`` or more copies in a
+    row of a unit of up to ``max_unit_words`` words, covering ``min_words`` or more words, a unit holding a
+    letter or digit), checked on token ids as they come: the new tokens end in ``C`` copies of a period of
+    ``p <= max_period`` tokens holding ``k`` word starts, and ``C - 1`` copies would already be cut
+    (``C - 1 >= max(min_repeats, ceil(min_words / k))``; one copy is set aside because the run may start and
+    end inside a word). Equal tokens decode to equal text, so every stop is a loop the clean-up cuts too;
+    loops it finds that are not periodic in tokens (a sentence said three times apart) are left to it.
+
+    ``word_start`` / ``has_word`` ((V,) bool, :meth:`for_tokenizer`): the tokens that begin a word (a space
+    before a non-space) and that hold a letter or digit. Without them every token counts as a word, which
+    suits ids without a tokenizer (tests, benchmarks) but may stop a run of tokens that is one long word.
+    """
+
+    min_repeats: int = 3
+    min_words: int = 6
+    max_unit_words: int = 50
+    max_period: int = 128
+    word_start: Optional[np.ndarray] = None
+    has_word: Optional[np.ndarray] = None
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, **thresholds) -> LoopStop:
+        """Word starts and wordy tokens from each token's text as decoded after another token ("a"), so a
+        leading space a lone token's decoding would strip (SentencePiece) is kept; special tokens decode
+        to nothing, as captions are decoded."""
+        vocab = len(tokenizer)
+        lead = tokenizer.encode("a", add_special_tokens=False)[-1:]
+        width = len(tokenizer.decode(lead, skip_special_tokens=True))
+        texts = [t[width:] for t in tokenizer.batch_decode([lead + [i] for i in range(vocab)],
+                                                             skip_special_tokens=True)]
+        word_start = np.array([bool(_WORD_START.search(t)) for t in texts])
+        has_word = np.array([bool(_WORDY.search(t)) for t in texts])
+        return cls(**thresholds, word_start=word_start, has_word=has_word)
+
+
+_WORD_START = re.compile(r"\s\S")
+_WORDY = re.compile(r"[^\W_]")
+
+
+def _flags(table: Optional[np.ndarray], tokens: np.ndarray) -> np.ndarray:
+    """``table[tokens]``, False for ids past the table (a model's vocabulary may be padded beyond its
+    tokenizer's), True for every id without a table."""
+    if table is None:
+        return np.ones(len(tokens), bool)
+    inside = tokens < len(table)
+    return inside & table[np.where(inside, tokens, 0)]
+
+
+class _LoopWatch:
+    """Each row's trailing periodic run, per period, updated per new token in O(rows x max_period).
+
+    ``runs[:, p - 1]``: how many of the newest tokens equal the token ``p`` before them (both new tokens);
+    the run of period ``p`` then spans ``runs + p`` tokens. Counts of word starts and wordy tokens are kept
+    cumulative, so a period's counts are one subtraction."""
+
+    def __init__(self, stop: LoopStop, rows: int, max_new_tokens: int):
+        self.stop = stop
+        self.periods = np.arange(1, stop.max_period + 1)
+        self.tokens = np.zeros((rows, max_new_tokens), np.int64)
+        self.runs = np.zeros((rows, stop.max_period), np.int64)
+        self.starts = np.zeros((rows, max_new_tokens + 1), np.int64)
+        self.wordy = np.zeros((rows, max_new_tokens + 1), np.int64)
+        self.count = 0
+
+    def push(self, tokens: np.ndarray) -> np.ndarray:
+        """Add one step's tokens; which rows now end in a loop."""
+        stop, n = self.stop, self.count
+        self.tokens[:, n] = tokens
+        back = n - self.periods
+        same = (self.tokens[:, np.maximum(back, 0)] == tokens[:, None]) & (back >= 0)
+        self.runs = np.where(same, self.runs + 1, 0)
+        self.starts[:, n + 1] = self.starts[:, n] + _flags(stop.word_start, tokens)
+        self.wordy[:, n + 1] = self.wordy[:, n] + _flags(stop.has_word, tokens)
+        self.count = n + 1
+        first = np.maximum(self.count - self.periods, 0)
+        words = self.starts[:, self.count, None] - self.starts[:, first]  # word starts per period
+        wordy = self.wordy[:, self.count, None] - self.wordy[:, first]
+        copies = (self.runs + self.periods) // self.periods
+        need = np.maximum(stop.min_repeats, -(-stop.min_words // np.maximum(words, 1)))
+        looping = (words >= 1) & (words <= stop.max_unit_words) & (wordy >= 1) & (copies - 1 >= need)
+        return looping.any(axis=1)
 
 
 def _jitted(model, name: str):
@@ -513,7 +612,8 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
              decoder_start_token_id: Optional[int] = None, use_jit: bool = True,
              select_on_device: bool = True,
              streamer: Optional[Callable[[np.ndarray], None]] = None,
-             prompt_inputs: Sequence[Tensor] = (), grammar: Optional[JsonGrammar] = None) -> GenerateOutput:
+             prompt_inputs: Sequence[Tensor] = (), grammar: Optional[JsonGrammar] = None,
+             stop_repetition: Optional[LoopStop] = None) -> GenerateOutput:
     """Generate token ids with transformers' semantics (see the module docstring for the contract).
 
     ``max_length``/``min_length`` count the returned sequence (prompt ids or the decoder start token
@@ -533,6 +633,10 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
     keep its text a prefix of a JSON document the grammar's schema accepts, and ends (an eos token) only when
     that document is complete, so min length does not apply; a row that reaches ``max_new_tokens`` first is
     cut JSON (``models.constrained.is_complete`` tells).
+    ``stop_repetition`` (:class:`LoopStop`): greedy decoding and sampling end a row once it is in a repetition
+    loop, as if it had emitted eos (padding follows, no eos token), and ``stopped_repeating`` marks it; the
+    tokens before are those the row would have generated without it. Beam search does not stop beams (a
+    beam's loop is ranked by its score, and the caller's clean-up cuts it); its rows are never marked.
     """
     check_generation_args(num_beams, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                           repetition_penalty, no_repeat_ngram_size)
@@ -591,14 +695,12 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, *,
         out = _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, live, max_new_tokens,
                                rules, num_beams, num_return_sequences, length_penalty,
                                early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad, use_jit,
-                               select_on_device, emit, tuple(prompt_inputs), grammar)
+                               select_on_device, emit, tuple(prompt_inputs), grammar, stop_repetition)
     except RuntimeError:  # how MindSpore reports a failed run, whose graph would fail every later call
         jit.discard_graphs()
         raise
     per_row = num_return_sequences if num_beams > 1 else 1
-    out.sequences = out.sequences[:real_rows * per_row, drop:]
-    if out.sequences_scores is not None:
-        out.sequences_scores = out.sequences_scores[:real_rows * per_row]
+    out.first_rows(real_rows * per_row).sequences = out.sequences[:, drop:]
     return out
 
 
@@ -606,7 +708,8 @@ def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, li
                      rules: _Rules, num_beams, num_return_sequences, length_penalty,
                      early_stopping, do_sample, temperature, top_k, top_p, seed, eos, pad,
                      use_jit, select_on_device, emit=None, prompt_inputs: tuple = (),
-                     grammar: Optional[JsonGrammar] = None) -> GenerateOutput:
+                     grammar: Optional[JsonGrammar] = None, stop_repetition: Optional[LoopStop] = None
+                     ) -> GenerateOutput:
     """The search loops over a bucket-shaped batch; rows not ``live`` are fillers, finished from the start."""
     on_device = select_on_device and rules.on_device(num_beams > 1) and not do_sample
     if num_beams > 1:
@@ -623,6 +726,8 @@ def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, li
                     seen_ids=prefix[:, rules.skip:], prompt_inputs=prompt_inputs)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     seqs, finished = prefix, ~live
+    watch = None if stop_repetition is None else _LoopWatch(stop_repetition, len(live), max_new_tokens)
+    stopped = np.zeros(len(live), bool)
     for t in range(max_new_tokens):
         if pick.k:
             tokens = picked[1][:, 0]
@@ -642,12 +747,15 @@ def _generate_padded(model, input_ids, inputs_embeds, attention_mask, prefix, li
         tokens = np.where(finished, pad, tokens)
         seqs = np.concatenate([seqs, tokens[:, None]], axis=1)
         finished |= np.isin(tokens, eos)
+        if watch is not None:
+            stopped |= watch.push(tokens) & ~finished
+            finished |= stopped
         if finished.all() or t == max_new_tokens - 1:
             break
         if matchers is not None:
             matchers.advance(tokens, ~finished)
         picked = session.step(tokens, rules.bans_eos(seqs.shape[1]))
-    return GenerateOutput(seqs.astype(np.int64))
+    return GenerateOutput(seqs.astype(np.int64), stopped_repeating=stopped)
 
 
 def _cache_length(model, attention_mask: np.ndarray, max_new_tokens: int) -> int:
@@ -792,4 +900,4 @@ def _beam_search(model, input_ids, inputs_embeds, attention_mask, prefix, live, 
     n = num_return_sequences
     out_len = prompt_len + int(done_lens[:, :n].max())
     return GenerateOutput(done_seqs[:, :n, :out_len].reshape(batch * n, out_len),
-                          done_scores[:, :n].reshape(-1).astype(np.float32))
+                          done_scores[:, :n].reshape(-1).astype(np.float32), np.zeros(batch * n, bool))

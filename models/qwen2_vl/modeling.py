@@ -373,7 +373,5 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         finally:
             self._prompt_positions = None
         per_row = out.sequences.shape[0] // ids.shape[0]
-        out.sequences = out.sequences[:rows * per_row, ids.shape[1] - cols:]
-        if out.sequences_scores is not None:
-            out.sequences_scores = out.sequences_scores[:rows * per_row]
+        out.first_rows(rows * per_row).sequences = out.sequences[:, ids.shape[1] - cols:]
         return out if return_dict_in_generate else out.sequences

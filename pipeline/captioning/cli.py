@@ -6,6 +6,7 @@ from the parsed arguments; everything else (device, msrun, resume, output) is he
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import sys
@@ -15,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from models import attention
-from models.generation import check_generation_args
+from models.generation import LoopStop, check_generation_args
 from models.checkpoint import CheckpointError, load_tokenizer
 from pipeline import distributed, environment
 from pipeline.distributed import RunAborted
@@ -24,7 +25,7 @@ from pipeline.captioning.lock import OutputLockedError
 from pipeline.captioning.runner import Captioner, RunError, RunOptions, RunSummary, check_run_options, run
 from pipeline.captioning.schemas import CaptionSchema, load_schema, presets
 from pipeline.config import CONFIG_DIR, ConfigError, load_yaml, parse_with_config
-from pipeline.datasets.caption_text import CLEANUP_CONFIG, Cleanup
+from pipeline.datasets.caption_text import CLEANUP_CONFIG, MAX_UNIT_WORDS, MIN_LOOP_WORDS, MIN_REPEATS, Cleanup
 from pipeline.datasets.metadata import MetadataError
 from pipeline.datasets.video import DEFAULT_MAX_DECODE_PIXELS
 
@@ -157,6 +158,48 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                         "curbs loops), in greedy, beam and sampling")
     g.add_argument("--no_repeat_ngram_size", type=int,
                    help="never repeat an n-gram of this many tokens (0: off; 3 to 4 stops phrase loops)")
+
+
+# Qwen's recommended sampling (Qwen2/2.5 model cards), for re-generating a caption that looped
+LOOP_RETRY_SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+
+
+def add_loop_flags(p: argparse.ArgumentParser) -> None:
+    """Loop-proof decoding, for the captioners that support it (their entry script adds these flags)."""
+    g = p.add_argument_group("repetition loops")
+    g.add_argument("--stop_repetition", action=argparse.BooleanOptionalAction, default=True,
+                   help="end a caption's generation once it repeats itself as the clean-up's loop rule says (a "
+                        "unit of words 3 or more times in a row, covering 6 or more words; greedy and sampling, "
+                        "not beam search), instead of spending --max_new_tokens on the loop; the repetition "
+                        "column flags the caption")
+    g.add_argument("--loop_retry", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate a caption stopped for repetition once more, sampling as the checkpoint's "
+                        "generation_config.json says (else temperature 0.7, top_p 0.8, top_k 20, "
+                        "repetition_penalty 1.05), seeded by --seed; the retried column flags it, and the "
+                        "repetition column then says whether the new caption loops (needs --stop_repetition)")
+
+
+def loop_stop(tokenizer) -> LoopStop:
+    """The clean-up's loop rule (``pipeline.datasets.caption_text``) for generation, on this tokenizer's words."""
+    return LoopStop.for_tokenizer(tokenizer, min_repeats=MIN_REPEATS, min_words=MIN_LOOP_WORDS,
+                                  max_unit_words=MAX_UNIT_WORDS)
+
+
+def loop_retry_sampling(folder: str, seed: int) -> dict:
+    """``generate`` options for re-generating a looping caption: sampling with the keys of ``LOOP_RETRY_SAMPLING``
+    the checkpoint's ``generation_config.json`` sets, over those defaults, and one generator seeded by ``seed``.
+
+    A checkpoint whose own values would not sample (do_sample false, top_k 1 or top_p at most 0.01, as the
+    published Qwen2-VL and Qwen2.5-VL configs, which are greedy in effect) would loop again: it gets the
+    defaults."""
+    path = Path(folder) / "generation_config.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    sampling = {**LOOP_RETRY_SAMPLING, **{k: saved[k] for k in LOOP_RETRY_SAMPLING if saved.get(k) is not None}}
+    if not sampling["do_sample"] or sampling["top_k"] == 1 or sampling["top_p"] <= 0.01:
+        logger.info("%s samples greedily in effect (%s); looping captions are retried with %s", path,
+                    {k: saved[k] for k in LOOP_RETRY_SAMPLING if k in saved}, LOOP_RETRY_SAMPLING)
+        sampling = dict(LOOP_RETRY_SAMPLING)
+    return {**sampling, "seed": np.random.default_rng(seed)}
 
 
 def _given_generation_flags(args: argparse.Namespace) -> dict:

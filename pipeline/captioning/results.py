@@ -3,6 +3,12 @@
 ``generate`` may answer per video with a caption, a dict of "text" plus its declared extra
 columns, or an exception for a video that failed alone. A failed batch is retried one video at a time, so one bad input costs one row; a video
 that runs out of memory alone is retried once through the captioner's ``shrink``.
+
+A captioner whose generation stops repetition loops (``models.generation.LoopStop``) answers ``repetition``
+and ``retried`` (``LOOP_COLUMNS``); the videos it answers ``repetition`` true for are generated once more, in
+one call, with its ``loop_retry`` options (sampling), and that answer replaces the first with ``retried``
+true. So ``repetition`` always describes the row's final text (the runner's clean-up adds the loops it
+cuts), and ``retried`` that the first attempt looped.
 """
 from __future__ import annotations
 
@@ -21,20 +27,29 @@ logger = logging.getLogger(__name__)
 
 
 TRUNCATED_COLUMN = "truncated"
+REPETITION_COLUMN = "repetition"
+RETRIED_COLUMN = "retried"
+LOOP_COLUMNS = (REPETITION_COLUMN, RETRIED_COLUMN)
 _SENTENCE_ENDS = (".", "!", "?", '"', "'", ")", "\u201d", "\u3002")
 
 
-def caption_answers(texts: Sequence[str], new_ids: np.ndarray, eos_token_id: Any, max_new_tokens: int
-                    ) -> list[dict[str, str]]:
+def caption_answers(texts: Sequence[str], new_ids: np.ndarray, eos_token_id: Any, max_new_tokens: int,
+                    stopped_repeating: np.ndarray | None = None) -> list[dict[str, str]]:
     """Per video its caption and ``truncated``: generation ran to ``max_new_tokens`` without an end
-    token and the text stops mid-sentence (raise --max_new_tokens for such captions)."""
+    token and the text stops mid-sentence (raise --max_new_tokens for such captions). With
+    ``stopped_repeating`` (generation stopped loops) also ``repetition`` (that row's loop was stopped, which
+    is not truncation) and ``retried`` (false: the retry sets it)."""
     eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id)
     at_limit = new_ids.shape[1] >= max_new_tokens
+    looped = np.zeros(len(texts), bool) if stopped_repeating is None else stopped_repeating
     answers = []
-    for text, row in zip(texts, new_ids):
+    for text, row, loop in zip(texts, new_ids, looped):
         text = text.strip()
-        cut = at_limit and not np.isin(row, eos).any() and not text.endswith(_SENTENCE_ENDS)
-        answers.append({"text": text, TRUNCATED_COLUMN: str(bool(cut)).lower()})
+        cut = at_limit and not loop and not np.isin(row, eos).any() and not text.endswith(_SENTENCE_ENDS)
+        answer = {"text": text, TRUNCATED_COLUMN: str(bool(cut)).lower()}
+        if stopped_repeating is not None:
+            answer.update({REPETITION_COLUMN: str(bool(loop)).lower(), RETRIED_COLUMN: "false"})
+        answers.append(answer)
     return answers
 
 
@@ -105,7 +120,30 @@ def _generate_one(captioner: Captioner, inputs: Any, extra_columns: Sequence[str
     outputs = captioner.generate([inputs])
     if len(outputs) != 1:
         raise RuntimeError(f"captioner returned {len(outputs)} captions for 1 video")
-    return _parse_output(outputs[0], extra_columns)
+    return _parse_output(_retry_loops(captioner, [inputs], outputs)[0], extra_columns)
+
+
+def _retry_loops(captioner: Captioner, inputs: list[Any], outputs: list[Any]) -> list[Any]:
+    """The answers with each looping one generated once more with the captioner's ``loop_retry`` options
+    (``retried`` true); a failed retry keeps the first answers, whose loop the clean-up still cuts."""
+    options = getattr(captioner, "loop_retry", None)
+    looping = [i for i, answer in enumerate(outputs)
+               if isinstance(answer, Mapping) and answer.get(REPETITION_COLUMN) == "true"]
+    if not options or not looping:
+        return outputs
+    try:
+        again = captioner.generate([inputs[i] for i in looping], options=options)
+        if len(again) != len(looping):
+            raise RuntimeError(f"captioner returned {len(again)} captions for {len(looping)} videos")
+    except Exception as exc:  # noqa: BLE001 - the first answers stand
+        logger.warning("re-generating %d looping captions failed (%s); keeping them as they are", len(looping),
+                       error_message(exc))
+        return outputs
+    outputs = list(outputs)
+    for i, answer in zip(looping, again):
+        if isinstance(answer, Mapping):
+            outputs[i] = {**answer, RETRIED_COLUMN: "true"}
+    return outputs
 
 
 def _retry_smaller(captioner: Captioner, inputs: Any, first: BaseException, extra_columns: Sequence[str]) -> Result:
@@ -145,4 +183,4 @@ def caption_batch(captioner: Captioner, inputs: list[Any], extra_columns: Sequen
             return [_retry_smaller(captioner, inputs[0], exc, extra_columns)]
         logger.warning("batch of %d failed (%s); retrying one video at a time", len(inputs), error_message(exc))
         return [caption_batch(captioner, [x], extra_columns)[0] for x in inputs]
-    return [_parse_output(output, extra_columns) for output in outputs]
+    return [_parse_output(output, extra_columns) for output in _retry_loops(captioner, inputs, outputs)]

@@ -77,7 +77,7 @@ from pipeline.datasets.metadata import (
 from pipeline.captioning import attempts
 from pipeline.captioning.attempts import DEFAULT_MAX_ATTEMPTS
 from pipeline.captioning.lock import acquire as acquire_lock
-from pipeline.captioning.results import Result, caption_batch, failure
+from pipeline.captioning.results import REPETITION_COLUMN, Result, caption_batch, failure
 from pipeline.captioning.schemas import CaptionSchema, CutCaptionError
 from pipeline.captioning.sidecars import write_sidecars
 from pipeline.datasets.caption_text import Cleanup
@@ -92,7 +92,6 @@ logger = logging.getLogger(__name__)
 Span = tuple[float, float | None]  # seconds; end None: the file's end
 PROMPT_COLUMN = "prompt"
 RAW_TEXT_COLUMN = "text_raw"
-REPETITION_COLUMN = "repetition"
 CLEANUP_COLUMNS = (RAW_TEXT_COLUMN, REPETITION_COLUMN)
 
 
@@ -510,12 +509,13 @@ def _check_windowing(opts: RunOptions) -> None:
 
 def _output_columns(data: pd.DataFrame, opts: RunOptions, extra: Sequence[str]) -> list[str]:
     """The part files' header: input columns, window columns, results, the run's own columns (prompt,
-    clean-up), then the captioner's extra columns."""
+    clean-up), then the captioner's extra columns (the clean-up's repetition column is the captioner's when it
+    declares one: see ``_Session._finish``)."""
     columns = list(data.columns)
     if opts.windowing() is not None:
         added = [SEGMENT_START_COLUMN, SEGMENT_END_COLUMN] if has_segment_columns(columns) else []
         columns += [c for c in (*added, *WINDOW_COLUMNS) if c not in columns]
-    results = [*RESULT_COLUMNS, *opts.run_columns()]
+    results = [*RESULT_COLUMNS, *(c for c in opts.run_columns() if not (c == REPETITION_COLUMN and c in extra))]
     clashing = [c for c in extra if c in columns or c in results]
     if clashing:
         raise RunError(f"the captioner's extra column(s) {clashing} clash with input or output columns; "
@@ -670,7 +670,8 @@ class _Session:
 
     def _finish(self, result: Result) -> Result:
         """The run's own columns: the prompt, the cleaned caption (the model's text kept in text_raw), a
-        structured caption's fields; a structured caption cut before its JSON closed becomes an error row."""
+        structured caption's fields; a structured caption cut before its JSON closed becomes an error row. The
+        clean-up's repetition is true also when the captioner's is (its generation stopped a loop): one column."""
         if self.opts.prompt is not None:
             result.columns[PROMPT_COLUMN] = self.opts.prompt
         if self.opts.caption_schema is not None and result.error is None:
@@ -680,6 +681,7 @@ class _Session:
                 return Result(columns=result.columns, error=exc)
         if self.opts.cleanup is not None and result.error is None:
             text, repetition = self.opts.cleanup.clean(result.text)
+            repetition = repetition or result.columns.get(REPETITION_COLUMN) == "true"
             result.columns.update({RAW_TEXT_COLUMN: result.text if text != result.text else "",
                                    REPETITION_COLUMN: str(repetition).lower()})
             result.text = text

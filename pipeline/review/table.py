@@ -12,11 +12,10 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from pipeline.captioning.results import TRUNCATED_COLUMN
+from pipeline.captioning.results import REPETITION_COLUMN, TRUNCATED_COLUMN
 from pipeline.datasets.metadata import CAPTION_COLUMN, PATH_COLUMN, STATUS_COLUMN
 from pipeline.review.verdicts import VERDICTS, Verdicts
 
-REPETITION_COLUMN = "repetition"  # as the captioning runner's clean-up writes it
 FLAG_COLUMNS = (REPETITION_COLUMN, TRUNCATED_COLUMN)
 TRUE_CELLS = ("true", "1", "yes")
 UNREVIEWED = "none"

@@ -117,6 +117,9 @@ class Engine:
         parser = module.build_parser()
         for preset in presets:
             apply_config(parser, CONFIG_DIR / "captioning" / preset)
+        if parser.get_default("stop_repetition") is not None:
+            # a reply may be asked to repeat itself; --stop_repetition in the family's flags turns it on
+            parser.set_defaults(stop_repetition=False)
         try:
             args = parse_with_config(parser, argv)
         except SystemExit as exc:  # argparse already printed which flag it refused
