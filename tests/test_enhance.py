@@ -195,7 +195,8 @@ def test_enhance_captions_resumes_after_a_kill(tmp_path):
     assert skipped == len(finished) and done + failed == n - len(finished), "no row may be enhanced twice"
     got = read_rows(out)
     assert [r["path"] for r in got] == [r["path"] for r in rows], "every row once, in input order"
-    assert list(got[0]) == ["path", "id", "text", "status", "error", "text_enhanced", "truncated"]
+    assert list(got[0]) == ["path", "id", "text", "status", "error", "text_enhanced", "truncated", "repetition",
+                            "retried"]
     assert {r["path"]: r for r in got} | {r["path"]: r for r in finished} == {r["path"]: r for r in got}
     template = load_template("concise")
     for row, source in zip(got, rows):

@@ -279,3 +279,70 @@ def test_flags_in_yaml(tmp_path):
     config.write_text("stop_repetition: false\nloop_retry: false\n")
     args = parse_with_config(build_parser(), ["x.csv", "--config", str(config)])
     assert args.stop_repetition is False and args.loop_retry is False
+
+
+@pytest.mark.parametrize("family", ["blip2", "llava", "pllava", "video_llama", "qwen2_5_vl"])
+def test_every_captioner_stops_and_retries_loops(family, tmp_path, monkeypatch):
+    """Each entry script turns --stop_repetition on by default, passes the loop rule to generate, records the
+    loop columns, and re-generates a looping caption with the retry's sampling (Qwen's, as these tiny
+    checkpoints recommend none)."""
+    import importlib
+
+    from pipeline.config import parse_with_config
+    from tests.test_runtime_env import CAPTIONERS
+
+    script, save, flags = CAPTIONERS[family]
+    module = importlib.import_module(f"pipeline.captioning.{script}")
+    folder = save(tmp_path / family)
+    argv = ["x.csv", "--pretrained_model_name_or_path", str(folder), "--max_new_tokens", "8", *flags]
+    base = module.base_config(argv) if hasattr(module, "base_config") else module.BASE_CONFIG
+    args = parse_with_config(module.build_parser(), argv, base)
+    captioner = module.build_captioner(args, "float32")
+    assert captioner.loop_retry is not None and set(LOOP_COLUMNS) <= set(captioner.extra_columns)
+    spec = captioner.frame_spec
+    count = spec.num_frames or 4
+    video = captioner.prepare(np.random.default_rng(0).integers(0, 256, (count, 64, 96, 3), np.uint8))
+    seen = []
+
+    def spy(*positional, input_ids=None, return_dict_in_generate=False, **kwargs):
+        seen.append(kwargs)
+        new = np.tile([10, 11], (len(input_ids), 4))
+        sequences = new if family == "video_llama" else np.concatenate([input_ids, new], 1)  # its new ids only
+        return GenerateOutput(sequences, stopped_repeating=np.full(len(input_ids), len(seen) == 1))
+
+    monkeypatch.setattr(captioner.model, "generate", spy)
+    [result] = caption_batch(captioner, [video], captioner.extra_columns)
+    first, again = seen
+    assert isinstance(first["stop_repetition"], LoopStop) and "do_sample" not in first
+    assert {k: again[k] for k in cli.LOOP_RETRY_SAMPLING} == cli.LOOP_RETRY_SAMPLING
+    assert isinstance(again["seed"], np.random.Generator)
+    assert result.error is None
+    assert (result.columns["repetition"], result.columns["retried"]) == ("false", "true")
+
+
+def test_the_enhancer_stops_and_retries_loops(tmp_path, monkeypatch):
+    from pipeline.captioning import enhance_captions
+    from tests.test_enhance import save_chat_model
+
+    save_chat_model(tmp_path / "model")
+    table = tmp_path / "in.csv"
+    table.write_text("path,text,status,error\nv.mp4,a red square moves,ok,\n")
+    from pipeline.config import parse_with_config
+
+    args = parse_with_config(enhance_captions.build_parser(), [str(table), "--pretrained_model_name_or_path",
+                             str(tmp_path / "model"), "--max_new_tokens", "8"], enhance_captions.BASE_CONFIG)
+    enhancer = enhance_captions.build_enhancer(args, "float32")
+    seen = []
+
+    def spy(input_ids=None, attention_mask=None, **kwargs):
+        seen.append(kwargs)
+        new = np.tile([10, 11], (len(input_ids), 4))
+        return GenerateOutput(np.concatenate([input_ids, new], 1),
+                              stopped_repeating=np.full(len(input_ids), len(seen) == 1))
+
+    monkeypatch.setattr(enhancer.model, "generate", spy)
+    cells = {"path": "v.mp4", "text": "a red square moves", "status": "ok", "error": ""}
+    [result] = caption_batch(enhancer, [enhancer.prepare(cells)], enhancer.extra_columns)
+    assert isinstance(seen[0]["stop_repetition"], LoopStop) and seen[1]["do_sample"] is True
+    assert result.text == "a red square moves"
+    assert (result.columns["repetition"], result.columns["retried"]) == ("false", "true")

@@ -152,6 +152,10 @@ def test_captioner_runs(family, runtime_python, checkpoint, videos, tmp_path):
     run_module(runtime_python, f"pipeline.captioning.{script}", str(videos), "--pretrained_model_name_or_path",
                str(checkpoint(family)), "--output", str(out), *COMMON, *flags)
     assert statuses(out) == {"v0.mp4": "ok", "v1.mp4": "ok", "broken.mp4": "error"}
+    with open(out, newline="") as f:
+        ok = [row for row in csv.DictReader(f) if row["status"] == "ok"]
+    assert all(row["repetition"] in ("true", "false") and row["retried"] in ("true", "false") for row in ok), \
+        "loop-proof decoding is on by default in every captioner"
 
 
 def test_structured_captions_run(runtime_python, videos, tmp_path):

@@ -15,8 +15,8 @@ from models.checkpoint import load_tokenizer
 from models.generation import left_pad
 from models.blip2.processing import Blip2FrameProcessor
 from pipeline.captioning.chat import Turn, question_answer_chat, with_token_counts
-from pipeline.captioning.cli import common_parser, generation_options, main_with
-from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
+from pipeline.captioning.cli import LoopGuard, common_parser, generation_options, loop_options, main_with
+from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers, stopped_rows
 from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR
 
@@ -30,7 +30,9 @@ class Blip2Captioner:
 
     def __init__(self, folder: str, dtype: str = "float32", question: str = "a video of", num_frames: int = 8,
                  max_new_tokens: int = 32, min_new_tokens: int = 5, num_beams: int = 5, weights: str | None = None,
-                 generation: dict | None = None, tp_size: int = 1):
+                 generation: dict | None = None, tp_size: int = 1, stop_repetition: bool = False,
+                 loop_retry_seed: int | None = None):
+        """``stop_repetition``, ``loop_retry_seed``: loop-proof decoding (``pipeline.captioning.cli.LoopGuard``)."""
         self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
         self.model = from_pretrained(folder, dtype=dtype, weights=weights, tp_size=tp_size)
         self.processor = Blip2FrameProcessor.from_pretrained(
@@ -45,6 +47,9 @@ class Blip2Captioner:
         self.pad_id = pad if pad is not None else (self.model.config.text_config.pad_token_id or 0)
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                     num_beams=num_beams, **(generation or {}))
+        loops = LoopGuard.build(folder, self.tokenizer, stop_repetition, loop_retry_seed)
+        self.generate_kwargs.update(loops.kwargs)
+        self.extra_columns, self.loop_retry = (*self.extra_columns, *loops.columns), loops.retry
 
     def prepare(self, frames: np.ndarray) -> np.ndarray:
         return self.processor(frames)
@@ -61,11 +66,13 @@ class Blip2Captioner:
             [self.image_ids + self.tokenizer(p)["input_ids"] for p in prompts]
         input_ids, mask = left_pad(prompt_ids, self.pad_id)
         kwargs = {**self.generate_kwargs, **(options or {})}
-        ids = self.model.generate(pixel_values=np.stack(batch), input_ids=input_ids, attention_mask=mask, **kwargs)
+        out = self.model.generate(pixel_values=np.stack(batch), input_ids=input_ids, attention_mask=mask,
+                                  return_dict_in_generate=True, **kwargs)
+        ids = out.sequences
         ids = ids[:, input_ids.shape[1]:] if self.model.is_decoder_only else ids[:, 1:]  # T5: the start token
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         eos = self.model.config.text_config.eos_token_id
-        answers = caption_answers(texts, ids, eos, kwargs["max_new_tokens"])
+        answers = caption_answers(texts, ids, eos, kwargs["max_new_tokens"], stopped_rows(out, kwargs))
         if prompts is None:
             return answers
         visual = 0 if self.image_ids else self.model.config.num_query_tokens  # prepended query outputs
@@ -92,7 +99,7 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> Blip2Captioner:
     return Blip2Captioner(args.pretrained_model_name_or_path, dtype, question=args.question,
                           num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                           min_new_tokens=args.min_new_tokens, num_beams=args.num_beams, weights=args.weights,
-                          generation=generation_options(args), tp_size=args.tp_size)
+                          generation=generation_options(args), tp_size=args.tp_size, **loop_options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> RunSummary:

@@ -26,8 +26,8 @@ from models.llava.processing import ClipFrameProcessor, LlavaNextFrameProcessor
 from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
                                         uniform_subset)
 from pipeline.captioning.chat import Turn, template_chat, template_messages, with_token_counts
-from pipeline.captioning.cli import common_parser, generation_options, main_with
-from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
+from pipeline.captioning.cli import LoopGuard, common_parser, generation_options, loop_options, main_with
+from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers, stopped_rows
 from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR, ConfigError
 
@@ -54,7 +54,9 @@ class LlavaCaptioner:
     def __init__(self, folder: str, dtype: str = "float32", question: str = "Describe the video in detail",
                  num_frames: int = 1, max_new_tokens: int = 200, num_beams: int = 1,
                  prompt_template: str = "USER: <image>\n{question} ASSISTANT:", max_visual_tokens: int | None = None,
-                 generation: dict | None = None, tp_size: int = 1):
+                 generation: dict | None = None, tp_size: int = 1, stop_repetition: bool = False,
+                 loop_retry_seed: int | None = None):
+        """``stop_repetition``, ``loop_retry_seed``: loop-proof decoding (``pipeline.captioning.cli.LoopGuard``)."""
         self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
         self.model = from_pretrained(folder, dtype=dtype, tp_size=tp_size)
         self.num_frames = num_frames
@@ -70,6 +72,9 @@ class LlavaCaptioner:
         eos = generation_eos(folder)
         if eos is not None:
             self.generate_kwargs["eos_token_id"] = eos
+        loops = LoopGuard.build(folder, self.tokenizer, stop_repetition, loop_retry_seed)
+        self.generate_kwargs.update(loops.kwargs)
+        self.extra_columns, self.loop_retry = (*self.extra_columns, *loops.columns), loops.retry
         text_tokens = len(self.prompts[self.images_in_prompt()]) - self.images_in_prompt()
         self.budget = context_budget(self.model.config.text_config.max_position_embeddings, text_tokens,
                                      max_new_tokens, max_visual_tokens)
@@ -171,11 +176,12 @@ class LlavaCaptioner:
         prompt_ids, pixels = self.model_inputs(batch, prompts)
         input_ids, mask = left_pad(prompt_ids, self.pad_id)
         kwargs = {**self.generate_kwargs, **(options or {})}
-        ids = self.model.generate(input_ids=input_ids, attention_mask=mask, **pixels, **kwargs)
-        ids = ids[:, input_ids.shape[1]:]
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, **pixels, return_dict_in_generate=True,
+                                  **kwargs)
+        ids = out.sequences[:, input_ids.shape[1]:]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         eos = kwargs.get("eos_token_id", self.model.config.text_config.eos_token_id)
-        answers = caption_answers(texts, ids, eos, kwargs["max_new_tokens"])
+        answers = caption_answers(texts, ids, eos, kwargs["max_new_tokens"], stopped_rows(out, kwargs))
         if prompts is not None:
             answers = with_token_counts(answers, [len(p) for p in prompt_ids], ids, eos)
         return [{**answer, **video.columns()} for answer, video in zip(answers, batch)]
@@ -209,7 +215,7 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> LlavaCaptioner:
                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                                num_beams=args.num_beams, prompt_template=args.prompt_template,
                                max_visual_tokens=args.max_visual_tokens, generation=generation_options(args),
-                               tp_size=args.tp_size)
+                               tp_size=args.tp_size, **loop_options(args))
     if isinstance(captioner.model, PllavaForConditionalGeneration):
         raise ConfigError("this checkpoint is PLLaVA: use pipeline/captioning/caption_pllava.py")
     return captioner

@@ -17,7 +17,7 @@ from models.llava import PllavaForConditionalGeneration
 from models.llava.processing import PllavaFrameProcessor
 from pipeline.captioning.budget import PreparedVideo
 from pipeline.captioning.caption_llava import LlavaCaptioner, add_generation_flags
-from pipeline.captioning.cli import common_parser, generation_options, main_with
+from pipeline.captioning.cli import common_parser, generation_options, loop_options, main_with
 from pipeline.captioning.runner import RunSummary
 from pipeline.config import CONFIG_DIR, ConfigError
 
@@ -91,7 +91,7 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> PllavaCaptioner:
                            question=args.question, num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                            num_beams=args.num_beams, prompt_template=args.prompt_template,
                            max_visual_tokens=args.max_visual_tokens, generation=generation_options(args),
-                           tp_size=args.tp_size)
+                           tp_size=args.tp_size, **loop_options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> RunSummary:

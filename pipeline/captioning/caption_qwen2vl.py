@@ -50,9 +50,9 @@ from models.qwen3_vl.processing import FRAME_TOKENS, Qwen3VLVisionProcessor, pat
 from pipeline.captioning.budget import (BUDGET_COLUMNS, BudgetError, PreparedVideo, context_budget,
                                         uniform_subset)
 from pipeline.captioning.chat import Turn, template_messages, with_token_counts
-from pipeline.captioning.cli import (add_loop_flags, checkpoint_decoding, common_parser, generation_options,
-                                     loop_retry_sampling, loop_stop, main_with)
-from pipeline.captioning.results import LOOP_COLUMNS, TRUNCATED_COLUMN, caption_answers
+from pipeline.captioning.cli import (LoopGuard, checkpoint_decoding, common_parser, generation_options, loop_options,
+                                     main_with)
+from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers, stopped_rows
 from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR, ConfigError
 
@@ -134,11 +134,9 @@ class Qwen2VLCaptioner:
         decoding = checkpoint_decoding(folder, self.model.config, self.tokenizer)
         self.pad_id = decoding["pad_token_id"]
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, **{**decoding, **(generation or {})})
-        if stop_repetition:
-            self.generate_kwargs["stop_repetition"] = loop_stop(self.tokenizer)
-            self.extra_columns = (*self.extra_columns, *LOOP_COLUMNS)
-        self.loop_retry = None if not stop_repetition or loop_retry_seed is None else \
-            loop_retry_sampling(folder, loop_retry_seed)
+        loops = LoopGuard.build(folder, self.tokenizer, stop_repetition, loop_retry_seed)
+        self.generate_kwargs.update(loops.kwargs)
+        self.extra_columns, self.loop_retry = (*self.extra_columns, *loops.columns), loops.retry
         max_positions = self.model.config.text_config.max_position_embeddings
         self.budget = context_budget(max_positions, len(self.prefix) + len(self.suffix), max_new_tokens,
                                      max_visual_tokens)
@@ -248,8 +246,8 @@ class Qwen2VLCaptioner:
         result = self.model.generate(**args, **kwargs, return_dict_in_generate=True)
         out = result.sequences[:, args["input_ids"].shape[1]:]
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        stopped = result.stopped_repeating if "stop_repetition" in kwargs else None
-        answers = caption_answers(texts, out, kwargs["eos_token_id"], kwargs["max_new_tokens"], stopped)
+        answers = caption_answers(texts, out, kwargs["eos_token_id"], kwargs["max_new_tokens"],
+                                  stopped_rows(result, kwargs))
         if prompts is not None:
             answers = with_token_counts(answers, [len(i.input_ids) for i in inputs], out, kwargs["eos_token_id"])
         return [{**answer, **video.columns()} for answer, video in zip(answers, batch)]
@@ -294,7 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "and --max_visual_tokens never leaves fewer (default 4); a Qwen3-VL video whose minimum "
                         "at 128 tokens per temporal patch (--max_frame_tokens when lower) exceeds "
                         "--max_visual_tokens is an error row")
-    add_loop_flags(p)
     return p
 
 
@@ -307,8 +304,7 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> Qwen2VLCaptioner:
                             width=args.width, max_new_tokens=args.max_new_tokens,
                             max_visual_tokens=args.max_visual_tokens, generation=generation_options(args),
                             tp_size=args.tp_size, max_frame_tokens=args.max_frame_tokens,
-                            min_frames=args.min_frames, stop_repetition=args.stop_repetition,
-                            loop_retry_seed=args.seed if args.loop_retry else None)
+                            min_frames=args.min_frames, **loop_options(args))
 
 
 def base_config(argv: Sequence[str] | None) -> Path:

@@ -28,8 +28,8 @@ from models.checkpoint import load_tokenizer
 from models.generation import left_pad
 from models.video_llama.modeling import build_prompt_ids, read_sources
 from pipeline.captioning.chat import Turn, template_chat, with_token_counts
-from pipeline.captioning.cli import common_parser, generation_options, main_with
-from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
+from pipeline.captioning.cli import LoopGuard, common_parser, generation_options, loop_options, main_with
+from pipeline.captioning.results import LOOP_COLUMNS, TRUNCATED_COLUMN, caption_answers, stopped_rows
 from pipeline.captioning.runner import FrameSpec, RunSummary
 from pipeline.config import CONFIG_DIR, ConfigError, parse_with_config
 from pipeline.datasets import gebc
@@ -52,7 +52,10 @@ class VideoLlamaCaptioner:
     def __init__(self, folder: str, dtype: str = "float32", questions: Mapping[str, str] | None = None,
                  prompt_template: str = VICUNA_TEMPLATE, separator: str = "###", num_frames: int = 8,
                  max_new_tokens: int = 128, min_new_tokens: int = 1, num_beams: int = 1,
-                 generation: dict | None = None, tp_size: int = 1):
+                 generation: dict | None = None, tp_size: int = 1, stop_repetition: bool = False,
+                 loop_retry_seed: int | None = None):
+        """``stop_repetition``, ``loop_retry_seed``: loop-proof decoding (``pipeline.captioning.cli.LoopGuard``;
+        the retry's sampling from the LLaMA folder's generation_config.json)."""
         # the tokenizer first: a broken LLaMA folder fails before the model loads
         self.tokenizer = load_tokenizer(read_sources(folder).llama_model)
         self.model = from_pretrained(folder, dtype=dtype, tp_size=tp_size)
@@ -78,6 +81,9 @@ class VideoLlamaCaptioner:
             stops.append(self.tokenizer.get_vocab()[separator])
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                     num_beams=num_beams, eos_token_id=stops or None, **(generation or {}))
+        loops = LoopGuard.build(read_sources(folder).llama_model, self.tokenizer, stop_repetition, loop_retry_seed)
+        self.generate_kwargs.update(loops.kwargs)
+        self.extra_columns, self.loop_retry = (*self.extra_columns, *loops.columns), loops.retry
 
     def prepare(self, frames: np.ndarray) -> np.ndarray:
         return self.processor(frames)
@@ -85,19 +91,20 @@ class VideoLlamaCaptioner:
     def generate(self, batch: Sequence[np.ndarray], prompts: Sequence[str] | None = None,
                  options: dict | None = None) -> list[dict]:
         """Every question of every video in one left-padded generate call (with per-video ``prompts``,
-        one reply each: :meth:`reply`)."""
+        one reply each: :meth:`reply`); ``options`` over the captioner's generate options."""
         if prompts is not None:
             return self.reply(batch, prompts, options)
         prompts = list(self.prompts.values()) * len(batch)
         input_ids, mask = left_pad(prompts, self.pad_id)
         pixels = np.repeat(np.stack(batch), len(self.prompts), axis=0)
-        ids = self.model.generate(pixel_values=pixels, input_ids=input_ids, attention_mask=mask,
-                                  **self.generate_kwargs)
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        kwargs = {**self.generate_kwargs, **(options or {})}
+        out = self.model.generate(pixel_values=pixels, input_ids=input_ids, attention_mask=mask,
+                                  return_dict_in_generate=True, **kwargs)
+        texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         if self.separator:
             texts = [text.split(self.separator)[0] for text in texts]
-        answers = caption_answers(texts, ids, self.generate_kwargs["eos_token_id"],
-                                  self.generate_kwargs["max_new_tokens"])
+        answers = caption_answers(texts, out.sequences, kwargs["eos_token_id"], kwargs["max_new_tokens"],
+                                  stopped_rows(out, kwargs))
         n = len(self.prompts)
         return [self._row(dict(zip(self.prompts, answers[i:i + n]))) for i in range(0, len(answers), n)]
 
@@ -123,9 +130,9 @@ class VideoLlamaCaptioner:
         if CAPTION in answers:
             return answers[CAPTION]
         row = {name: answer["text"] for name, answer in answers.items()}
-        truncated = any(answer[TRUNCATED_COLUMN] == "true" for answer in answers.values())
-        return {**row, CAPTION: gebc.boundary_caption(*(row[f] for f in gebc.FIELDS)),
-                TRUNCATED_COLUMN: str(truncated).lower()}
+        flags = {column: str(any(answer[column] == "true" for answer in answers.values())).lower()
+                 for column in (TRUNCATED_COLUMN, *LOOP_COLUMNS) if column in answers[gebc.FIELDS[0]]}
+        return {**row, CAPTION: gebc.boundary_caption(*(row[f] for f in gebc.FIELDS)), **flags}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +168,7 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> VideoLlamaCaptioner
                                prompt_template=args.prompt_template, separator=args.separator,
                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                                min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
-                               generation=generation_options(args), tp_size=args.tp_size)
+                               generation=generation_options(args), tp_size=args.tp_size, **loop_options(args))
 
 
 def gebc_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +23,7 @@ from pipeline import distributed, environment
 from pipeline.distributed import RunAborted
 from pipeline.captioning.attempts import DEFAULT_MAX_ATTEMPTS
 from pipeline.captioning.lock import OutputLockedError
+from pipeline.captioning.results import LOOP_COLUMNS
 from pipeline.captioning.runner import Captioner, RunError, RunOptions, RunSummary, check_run_options, run
 from pipeline.captioning.schemas import CaptionSchema, load_schema, presets
 from pipeline.config import CONFIG_DIR, ConfigError, load_yaml, parse_with_config
@@ -101,6 +103,7 @@ def common_parser(description: str, epilog: str = "", model: bool = True) -> arg
     environment.add_verbose_flag(p)
     if model:
         add_decoding_flags(p)
+        add_loop_flags(p)
         add_cleanup_flags(p)
         p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                        help="model weights and compute dtype (default: float32 on CPU, bfloat16 on Ascend)")
@@ -165,7 +168,7 @@ LOOP_RETRY_SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
 
 
 def add_loop_flags(p: argparse.ArgumentParser) -> None:
-    """Loop-proof decoding, for the captioners that support it (their entry script adds these flags)."""
+    """Loop-proof decoding, for every model captioner (``common_parser`` adds these flags)."""
     g = p.add_argument_group("repetition loops")
     g.add_argument("--stop_repetition", action=argparse.BooleanOptionalAction, default=True,
                    help="end a caption's generation once it repeats itself as the clean-up's loop rule says (a "
@@ -177,6 +180,31 @@ def add_loop_flags(p: argparse.ArgumentParser) -> None:
                         "generation_config.json says (else temperature 0.7, top_p 0.8, top_k 20, "
                         "repetition_penalty 1.05), seeded by --seed; the retried column flags it, and the "
                         "repetition column then says whether the new caption loops (needs --stop_repetition)")
+
+
+@dataclass(frozen=True)
+class LoopGuard:
+    """One captioner's loop-proof decoding: the ``generate`` options and columns it adds, and the options a
+    looping caption is generated again with (``loop_retry``, read by ``pipeline.captioning.results``)."""
+
+    kwargs: dict
+    columns: tuple[str, ...]
+    retry: dict | None
+
+    @classmethod
+    def build(cls, folder: str, tokenizer, stop_repetition: bool = False,
+              loop_retry_seed: int | None = None) -> LoopGuard:
+        """``folder``: where ``generation_config.json`` may give the retry's sampling; off without
+        ``stop_repetition``, no retry without ``loop_retry_seed``."""
+        if not stop_repetition:
+            return cls({}, (), None)
+        retry = None if loop_retry_seed is None else loop_retry_sampling(folder, loop_retry_seed)
+        return cls({"stop_repetition": loop_stop(tokenizer)}, LOOP_COLUMNS, retry)
+
+
+def loop_options(args: argparse.Namespace) -> dict:
+    """The captioner keyword arguments of ``--stop_repetition`` and ``--loop_retry`` (seeded by ``--seed``)."""
+    return dict(stop_repetition=args.stop_repetition, loop_retry_seed=args.seed if args.loop_retry else None)
 
 
 def loop_stop(tokenizer) -> LoopStop:

@@ -25,9 +25,9 @@ from jinja2.exceptions import TemplateError
 
 from models import from_pretrained, model_family
 from models.checkpoint import CheckpointError, load_tokenizer, read_config
-from pipeline.captioning.cli import (add_decoding_flags, add_tp_flag, checkpoint_decoding, common_parser,
-                                     generation_options, main_with)
-from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers
+from pipeline.captioning.cli import (LoopGuard, add_decoding_flags, add_loop_flags, add_tp_flag, checkpoint_decoding,
+                                     common_parser, generation_options, loop_options, main_with)
+from pipeline.captioning.results import TRUNCATED_COLUMN, caption_answers, stopped_rows
 from pipeline.captioning.runner import RunSummary
 from pipeline.config import CONFIG_DIR, ConfigError, load_yaml
 from pipeline.datasets.metadata import (ERROR_COLUMN, PATH_COLUMN, STATUS_COLUMN, STATUS_ERROR, RowKey,
@@ -72,7 +72,9 @@ class CaptionEnhancer:
 
     def __init__(self, folder: str, captions: dict[RowKey, tuple[str, str, str]], template: dict[str, str],
                  dtype: str = "float32", max_new_tokens: int = 256, num_beams: int = 1,
-                 generation: dict | None = None, column: str = "text", tp_size: int = 1):
+                 generation: dict | None = None, column: str = "text", tp_size: int = 1,
+                 stop_repetition: bool = False, loop_retry_seed: int | None = None):
+        """``stop_repetition``, ``loop_retry_seed``: loop-proof decoding (``pipeline.captioning.cli.LoopGuard``)."""
         family = model_family(read_config(folder))
         if family not in TEXT_MODEL_TYPES:
             raise CheckpointError(f"{folder} is a {family!r} model; caption enhancement needs a text-only chat "
@@ -95,6 +97,9 @@ class CaptionEnhancer:
         self.pad_id = decoding["pad_token_id"]
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams,
                                     **{**decoding, **(generation or {})})
+        loops = LoopGuard.build(folder, self.tokenizer, stop_repetition, loop_retry_seed)
+        self.generate_kwargs.update(loops.kwargs)
+        self.extra_columns, self.loop_retry = (*self.extra_columns, *loops.columns), loops.retry
 
     def prepare(self, cells: dict[str, str]) -> str:
         """The row's caption, or the reason it cannot be rewritten (an error row)."""
@@ -118,7 +123,8 @@ class CaptionEnhancer:
             merged = [{"role": "user", "content": f"{system}\n\n{user}"}]
             return self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, return_dict=False)
 
-    def generate(self, batch: Sequence[str]) -> list[dict]:
+    def generate(self, batch: Sequence[str], options: dict | None = None) -> list[dict]:
+        """Each caption's rewrite; ``options`` over the enhancer's generate options."""
         prompts = [self.prompt_ids(caption) for caption in batch]
         length = max(map(len, prompts))
         ids = np.full((len(prompts), length), self.pad_id, np.int64)
@@ -126,12 +132,13 @@ class CaptionEnhancer:
         for row, prompt in enumerate(prompts):
             ids[row, length - len(prompt):] = prompt
             mask[row, length - len(prompt):] = 1
-        new = self.model.generate(input_ids=ids, attention_mask=mask, **self.generate_kwargs).sequences[:, length:]
+        kwargs = {**self.generate_kwargs, **(options or {})}
+        out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        new = out.sequences[:, length:]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        answers = caption_answers(texts, new, self.generate_kwargs["eos_token_id"],
-                                  self.generate_kwargs["max_new_tokens"])
-        return [{"text": caption, ENHANCED_COLUMN: answer["text"], TRUNCATED_COLUMN: answer[TRUNCATED_COLUMN]}
-                for caption, answer in zip(batch, answers)]
+        answers = caption_answers(texts, new, kwargs["eos_token_id"], kwargs["max_new_tokens"],
+                                  stopped_rows(out, kwargs))
+        return [{**answer, "text": caption, ENHANCED_COLUMN: answer["text"]} for caption, answer in zip(batch, answers)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model weights and compute dtype (default: float32 on CPU, bfloat16 on Ascend)")
     add_tp_flag(p)
     add_decoding_flags(p)
+    add_loop_flags(p)
     return p
 
 
@@ -168,7 +176,7 @@ def build_enhancer(args: argparse.Namespace, dtype: str) -> CaptionEnhancer:
     return CaptionEnhancer(args.pretrained_model_name_or_path, read_captions(args.input, args.text_column),
                            load_template(args.template), dtype, max_new_tokens=args.max_new_tokens,
                            num_beams=args.num_beams, generation=generation_options(args), column=args.text_column,
-                           tp_size=args.tp_size)
+                           tp_size=args.tp_size, **loop_options(args))
 
 
 def input_caption(args: argparse.Namespace) -> Callable[[dict[str, str]], str]:

@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.datasets.metadata import CAPTION_COLUMN, ERROR_COLUMN, STATUS_COLUMN, STATUS_ERROR, STATUS_OK
 
 if TYPE_CHECKING:
+    from models.generation import GenerateOutput
     from pipeline.captioning.runner import Captioner
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,12 @@ REPETITION_COLUMN = "repetition"
 RETRIED_COLUMN = "retried"
 LOOP_COLUMNS = (REPETITION_COLUMN, RETRIED_COLUMN)
 _SENTENCE_ENDS = (".", "!", "?", '"', "'", ")", "\u201d", "\u3002")
+
+
+def stopped_rows(output: GenerateOutput, kwargs: Mapping[str, Any]) -> np.ndarray | None:
+    """The rows ``generate`` stopped in a loop, or None when its options (``kwargs``) did not ask to stop loops
+    (so ``caption_answers`` adds no loop columns)."""
+    return output.stopped_repeating if kwargs.get("stop_repetition") is not None else None
 
 
 def caption_answers(texts: Sequence[str], new_ids: np.ndarray, eos_token_id: Any, max_new_tokens: int,
