@@ -146,6 +146,8 @@ def test_lora_t5_keeps_base_weights(t5_folder, dataset, tmp_path, monkeypatch):
                                    lora_save="separate", val_annotations=val, num_beams=2))
     assert all(np.isfinite(r.loss) for r in results)
     assert sorted(scored["predictions"]) == sorted(scored["references"]) == ["red_circle.png", "red_square.png"]
+    saved = json.loads((tmp_path / "eval" / "update-00000002.json").read_text())
+    assert saved["update"] == 2 and saved["scores"] == {"CIDEr": 0.5} and saved["captions"] == scored["predictions"]
     before, after = weights(t5_folder), weights(tmp_path / "final")
     diff = changed(before, after)
     assert diff and all(k.startswith(TRAINED) for k in diff)

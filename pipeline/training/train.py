@@ -28,6 +28,7 @@ exactly the losses of an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -340,8 +341,9 @@ def generate_captions(model, encoder: CaptionEncoder, loader, args) -> dict[str,
     return out
 
 
-def evaluate(model, encoder: CaptionEncoder, records, processor, args) -> dict[str, float]:
-    """Caption the validation videos (uniform frames) and score them with pycocoevalcap (rank 0 only).
+def evaluate(model, encoder: CaptionEncoder, records, processor, args) -> tuple[dict[str, float], dict[str, str]]:
+    """Caption the validation videos (uniform frames) and score them with pycocoevalcap (rank 0 only); the
+    scores and the captions by video id.
 
     Records with a ``group`` (GEBC's caption types) are scored per group: keys ``<group>/<metric>``.
     """
@@ -358,13 +360,22 @@ def evaluate(model, encoder: CaptionEncoder, records, processor, args) -> dict[s
     for record in records:
         groups.setdefault(record.group, []).append(record)
     if list(groups) == [None]:
-        return score_captions(predictions, references(records))
+        return score_captions(predictions, references(records)), predictions
     scores = {}
     for group, members in groups.items():
         scored = score_captions({r.video_id: predictions[r.video_id] for r in members if r.video_id in predictions},
                                 references(members))
         scores.update({f"{group}/{metric}": value for metric, value in scored.items()})
-    return scores
+    return scores, predictions
+
+
+def write_evaluation(output_dir: Path, step: int, scores: dict[str, float], predictions: dict[str, str]) -> Path:
+    """``<output_dir>/eval/update-<step>.json``: one evaluation's scores and captions, so what the model says
+    can be followed through training (``benchmarks/demo_design.py`` reads them as learning curves)."""
+    path = output_dir / "eval" / f"update-{step:08d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"update": step, "scores": scores, "captions": predictions}, indent=1))
+    return path
 
 
 # ----------------------------------------------------------------------------- the run
@@ -471,7 +482,8 @@ def train(args: argparse.Namespace, loader=None, val_records=None) -> list[StepR
                 distributed.barrier()
             if evaluating and ((args.eval_every and trainer.step % args.eval_every == 0) or done):
                 if info.is_main:
-                    scores = evaluate(model, encoder, val_records, processor, args)
+                    scores, captions = evaluate(model, encoder, val_records, processor, args)
+                    write_evaluation(output_dir, trainer.step, scores, captions)
                     logger.info("update %d evaluation: %s", trainer.step,
                                 ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 distributed.barrier()
