@@ -21,6 +21,9 @@ MODEL_TYPES = {
     "qwen2": ("models.qwen2", "Qwen2ForCausalLM", "Qwen2Config"),
     "qwen3": ("models.qwen3", "Qwen3ForCausalLM", "Qwen3Config"),
     "qwen3_moe": ("models.qwen3", "Qwen3ForCausalLM", "Qwen3MoeConfig"),
+    # hybrid decoders: Gated DeltaNet and gated full-attention layers (models.qwen3_5)
+    "qwen3_5_text": ("models.qwen3_5.modeling", "Qwen3_5ForCausalLM", "Qwen3_5TextConfig"),
+    "qwen3_5_moe_text": ("models.qwen3_5.modeling", "Qwen3_5ForCausalLM", "Qwen3_5MoeTextConfig"),
     # composed from three sources its config.json names; built by the class's own from_folder
     "video_llama": ("models.video_llama.modeling", "VideoLlamaForConditionalGeneration", None),
 }

@@ -91,11 +91,15 @@ class LayerNorm(nn.Cell):
 
 
 class RMSNorm(nn.Cell):
-    """Root-mean-square normalisation (T5 / Llama / Qwen2 style), no mean, no bias."""
+    """Root-mean-square normalisation (T5 / Llama / Qwen2 style), no mean, no bias.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    ``unit_offset``: the scale is 1 + ``weight`` (weights stored centred on zero, as Gemma's and Qwen3.5's), applied
+    in float32 before the cast back, as transformers does for those."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, unit_offset: bool = False):
         super().__init__()
-        self.weight = ones_parameter((hidden_size,))
+        self.unit_offset = unit_offset
+        self.weight = zeros_parameter((hidden_size,)) if unit_offset else ones_parameter((hidden_size,))
         self.eps = eps
         self.eps_tensor = kernels.scalar(eps)
         kernels.refresh()
@@ -103,10 +107,13 @@ class RMSNorm(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         if kernels.runs_on(x) and self.weight.dtype == ms.float32:
-            return kernels.op("rms_norm")(x, self.weight, self.eps_tensor)
+            scale = 1.0 + self.weight if self.unit_offset else self.weight
+            return kernels.op("rms_norm")(x, scale, self.eps_tensor)
         x32 = x.astype(ms.float32)
         var = ops.square(x32).mean(axis=-1, keep_dims=True)
         y = x32 * ops.rsqrt(var + self.eps)
+        if self.unit_offset:
+            return (y * (1.0 + self.weight.astype(ms.float32))).astype(dtype)
         return self.weight.astype(dtype) * y.astype(dtype)
 
 
@@ -155,8 +162,17 @@ ROTARY_KERNEL_ELEMENTS = 1 << 20  # measured: 2.4x the builtin at 3.2M elements,
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """The rotary position embedding x * cos + rotate_half(x) * sin, ``cos``/``sin`` broadcast to ``x``.
 
+    ``cos``/``sin`` narrower than ``x`` (partial rotary, Qwen3.5) rotate its first channels; the rest pass unchanged.
     In one fused pass (no broadcast copies) for large 4-D float32 operands whose leading axes are x's or 1
     (prompts; a decoding step's few rows keep the builtin, which is as fast there)."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return ops.concat((_rotate(x[..., :rotary], cos, sin), x[..., rotary:]), axis=-1)
+    return _rotate(x, cos, sin)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """:func:`apply_rotary` over all of ``x``'s channels."""
     if kernels.runs_on(x) and cos.dtype == ms.float32 and sin.dtype == ms.float32 and x.ndim == 4 and cos.ndim == 4 \
             and sin.shape == cos.shape and cos.shape[3] == x.shape[3] and x.size >= ROTARY_KERNEL_ELEMENTS \
             and all(c in (1, n) for c, n in zip(cos.shape[:3], x.shape[:3])):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import mindspore as ms
@@ -40,12 +41,14 @@ def rope_inverse_frequencies(config) -> np.ndarray:
     """RoPE inverse frequencies (float32) for ``config``, with Llama-3 or linear scaling.
 
     transformers 5 holds ``rope_theta`` and the scaling (``rope_type`` and its keys) in ``config.rope_parameters``,
-    which it fills from config.json's top-level ``rope_theta`` and ``rope_scaling``.
+    which it fills from config.json's top-level ``rope_theta`` and ``rope_scaling``. A ``partial_rotary_factor``
+    there (Qwen3.5) rotates only that share of each head's channels: fewer frequencies, over that width.
     """
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = config.rope_parameters
     base = float(rope["rope_theta"])
-    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     inv_freq = (1.0 / np.power(np.float32(base), exponents)).astype(np.float32)
     kind = rope.get("rope_type", "default")
     if kind == "default":
@@ -69,9 +72,13 @@ class LlamaAttention(nn.Cell):
 
     ``num_heads``/``num_kv_heads`` are this rank's (all of them without tensor parallelism)."""
 
-    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None, qk_norm: bool = False):
+    def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None, qk_norm: bool = False,
+                 output_gate: bool = False, unit_offset_norm: bool = False):
         """Biases follow ``config.attention_bias`` unless given (Qwen2: q/k/v with bias, o without).
-        ``qk_norm``: Qwen3's per-head RMSNorm of queries and keys (``q_norm``/``k_norm``) before the rotary."""
+        ``qk_norm``: Qwen3's per-head RMSNorm of queries and keys (``q_norm``/``k_norm``) before the rotary.
+        ``output_gate``: Qwen3.5's gated attention: ``q_proj`` gives each head its queries then as many gate
+        channels, and the heads' output is multiplied by sigmoid(gate) before ``o_proj``.
+        ``unit_offset_norm``: the q/k norms scale by 1 + weight (Qwen3.5, see ``RMSNorm``)."""
         super().__init__()
         dim = config.hidden_size
         heads = config.num_attention_heads
@@ -82,35 +89,51 @@ class LlamaAttention(nn.Cell):
         self.num_heads, self.num_kv_heads = split.heads, split.kv_heads
         bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = bias if qkv_bias is None else qkv_bias
-        self.q_proj = ColumnParallelLinear(dim, heads * self.head_dim, qkv_bias, rows=split.q_rows)
+        self.output_gate = output_gate
+        widen = 2 if output_gate else 1  # a head's query and gate rows are adjacent: a rank's heads stay one range
+        self.q_proj = ColumnParallelLinear(dim, widen * heads * self.head_dim, qkv_bias,
+                                           rows=(widen * split.q_rows[0], widen * split.q_rows[1]))
         self.k_proj = ColumnParallelLinear(dim, kv_heads * self.head_dim, qkv_bias, rows=split.kv_rows)
         self.v_proj = ColumnParallelLinear(dim, kv_heads * self.head_dim, qkv_bias, rows=split.kv_rows)
         self.o_proj = RowParallelLinear(heads * self.head_dim, dim, bias if o_bias is None else o_bias,
                                         cols=split.q_rows)
-        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if qk_norm else None
+        norm_eps = config.rms_norm_eps
+        self.q_norm = RMSNorm(self.head_dim, norm_eps, unit_offset_norm) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps, unit_offset_norm) if qk_norm else None
 
     def _heads(self, x: Tensor, heads: int, norm: Optional[RMSNorm] = None) -> Tensor:
-        b, t, _ = x.shape
+        b, t = x.shape[:2]
         x = x.reshape(b, t, heads, self.head_dim)
         return (x if norm is None else norm(x)).swapaxes(1, 2)
 
+    def _queries_and_gate(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """``q_proj``'s queries and, with ``output_gate``, the gate (B, T, heads * head_dim) split off each head's."""
+        projected = self.q_proj(x)
+        if not self.output_gate:
+            return projected, None
+        b, t = x.shape[:2]
+        projected = projected.reshape(b, t, self.num_heads, 2 * self.head_dim)
+        return projected[..., :self.head_dim], projected[..., self.head_dim:].reshape(b, t, -1)
+
     def construct(self, x, cos, sin, mask, slots, past_key=None, past_value=None):
-        query = self._heads(self.q_proj(x), self.num_heads, self.q_norm)
+        queries, gate = self._queries_and_gate(x)
+        query = self._heads(queries, self.num_heads, self.q_norm)
         key = self._heads(self.k_proj(x), self.num_kv_heads, self.k_norm)
         value = self._heads(self.v_proj(x), self.num_kv_heads)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         out, key, value = cached_self_attention(query * self.scaling, key, value, mask, slots, past_key, past_value)
+        if gate is not None:
+            out = out * ops.sigmoid(gate)
         return self.o_proj(out), key, value
 
 
 class LlamaMLP(nn.Cell):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); ``intermediate_size`` None: the config's (another: a shared expert)."""
 
-    def __init__(self, config):
+    def __init__(self, config, intermediate_size: Optional[int] = None):
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
-        size, inner = config.hidden_size, config.intermediate_size
+        size, inner = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_proj = ColumnParallelLinear(size, inner, bias, what="intermediate_size")
         self.up_proj = ColumnParallelLinear(size, inner, bias, what="intermediate_size")
         self.down_proj = RowParallelLinear(inner, size, bias, what="intermediate_size")
@@ -130,7 +153,7 @@ class LlamaDecoderLayer(nn.Cell):
         """``index``: the layer's place in the stack, which decides whether it has experts (``models.moe``)."""
         super().__init__()
         self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm)
-        self.mlp = mlp_for(config, index, lambda: LlamaMLP(config))
+        self.mlp = mlp_for(config, index, partial(LlamaMLP, config))
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -141,13 +164,23 @@ class LlamaDecoderLayer(nn.Cell):
 
 
 class LlamaModel(nn.Cell):
+    """The decoder stack. A subclass may build other layers (:meth:`decoder_layer`) that take the same arguments
+    and two cache tensors each (Qwen3.5's hybrid layers), and a final norm that scales by 1 + weight."""
+
+    unit_offset_norm = False
+
     def __init__(self, config, qkv_bias: bool | None = None, o_bias: bool | None = None, qk_norm: bool = False):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, i)
+        self.layers = nn.CellList([self.decoder_layer(config, i, qkv_bias, o_bias, qk_norm)
                                    for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.unit_offset_norm)
         self.inv_freq = Tensor(rope_inverse_frequencies(config))
+
+    def decoder_layer(self, config, index: int, qkv_bias: bool | None, o_bias: bool | None,
+                      qk_norm: bool) -> nn.Cell:
+        """Layer ``index`` of the stack."""
+        return LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, index)
 
     def construct(self, inputs_embeds, attention_mask, cache_position, cache=None):
         """Run T positions written at slots cache_position..; attention_mask covers all L key slots."""
@@ -174,18 +207,19 @@ class LlamaForCausalLM(nn.Cell):
     """Llama/Mistral with its LM head (tied to ``embed_tokens`` when ``tie_word_embeddings``).
 
     ``qkv_bias``/``o_bias``: a subclass's attention biases (None: ``config.attention_bias``), see ``models.qwen2``;
-    ``qk_norm``: its per-head query/key norms (``models.qwen3``).
+    ``qk_norm``: its per-head query/key norms (``models.qwen3``); ``decoder_class``: its stack (``models.qwen3_5``).
     """
 
     is_encoder_decoder = False
     qkv_bias: bool | None = None
     o_bias: bool | None = None
     qk_norm: bool = False
+    decoder_class: type = LlamaModel
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.qkv_bias, self.o_bias, self.qk_norm)
+        self.model = self.decoder_class(config, self.qkv_bias, self.o_bias, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else vocab_head(config.hidden_size, config.vocab_size)
         self.tied_weights_keys = ("lm_head.weight",) if self.tie_word_embeddings else ()

@@ -1,8 +1,10 @@
-"""One sparse mixture-of-experts layer for every MoE decoder (Qwen3-VL-MoE, Qwen3-MoE), and its expert tensors.
+"""One sparse mixture-of-experts layer for every MoE decoder (Qwen3-VL-MoE, Qwen3-MoE, Qwen3.5-MoE), and its expert
+tensors.
 
 Routing: a linear router (``gate.weight``, no bias) gives each token a softmax over the experts (float32),
 the top ``num_experts_per_tok`` are kept and, with ``norm_topk_prob`` (Qwen3-VL-MoE always), renormalised
-to sum to 1. A token's output is the weighted sum of its experts' SwiGLU MLPs.
+to sum to 1. A token's output is the weighted sum of its experts' SwiGLU MLPs, plus, where the config has one,
+a shared expert's output scaled by its own sigmoid gate (Qwen3.5-MoE).
 
 Experts are two 3-D tensors in the published Qwen3-VL-MoE layout, ``experts.gate_up_proj`` (E, hidden,
 2 x inter: gate columns, then up) and ``experts.down_proj`` (E, inter, hidden), so a group of tokens
@@ -36,7 +38,7 @@ node's devices hold one copy of the model between them.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Optional
 
 import mindspore as ms
 import numpy as np
@@ -80,9 +82,13 @@ class Experts(nn.Cell):
 
 
 class SparseMoeBlock(nn.Cell):
-    """The MoE MLP of a decoder layer: ``gate`` (the router) and ``experts``; (B, T, hidden) in and out."""
+    """The MoE MLP of a decoder layer: ``gate`` (the router) and ``experts``; (B, T, hidden) in and out.
 
-    def __init__(self, config):
+    ``shared_expert``: a dense MLP every token also goes through, weighted by sigmoid(``shared_expert_gate`` x), a
+    scalar per token (Qwen3.5-MoE). It is added after the ranks' expert shares are summed: a tensor-parallel
+    MLP completes its own output."""
+
+    def __init__(self, config, shared_expert: Optional[nn.Cell] = None):
         super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"MoE experts support hidden_act='silu', got {config.hidden_act!r}")
@@ -94,6 +100,8 @@ class SparseMoeBlock(nn.Cell):
         self.gate = Linear(config.hidden_size, total, bias=False)
         self.experts = Experts(total, config.hidden_size, config.moe_intermediate_size)
         self.reduce = current().reducer()
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = None if shared_expert is None else Linear(config.hidden_size, 1, bias=False)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(N, hidden) tokens -> their experts (N, k) int32 and routing weights (N, k) in x's dtype."""
@@ -110,6 +118,8 @@ class SparseMoeBlock(nn.Cell):
         out = run_experts(flat, ids, weights, self.experts, one_step=t == 1)
         if self.reduce is not None:
             out = self.reduce(out)
+        if self.shared_expert is not None:
+            out = out + ops.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.reshape(b, t, d)
 
 
@@ -327,7 +337,12 @@ def expert_checkpoint_hook(model: nn.Cell, tensors: dict, text_config) -> None:
                              written_by_transformers_5(getattr(model, "config", text_config)))
 
 
-def mlp_for(config, index: int, dense: Callable[[], nn.Cell]) -> nn.Cell:
-    """Decoder layer ``index``'s MLP: a :class:`SparseMoeBlock` where the config puts experts, else ``dense()``."""
-    return SparseMoeBlock(config) if is_sparse_layer(config, index) else dense()
+def mlp_for(config, index: int, mlp: Callable[..., nn.Cell]) -> nn.Cell:
+    """Decoder layer ``index``'s MLP: a :class:`SparseMoeBlock` where the config puts experts, else ``mlp()`` (the
+    model's dense MLP). ``mlp(size)`` builds one with ``size`` inner features: the experts' shared expert, where the
+    config has one (``shared_expert_intermediate_size``, Qwen3.5-MoE)."""
+    if not is_sparse_layer(config, index):
+        return mlp()
+    shared = int(getattr(config, "shared_expert_intermediate_size", None) or 0)
+    return SparseMoeBlock(config, mlp(shared) if shared else None)
 

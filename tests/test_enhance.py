@@ -42,6 +42,11 @@ FAMILIES = {
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
                   dict(head_dim=12, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=20,
                        norm_topk_prob=False, mlp_only_layers=[1])),
+    # Qwen3.5's hybrid decoder: a Gated DeltaNet layer, then gated full attention with partial rotary
+    "qwen3_5_text": (transformers.Qwen3_5TextConfig, transformers.Qwen3_5ForCausalLM,
+                     dict(head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                          linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                          rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
 }
 CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
                  "{% if add_generation_prompt %}<s> assistant {% endif %}")

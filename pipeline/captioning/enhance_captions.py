@@ -36,7 +36,7 @@ from pipeline.datasets.metadata import (ERROR_COLUMN, PATH_COLUMN, STATUS_COLUMN
 BASE_CONFIG = CONFIG_DIR / "captioning" / "enhance.yaml"
 TEMPLATES_CONFIG = CONFIG_DIR / "enhance_templates.yaml"
 ENHANCED_COLUMN = "text_enhanced"
-TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen3_5_text", "qwen3_5_moe_text")
 SAMPLE_CAPTION = "a red ball rolls across a wooden table"
 
 
