@@ -15,6 +15,9 @@ MODEL_TYPES = {
     "qwen2_5_vl": ("models.qwen2_5_vl.modeling", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
     "qwen3_vl": ("models.qwen3_vl.modeling", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig"),
     "qwen3_vl_moe": ("models.qwen3_vl.modeling", "Qwen3VLForConditionalGeneration", "Qwen3VLMoeConfig"),
+    # Qwen3.5 / Qwen3.6: Qwen3-VL's vision tower (no DeepStack) on the hybrid decoder of models.qwen3_5
+    "qwen3_5": ("models.qwen3_5.vision_language", "Qwen3_5ForConditionalGeneration", "Qwen3_5Config"),
+    "qwen3_5_moe": ("models.qwen3_5.vision_language", "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeConfig"),
     # text-only decoders (caption enhancement); Mistral is Llama's architecture here (see models.llama)
     "llama": ("models.llama", "LlamaForCausalLM", "LlamaConfig"),
     "mistral": ("models.llama", "LlamaForCausalLM", "MistralConfig"),

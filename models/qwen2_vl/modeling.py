@@ -145,25 +145,34 @@ class MultimodalRotary(nn.Cell):
     Qwen2-VL gives each axis a block of frequencies (t, then h, then w); Qwen3-VL (``interleaved``) cycles
     t, h, w over the first 3 * section channels and gives the rest to t, so every axis gets high and low
     frequencies.
+
+    ``rotary_dim`` (default ``head_dim``): Qwen3.5's partial rotary, only each head's first ``rotary_dim``
+    channels rotate; the frequencies are those of a ``rotary_dim``-wide head, ``mrope_section`` covers
+    ``rotary_dim / 2`` and cos/sin are ``rotary_dim`` wide (``apply_rotary`` passes the other channels through).
     """
 
-    def __init__(self, head_dim: int, theta: float, mrope_section: list[int], interleaved: bool = False):
+    def __init__(self, head_dim: int, theta: float, mrope_section: list[int], interleaved: bool = False,
+                 rotary_dim: Optional[int] = None):
         super().__init__()
-        if 2 * sum(mrope_section) != head_dim:
-            raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
-        inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+        dim = head_dim if rotary_dim is None else rotary_dim
+        if not 0 < dim <= head_dim or dim % 2:
+            raise ValueError(f"rotary_dim {dim} must be even and between 1 and head_dim {head_dim}")
+        if 2 * sum(mrope_section) != dim:
+            what = "head_dim" if dim == head_dim else "rotary_dim (head_dim x partial_rotary_factor)"
+            raise ValueError(f"mrope_section {mrope_section} must sum to {what}/2 = {dim // 2}")
+        inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
         inv_freq = np.concatenate([inv_freq, inv_freq]).astype(np.float32)
         if interleaved:
-            channel = np.arange(head_dim // 2)
-            half = np.zeros(head_dim // 2, np.int64)
+            channel = np.arange(dim // 2)
+            half = np.zeros(dim // 2, np.int64)
             for i in (1, 2):
                 half[(channel % 3 == i) & (channel < 3 * mrope_section[i])] = i
         else:
             half = np.concatenate([np.full(n, i) for i, n in enumerate(mrope_section)])
         axis = np.concatenate([half, half])
-        table = np.zeros((3, head_dim), np.float32)
-        table[axis, np.arange(head_dim)] = inv_freq
-        self.freq_table = Tensor(table)  # (3, head_dim): one non-zero per column, so the product is exact
+        table = np.zeros((3, dim), np.float32)
+        table[axis, np.arange(dim)] = inv_freq
+        self.freq_table = Tensor(table)  # (3, rotary dim): one non-zero per column, so the product is exact
 
     def construct(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         angles = ops.matmul(positions.astype(ms.float32).swapaxes(1, 2), self.freq_table)
@@ -172,7 +181,15 @@ class MultimodalRotary(nn.Cell):
 
 class Qwen2VLTextModel(nn.Cell):
     """The Qwen2 decoder stack (``model.*`` in the published checkpoints), or with ``qk_norm`` and
-    ``interleaved`` M-RoPE Qwen3-VL's (biases None: ``config.attention_bias``)."""
+    ``interleaved`` M-RoPE Qwen3-VL's (biases None: ``config.attention_bias``).
+
+    A subclass may build other layers (:meth:`decoder_layer`, called as ``LlamaDecoderLayer`` with two cache
+    tensors each) and a final norm that scales by 1 + weight (``unit_offset_norm``): Qwen3.5's hybrid stack
+    (``models.qwen3_5.vision_language``). A ``partial_rotary_factor`` in ``rope_parameters`` rotates only that
+    share of each head's channels (:class:`MultimodalRotary`'s ``rotary_dim``)."""
+
+    unit_offset_norm = False
+    default_mrope_section: Optional[list[int]] = None  # when rope_parameters has none (Qwen3.5: transformers')
 
     def __init__(self, config, qkv_bias: bool | None = True, o_bias: bool | None = False, qk_norm: bool = False,
                  interleaved: bool = False):
@@ -181,16 +198,25 @@ class Qwen2VLTextModel(nn.Cell):
             raise NotImplementedError("sliding-window attention is not supported (Qwen2-VL does not use it)")
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # Qwen2's decoder is Llama's with biased q/k/v projections (and M-RoPE, applied through cos/sin).
-        self.layers = nn.CellList([LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, i)
+        self.layers = nn.CellList([self.decoder_layer(config, i, qkv_bias, o_bias, qk_norm)
                                    for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.unit_offset_norm)
         # transformers 5 gathers a config.json's top-level rope_theta and rope_scaling ({"type": "mrope",
         # "mrope_section": ...}) into rope_parameters, with rope_type "default" for M-RoPE.
         rope = config.rope_parameters
         if rope["rope_type"] != "default":
             raise NotImplementedError(f"rope_type {rope['rope_type']!r} is not supported")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.rotary = MultimodalRotary(head_dim, rope["rope_theta"], rope["mrope_section"], interleaved)
+        rotary_dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+        section = rope.get("mrope_section") or self.default_mrope_section
+        if section is None:
+            raise ValueError("rope_parameters has no mrope_section (the M-RoPE split of the rotary channels)")
+        self.rotary = MultimodalRotary(head_dim, rope["rope_theta"], section, interleaved, rotary_dim)
+
+    def decoder_layer(self, config, index: int, qkv_bias: bool | None, o_bias: bool | None,
+                      qk_norm: bool) -> nn.Cell:
+        """Layer ``index`` of the stack."""
+        return LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, index)
 
     def construct(self, inputs_embeds, attention_mask, positions, slots, cache=None, deepstack=()):
         """T positions (3-D ``positions`` (B, 3, T)) written at ``slots``; the mask covers all key slots.
@@ -216,6 +242,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
 
     is_encoder_decoder = False
     vision_class: type = Qwen2VisionTransformer
+    text_model_class: type = Qwen2VLTextModel  # the decoder stack (Qwen3.5: its hybrid subclass)
     decoder_options: dict = {}  # Qwen2VLTextModel's options for a family's decoder (Qwen3-VL's q/k norm ...)
     checkpoint_rename_rules = [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")]
 
@@ -224,7 +251,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         self.config = config
         text = config.text_config
         self.visual = self.vision_class(config.vision_config)
-        self.model = Qwen2VLTextModel(text, **self.decoder_options)
+        self.model = self.text_model_class(text, **self.decoder_options)
         # transformers 5 keeps tie_word_embeddings on the outer config (a published flat config.json's
         # text_config has none); 5.25 forwards a nested text_config's outward, 5.2 does not.
         self.tie_word_embeddings = bool(config.tie_word_embeddings or getattr(text, "tie_word_embeddings", False))
@@ -316,7 +343,7 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
     # --- generation protocol (see models.generation)
 
     def init_cache(self, batch_size: int, max_length: int) -> tuple:
-        """(position table (B, 3, max_length) int32, then K and V (B, kv_heads, max_length, head_dim) per layer)."""
+        """(position table (B, 3, max_length) int32, then :meth:`layer_cache`: two tensors per layer)."""
         if self._prompt_positions is None:
             raise RuntimeError("the model needs its 3-D prompt positions: generate through model.generate(...)")
         positions, deltas = self._prompt_positions
@@ -326,10 +353,14 @@ class Qwen2VLForConditionalGeneration(nn.Cell):
         table = np.empty((batch_size, 3, max_length), np.int32)
         table[:, :, :length] = positions.transpose(1, 0, 2)
         table[:, :, length:] = (np.arange(length, max_length)[None, :] + deltas)[:, None, :]
+        return (Tensor(table),) + self.layer_cache(batch_size, max_length)
+
+    def layer_cache(self, batch_size: int, max_length: int) -> tuple:
+        """K and V (B, kv_heads, max_length, head_dim) per layer (Qwen3.5: its hybrid layers' states)."""
         attn = self.model.layers[0].self_attn  # this rank's key/value heads
         shape = (batch_size, attn.num_kv_heads, max_length, attn.head_dim)
         dtype = self.model.embed_tokens.weight.dtype
-        return (Tensor(table),) + tuple(ops.zeros(shape, dtype) for _ in range(2 * len(self.model.layers)))
+        return tuple(ops.zeros(shape, dtype) for _ in range(2 * len(self.model.layers)))
 
     def decode_step(self, input_ids, inputs_embeds, attention_mask, cache_position, *cache):
         """``cache``: the table and K/V per layer, then, in the prompt's step only, its DeepStack features

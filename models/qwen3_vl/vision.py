@@ -6,8 +6,10 @@ bilinearly resampled to its own grid (corners aligned, as transformers' ``F.inte
 added after the patch embedding. DeepStack: after each block in ``deepstack_visual_indexes`` the hidden
 states also go through a merger of their own (normalised after the 2 x 2 concatenation), and the tower
 returns those merged features after its tokens; the decoder adds them to its first layers' outputs.
+Qwen3.5's tower (``Qwen3_5VisionModel``) is this one without DeepStack (its config has no
+``deepstack_visual_indexes``): it returns the merged tokens alone.
 
-Parameter names equal transformers' ``Qwen3VLVisionModel``.
+Parameter names equal transformers' ``Qwen3VLVisionModel`` (and ``Qwen3_5VisionModel``).
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ class Qwen3VisionTransformer(VisionTower):
                         LayerNorm(dim, eps=1e-6), LayerNorm(dim, eps=1e-6))
             for _ in range(config.depth)])
         self.merger = PatchMerger(config.out_hidden_size, dim, merge, postshuffle=False)
-        indexes = list(config.deepstack_visual_indexes)
+        indexes = list(getattr(config, "deepstack_visual_indexes", None) or ())  # none in Qwen3.5's tower
         self.deepstack_merger_list = nn.CellList([PatchMerger(config.out_hidden_size, dim, merge, postshuffle=True)
                                                   for _ in indexes])
         # per block: the DeepStack merger its output goes through, or -1

@@ -1,7 +1,9 @@
 """Caption videos with Qwen2-VL (Qwen/Qwen2-VL-{2B,7B,72B}-Instruct), Qwen2.5-VL
 (Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct) or Qwen3-VL, dense (Qwen/Qwen3-VL-{2B,4B,8B,32B}-Instruct) or MoE
-(Qwen/Qwen3-VL-{30B-A3B,235B-A22B}-Instruct), and their -FP8 releases: the checkpoint's config.json picks the
-model, and for Qwen3-VL the defaults (``configs/captioning/qwen3_vl.yaml``).
+(Qwen/Qwen3-VL-{30B-A3B,235B-A22B}-Instruct), Qwen3.5 and Qwen3.6 (``model_type`` qwen3_5 / qwen3_5_moe, which
+caption exactly as Qwen3-VL: its processor, video rules, timestamps and preset), and their -FP8 releases: the
+checkpoint's config.json picks the model, and for Qwen3-VL and Qwen3.5 the defaults
+(``configs/captioning/qwen3_vl.yaml``).
 
 Frames are sampled at ``--fps`` over the whole video (or ``--num_frames`` uniformly) and resized
 to ``--height`` x ``--width``; the question goes through the checkpoint's chat template with one
@@ -59,8 +61,14 @@ from pipeline.config import CONFIG_DIR, ConfigError
 BASE_CONFIG = CONFIG_DIR / "captioning" / "qwen2vl.yaml"
 QWEN3_VL_CONFIG = CONFIG_DIR / "captioning" / "qwen3_vl.yaml"
 PROCESSORS = {"qwen2_vl": Qwen2VLVisionProcessor, "qwen2_5_vl": Qwen2_5_VLVisionProcessor,
-              "qwen3_vl": Qwen3VLVisionProcessor, "qwen3_vl_moe": Qwen3VLVisionProcessor}
-QWEN3_VL_TYPES = ("qwen3_vl", "qwen3_vl_moe")  # dense and MoE: the same vision tower, video rules and prompt
+              "qwen3_vl": Qwen3VLVisionProcessor, "qwen3_vl_moe": Qwen3VLVisionProcessor,
+              "qwen3_5": Qwen3VLVisionProcessor, "qwen3_5_moe": Qwen3VLVisionProcessor}
+# Qwen3-VL dense and MoE, and Qwen3.5 / Qwen3.6 (transformers maps them to Qwen3-VL's processor): the same
+# video rules and timestamped prompt
+QWEN3_VL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+# Qwen3.5's chat template opens a reasoning block (<think>) after the assistant header unless told
+# enable_thinking=False; a caption is the answer alone, so its prompts are rendered without thinking
+NO_THINKING_TYPES = ("qwen3_5", "qwen3_5_moe")
 VIDEO_PAD = "<|video_pad|>"
 MIN_FRAMES = 4  # fewest frames a budget may leave (two temporal patches), and Qwen3-VL's fewest sampled
 
@@ -103,11 +111,12 @@ class Qwen2VLCaptioner:
         model_type = read_config(folder).get("model_type")
         if model_type not in PROCESSORS:
             raise CheckpointError(f"{folder} holds a {model_type!r} model; this script captions with "
-                                  "Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense)")
+                                  "Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 / Qwen3.6 (dense and MoE)")
         self.tokenizer = load_tokenizer(folder)  # first: a broken folder fails before the model loads
         self.model = from_pretrained(folder, dtype=dtype, tp_size=tp_size)
         self.timed = model_type == "qwen2_5_vl"  # Qwen2.5-VL: time-based positions
         self.timestamps = model_type in QWEN3_VL_TYPES  # Qwen3-VL: a timestamp before each temporal patch
+        self.template_options = {"enable_thinking": False} if model_type in NO_THINKING_TYPES else {}
         top = max_frame_tokens or FRAME_TOKENS[1]  # Qwen3-VL's per-patch range: [128 or less, top]
         options = {"frame_tokens": (min(FRAME_TOKENS[0], top), top)} if self.timestamps else {}
         self.processor = PROCESSORS[model_type].from_pretrained(folder, **options)
@@ -119,7 +128,8 @@ class Qwen2VLCaptioner:
             self.frame_spec = FrameSpec(num_frames=max_frames, fps=fps, height=height, width=width,
                                         min_frames=sampled_min, times=True)
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  **self.template_options)
         if text.count(VIDEO_PAD) != 1:
             raise ValueError(f"the chat template should place one {VIDEO_PAD} for a video entry, got {text!r}")
         # Qwen2-VL and Qwen2.5-VL: tokenised once here (the workers only splice ids): the placeholder is a
@@ -221,7 +231,7 @@ class Qwen2VLCaptioner:
     def chat_prompt(self, turns: Sequence[Turn]) -> str:
         """The conversation through the checkpoint's chat template, the video as one ``<|video_pad|>``."""
         return self.tokenizer.apply_chat_template(template_messages(turns, {"type": "video"}), tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, **self.template_options)
 
     def with_prompt(self, video: PreparedVideo, prompt: str) -> VideoInputs:
         """The video's inputs under another prompt text, its ``<|video_pad|>`` expanded to the video's tokens."""
@@ -267,10 +277,10 @@ def model_inputs(batch: Sequence[VideoInputs], pad_id: int) -> dict[str, np.ndar
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(
-        "Caption videos with Qwen2-VL, Qwen2.5-VL or Qwen3-VL (Qwen/Qwen2-VL-*-Instruct, "
-        "Qwen/Qwen2.5-VL-*-Instruct, Qwen/Qwen3-VL-*-Instruct, dense).",
+        "Caption videos with Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 / Qwen3.6 (Qwen/Qwen2-VL-*-Instruct, "
+        "Qwen/Qwen2.5-VL-*-Instruct, Qwen/Qwen3-VL-*-Instruct, Qwen/Qwen3.5-*, dense and MoE).",
         epilog=f"defaults come from {BASE_CONFIG.relative_to(CONFIG_DIR.parent)} "
-               f"({QWEN3_VL_CONFIG.relative_to(CONFIG_DIR.parent)} for a Qwen3-VL checkpoint)\n"
+               f"({QWEN3_VL_CONFIG.relative_to(CONFIG_DIR.parent)} for a Qwen3-VL or Qwen3.5 checkpoint)\n"
                "example:\n  msrun --worker_num=8 --local_worker_num=8 --join=True "
                "pipeline/captioning/caption_qwen2vl.py meta.csv "
                "--pretrained_model_name_or_path /models/Qwen2-VL-7B-Instruct --bs 8")
@@ -308,7 +318,7 @@ def build_captioner(args: argparse.Namespace, dtype: str) -> Qwen2VLCaptioner:
 
 
 def base_config(argv: Sequence[str] | None) -> Path:
-    """The defaults for the checkpoint on the command line: Qwen3-VL's preset for a Qwen3-VL folder."""
+    """The defaults for the checkpoint on the command line: Qwen3-VL's preset for a Qwen3-VL or Qwen3.5 folder."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--pretrained_model_name_or_path")
     folder = pre.parse_known_args(argv)[0].pretrained_model_name_or_path

@@ -46,6 +46,8 @@ ENTRY_SCRIPTS = {
     "qwen2_5_vl": ("pipeline.captioning.caption_qwen2vl", ("qwen2vl.yaml", "qwen2_5_vl.yaml")),
     "qwen3_vl": ("pipeline.captioning.caption_qwen2vl", ("qwen3_vl.yaml",)),
     "qwen3_vl_moe": ("pipeline.captioning.caption_qwen2vl", ("qwen3_vl.yaml",)),
+    "qwen3_5": ("pipeline.captioning.caption_qwen2vl", ("qwen3_vl.yaml",)),  # Qwen3.5 / 3.6: Qwen3-VL's rules
+    "qwen3_5_moe": ("pipeline.captioning.caption_qwen2vl", ("qwen3_vl.yaml",)),
     "video_llama": ("pipeline.captioning.caption_videollama", ("videollama.yaml",)),
 }
 
