@@ -26,7 +26,9 @@ that Cell (so a language model's declarations keep working inside a composite):
 * ``tied_weights_keys``: checkpoint keys that may be present but need no parameter
   of their own (e.g. ``lm_head.weight`` when the head reuses the embedding); dropped.
 * ``checkpoint_slices``: ``{parameter name: (dim, start, stop, full size)}`` for a tensor-parallel
-  cell (``models.parallel``) that holds only part of a tensor; only that part is read.
+  cell (``models.parallel``) that holds only part of a tensor; only that part is read. A part made of
+  several ranges of one dimension (a rank's q, k and v rows of a fused projection) is
+  ``(dim, ((start, stop), ...), full size)``: they are read one by one and concatenated in that order.
 * ``keep_in_fp32_modules``: module names (as in transformers: any dotted component run of
   the parameter path below the Cell, e.g. ``"qformer"`` or ``"wo"``) whose parameters stay
   float32 whatever ``dtype`` is.
@@ -497,6 +499,26 @@ def _renamed_tensors(model: nn.Cell, source: str | Path, rules: list[tuple[str, 
     return tensors
 
 
+Slice = tuple[int, list[tuple[int, int]], int]  # (dim, [(start, stop), ...], full size)
+
+
+def slice_ranges(spec: tuple) -> Slice:
+    """A ``checkpoint_slices`` entry, ``(dim, start, stop, full)`` or ``(dim, ((start, stop), ...), full)``, as
+    ``(dim, [(start, stop), ...], full)``."""
+    if len(spec) == 4:
+        dim, start, stop, full = spec
+        return int(dim), [(int(start), int(stop))], int(full)
+    dim, ranges, full = spec
+    return int(dim), [(int(start), int(stop)) for start, stop in ranges], int(full)
+
+
+def read_slice(ref: TensorRef, part: Slice) -> np.ndarray:
+    """The entries of ``part``'s ranges along its dimension, each read alone, concatenated in their order."""
+    dim, ranges, _ = part
+    pieces = [ref.part(dim, start, stop) for start, stop in ranges]
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=dim)
+
+
 def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
                     overlay: str | Path | None = None) -> nn.Cell:
     """Fill every parameter of ``model`` from the weights in ``folder``; cast floats to ``dtype``.
@@ -515,13 +537,13 @@ def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
     rules: list[tuple[str, list[tuple[str, str]]]] = []
     tied: set[str] = set()
     fp32_modules: list[tuple[str, str]] = []
-    slices: dict[int, tuple[int, int, int, int]] = {}
+    slices: dict[int, Slice] = {}
     for path, cell in _walk(model):
         for name, param in cell.parameters_and_names(expand=False):
             aliases.setdefault(id(param), []).append(_join(path, name))
             params[id(param)] = param
             if name in (getattr(cell, "checkpoint_slices", None) or {}):
-                slices[id(param)] = cell.checkpoint_slices[name]
+                slices[id(param)] = slice_ranges(cell.checkpoint_slices[name])
         if getattr(cell, "checkpoint_rename_rules", None):
             rules.append((path, list(cell.checkpoint_rename_rules)))
         tied.update(_join(path, name) for name in getattr(cell, "tied_weights_keys", None) or ())
@@ -539,7 +561,7 @@ def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
         tensors.update(replacing)
         logger.info("%d tensors of %s replace those of %s", len(replacing), overlay, folder)
 
-    plan: list[tuple[Parameter, str, TensorRef, Optional[tuple[int, int, int, int]]]] = []
+    plan: list[tuple[Parameter, str, TensorRef, Optional[Slice]]] = []
     used: set[str] = set()
     missing: list[str] = []
     mismatched: list[str] = []
@@ -553,7 +575,11 @@ def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
         ref = tensors[present[0]]
         expected = list(param.shape)
         if key in slices:
-            expected[slices[key][0]] = slices[key][3]
+            dim, ranges, full = slices[key]
+            if sum(stop - start for start, stop in ranges) != expected[dim]:
+                raise ValueError(f"{names[0]}: checkpoint_slices {ranges} of dim {dim} do not add up to the "
+                                 f"parameter's {expected[dim]} entries")
+            expected[dim] = full
         if tuple(ref.shape) != tuple(expected):
             mismatched.append(f"{names[0]} (checkpoint {tuple(ref.shape)}, model {tuple(expected)})")
             continue
@@ -567,7 +593,7 @@ def load_checkpoint(model: nn.Cell, folder: str | Path, dtype: str = "float32",
         )
 
     for param, name, ref, part in plan:
-        array = ref.read() if part is None else ref.part(*part[:3])
+        array = ref.read() if part is None else read_slice(ref, part)
         value = _cast(array, ms.float32 if _keeps_fp32(name, fp32_modules) else target)
         if value.dtype != param.dtype:
             param.set_dtype(value.dtype)

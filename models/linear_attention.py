@@ -30,7 +30,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from models.layers import Linear, activation, ones_parameter, zeros_parameter
+from models.layers import activation, ones_parameter, zeros_parameter
+from models.parallel import (ColumnParallelLinear, Ranges, RowParallelLinear, TensorParallelError, current,
+                             slice_spec)
 
 CHUNK_SIZE = 64  # as transformers and flash-linear-attention
 
@@ -173,11 +175,16 @@ def recurrent_gated_delta_rule(query: Tensor, key: Tensor, value: Tensor, g: Ten
 
 
 class DepthwiseConv1d(nn.Cell):
-    """Holds ``weight`` (channels, 1, kernel) as torch.nn.Conv1d(groups=channels, bias=False) names it."""
+    """Holds ``weight`` (channels, 1, kernel) as torch.nn.Conv1d(groups=channels, bias=False) names it; ``ranges``:
+    the [start, stop) channel ranges of a tensor-parallel rank, concatenated (None: all of them)."""
 
-    def __init__(self, channels: int, kernel: int):
+    def __init__(self, channels: int, kernel: int, ranges: Optional[Ranges] = None):
         super().__init__()
-        self.weight = zeros_parameter((channels, 1, kernel))
+        ranges = ranges or [(0, channels)]
+        self.weight = zeros_parameter((sum(stop - start for start, stop in ranges), 1, kernel))
+        spec = slice_spec(0, ranges, channels)
+        if spec is not None:
+            self.checkpoint_slices = {"weight": spec}
 
 
 class GatedRMSNorm(nn.Cell):
@@ -199,35 +206,56 @@ class GatedDeltaNet(nn.Cell):
     ``out_proj`` (D, value_dim); no biases. (Qwen3-Next fuses the projections per key head instead:
     ``in_proj_qkvz``/``in_proj_ba``, which a loader would have to regroup into these.)
 
-    A tensor-parallel version keeps a slice of key heads and their Hv / Hk value heads: the matching rows of
-    each third of ``in_proj_qkv`` and of ``conv1d``, of ``in_proj_z/b/a``, ``dt_bias``, ``A_log``, the columns
-    of ``out_proj`` (all-reduced), with ``num_k_heads``/``num_v_heads`` the local counts. Not built here.
+    Tensor parallelism (built inside ``models.parallel.building``): a rank keeps key heads [k0, k1) (an even split;
+    key heads that tp_size does not divide are refused) and the value heads that read them,
+    [k0 Hv / Hk, k1 Hv / Hk): the matching rows of each third (q, k, v) of ``in_proj_qkv`` and channels of
+    ``conv1d``, the rows of ``in_proj_z/b/a``, its entries of ``dt_bias`` and ``A_log``, the columns of ``out_proj``
+    (whose partial outputs are all-reduced, as attention's ``o_proj``); ``norm.weight`` is whole. Its
+    ``num_k_heads``, ``num_v_heads``, ``key_dim``, ``value_dim`` and ``conv_dim`` are the rank's, and so are the
+    conv and recurrent states: (B, conv_dim, K) and (B, num_v_heads, dk, dv).
     """
 
     def __init__(self, config, chunk_size: int = CHUNK_SIZE):
         super().__init__()
-        self.num_k_heads = int(config.linear_num_key_heads)
-        self.num_v_heads = int(config.linear_num_value_heads)
-        if self.num_v_heads % self.num_k_heads:
-            raise ValueError(f"linear_num_value_heads ({self.num_v_heads}) must be a multiple of "
-                             f"linear_num_key_heads ({self.num_k_heads})")
+        key_heads, value_heads = int(config.linear_num_key_heads), int(config.linear_num_value_heads)
+        if value_heads % key_heads:
+            raise ValueError(f"linear_num_value_heads ({value_heads}) must be a multiple of "
+                             f"linear_num_key_heads ({key_heads})")
+        group = current()
+        if key_heads % group.size:
+            raise TensorParallelError(f"the Gated DeltaNet's linear_num_key_heads ({key_heads}) is not divisible by "
+                                      f"tp_size {group.size}: a rank keeps whole key heads; use a tp_size that "
+                                      f"divides {key_heads}")
+        k0, k1 = group.split(key_heads, "linear_num_key_heads")
+        per_key = value_heads // key_heads
+        v0, v1 = k0 * per_key, k1 * per_key
+        self.num_k_heads, self.num_v_heads = k1 - k0, v1 - v0
         self.head_k_dim, self.head_v_dim = int(config.linear_key_head_dim), int(config.linear_value_head_dim)
-        self.key_dim = self.num_k_heads * self.head_k_dim
-        self.value_dim = self.num_v_heads * self.head_v_dim
+        dk, dv = self.head_k_dim, self.head_v_dim
+        self.key_dim = self.num_k_heads * dk
+        self.value_dim = self.num_v_heads * dv
         self.conv_kernel_size = int(config.linear_conv_kernel_dim)
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.chunk_size = chunk_size
         self.act = activation(config.hidden_act)
         hidden = int(config.hidden_size)
-        self.in_proj_qkv = Linear(hidden, self.conv_dim, bias=False)
-        self.in_proj_z = Linear(hidden, self.value_dim, bias=False)
-        self.in_proj_b = Linear(hidden, self.num_v_heads, bias=False)
-        self.in_proj_a = Linear(hidden, self.num_v_heads, bias=False)
-        self.conv1d = DepthwiseConv1d(self.conv_dim, self.conv_kernel_size)
+        # this rank's channels of q | k | v (each third holds its heads contiguously): one range in each third
+        full_key, full_value = key_heads * dk, value_heads * dv
+        channels = [(k0 * dk, k1 * dk), (full_key + k0 * dk, full_key + k1 * dk),
+                    (2 * full_key + v0 * dv, 2 * full_key + v1 * dv)]
+        values = (v0 * dv, v1 * dv)
+        self.in_proj_qkv = ColumnParallelLinear(hidden, 2 * full_key + full_value, bias=False, rows=channels)
+        self.in_proj_z = ColumnParallelLinear(hidden, full_value, bias=False, rows=values)
+        self.in_proj_b = ColumnParallelLinear(hidden, value_heads, bias=False, rows=(v0, v1))
+        self.in_proj_a = ColumnParallelLinear(hidden, value_heads, bias=False, rows=(v0, v1))
+        self.conv1d = DepthwiseConv1d(2 * full_key + full_value, self.conv_kernel_size, channels)
         self.dt_bias = ones_parameter((self.num_v_heads,))
         self.A_log = zeros_parameter((self.num_v_heads,))
+        heads = slice_spec(0, [(v0, v1)], value_heads)
+        if heads is not None:
+            self.checkpoint_slices = {"dt_bias": heads, "A_log": heads}
         self.norm = GatedRMSNorm(self.head_v_dim, float(config.rms_norm_eps))
-        self.out_proj = Linear(self.value_dim, hidden, bias=False)
+        self.out_proj = RowParallelLinear(full_value, hidden, bias=False, cols=values)
 
     def _inputs(self, hidden: Tensor, conv_state: Optional[Tensor]) -> tuple:
         """Projections, conv and gates of ``hidden`` (B, L, D): q, k, v, z per head, g and beta (float32)."""

@@ -13,12 +13,13 @@ group:
 - :func:`vocab_head` and :func:`tied_logits` gather the vocabulary slices of the logits, so ``forward``
   and ``generate`` see full logits, bit-identical on every rank, and make identical decisions.
 - :func:`split_heads` gives a rank its query heads and the key/value heads they read; the KV cache
-  holds only those.
+  holds only those. A Gated DeltaNet (``models.linear_attention``) splits by key heads with their value heads.
 
 Layers are built inside :func:`building`; with no group (or size 1) they are the plain layers, with
 the same parameter names, so checkpoints and single-device code do not change. Each sliced cell
-declares ``checkpoint_slices`` and the loader (``models.checkpoint``) reads only that part of each
-tensor, so a rank's host memory is about the model's size divided by the group size.
+declares ``checkpoint_slices`` (:func:`slice_spec`: one range of a dimension, or several concatenated, such
+as a rank's q, k and v rows of one fused projection) and the loader (``models.checkpoint``) reads only that part
+of each tensor, so a rank's host memory is about the model's size divided by the group size.
 
 Collectives: ``mindspore.communication`` (HCCL groups on Ascend; on CPU MindSpore 2.7 to 2.9 reduce only
 over the world group, so a group that is the whole world uses it there too). A CPU group smaller
@@ -35,7 +36,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import mindspore as ms
 import numpy as np
@@ -329,21 +330,53 @@ def _receive(conn: socket.socket, size: int) -> bytes:
 # --- layers
 
 
+Ranges = Sequence[tuple[int, int]]
+
+
+def _merged(ranges: Ranges) -> list[tuple[int, int]]:
+    """``ranges`` in their order, each joined to the one before where it starts at that one's stop."""
+    out: list[tuple[int, int]] = []
+    for start, stop in ranges:
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], stop)
+        else:
+            out.append((int(start), int(stop)))
+    return out
+
+
+def slice_spec(dim: int, ranges: Ranges, full: int) -> Optional[tuple]:
+    """The ``checkpoint_slices`` entry (``models.checkpoint``) of a parameter holding ``ranges`` [(start, stop), ...]
+    of the ``full`` entries along ``dim``, concatenated in that order: ``(dim, start, stop, full)`` for one range,
+    ``(dim, ((start, stop), ...), full)`` for several; None when that is the whole tensor."""
+    merged = _merged(ranges)
+    if merged == [(0, full)]:
+        return None
+    if len(merged) == 1:
+        return (dim, merged[0][0], merged[0][1], full)
+    return (dim, tuple(merged), full)
+
+
 class ColumnParallelLinear(Linear):
-    """A Linear holding output features [start, stop) of this rank (default: an even split).
+    """A Linear holding output features [start, stop) of this rank (default: an even split), or several such
+    ranges concatenated (``rows`` a list of them: a fused projection whose rank part lies in several places).
 
     ``gather_output`` concatenates the ranks' outputs (a vocabulary head); otherwise the output stays
     sliced for a following :class:`RowParallelLinear`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 rows: Optional[tuple[int, int]] = None, gather_output: bool = False, what: str = "output features"):
+                 rows: Optional[tuple[int, int] | Ranges] = None, gather_output: bool = False,
+                 what: str = "output features"):
         group = current()
-        start, stop = rows or group.split(out_features, what)
-        super().__init__(in_features, stop - start, bias)
+        if rows is None:
+            ranges = [group.split(out_features, what)]
+        else:
+            ranges = list(rows) if isinstance(rows[0], (tuple, list)) else [tuple(rows)]
+        super().__init__(in_features, sum(stop - start for start, stop in ranges), bias)
         self.gather = group.gatherer() if gather_output else None
-        if (start, stop) != (0, out_features):
-            self.checkpoint_slices = {"weight": (0, start, stop, out_features), "bias": (0, start, stop, out_features)}
+        spec = slice_spec(0, ranges, out_features)
+        if spec is not None:
+            self.checkpoint_slices = {"weight": spec, "bias": spec}
 
     def construct(self, x: Tensor) -> Tensor:
         y = super().construct(x)

@@ -277,12 +277,34 @@ def test_published_layouts_load_and_a_missing_tensor_is_named(moe_checkpoint, tm
         from_pretrained(rewritten(moe_checkpoint, tmp_path / "missing", drop))
 
 
-def test_tensor_parallel_is_refused(checkpoint):
-    """The DeltaNet layers are not split across ranks (yet): such a model refuses to build under tp_size > 1."""
+class _NoComm(parallel.Communicator):
+    def reducer(self):
+        return None
+
+    def gatherer(self):
+        return None
+
+
+def test_each_tensor_parallel_rank_loads_its_heads_of_the_nested_checkpoint(checkpoint):
+    """Under tp_size 2 (built as each rank, no collectives: msrun runs are tests.test_qwen3_5_parallel's) a rank
+    loads from the nested layout its DeltaNet key head with its two value heads, its attention heads, half the
+    MLP and the whole vision tower."""
+    from models.checkpoint import load_checkpoint
+
     config = transformers.Qwen3_5Config.from_pretrained(checkpoint)
-    with parallel.building(parallel.TensorParallelGroup(size=2, rank=0)):
-        with pytest.raises(parallel.TensorParallelError, match="Gated DeltaNet"):
-            Qwen3_5ForConditionalGeneration(config)
+    full = load_file(str(checkpoint / "model.safetensors"))
+    qkv = full["model.language_model.layers.0.linear_attn.in_proj_qkv.weight"]  # q 32 | k 32 | v 64 rows
+    for rank in range(2):
+        with parallel.building(parallel.TensorParallelGroup(size=2, rank=rank, comm=_NoComm())):
+            model = load_checkpoint(Qwen3_5ForConditionalGeneration(config), checkpoint)
+        params = {name: p.asnumpy() for name, p in model.parameters_and_names()}
+        keys, values = np.r_[16 * rank:16 * rank + 16], np.r_[32 * rank:32 * rank + 32]
+        np.testing.assert_array_equal(params["model.layers.0.linear_attn.in_proj_qkv.weight"],
+                                      qkv[np.r_[keys, 32 + keys, 64 + values]])
+        assert params["model.layers.0.linear_attn.out_proj.weight"].shape == (64, 32)
+        assert params["model.layers.3.mlp.down_proj.weight"].shape == (64, 48)
+        np.testing.assert_array_equal(params["visual.patch_embed.proj.weight"],
+                                      full["model.visual.patch_embed.proj.weight"])
 
 
 # ----------------------------------------------------------------------------- captioning entry script

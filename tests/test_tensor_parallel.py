@@ -111,7 +111,16 @@ def _blip2_opt(folder: Path) -> tuple[dict, dict]:
     return inputs, _hf_outputs(hf, inputs)
 
 
-FAMILIES = {"llava_next": _llava_next, "qwen2vl": _qwen2vl, "qwen3_vl_moe": _qwen3_vl_moe, "blip2_opt": _blip2_opt}
+def _qwen3_5(name: str):
+    """Qwen3.5's hybrid decoder, dense 3:1 or MoE 2:1: Gated DeltaNet layers split by key heads."""
+    def build(folder: Path) -> tuple[dict, dict]:
+        from tests.test_qwen3_5_parallel import tp_family  # here: that module imports this one's _as_rank
+        return tp_family(name)(folder)
+    return build
+
+
+FAMILIES = {"llava_next": _llava_next, "qwen2vl": _qwen2vl, "qwen3_vl_moe": _qwen3_vl_moe, "blip2_opt": _blip2_opt,
+            "qwen3_5_dense": _qwen3_5("dense"), "qwen3_5_moe": _qwen3_5("moe")}
 
 
 @pytest.fixture(scope="module")

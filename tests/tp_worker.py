@@ -1,4 +1,5 @@
-"""msrun worker for tests/test_tensor_parallel.py: each named model split over all ranks (tp = world size).
+"""msrun worker for tests/test_tensor_parallel.py and tests/test_qwen3_5_parallel.py: each named model split over
+all ranks (tp = world size).
 
 Usage: tp_worker.py <spec.json> <out folder>. ``spec.json``: ``{name: {"folder": ..., "inputs": <npz>,
 "decoding": bool}}``.
@@ -22,14 +23,19 @@ from pipeline import distributed  # noqa: E402
 NEW_TOKENS = 8
 
 
+def ids(generated) -> np.ndarray:
+    """The ids of a ``generate`` result: an array (the vision-language models), or a decoder's ``GenerateOutput``."""
+    return np.asarray(getattr(generated, "sequences", generated))
+
+
 def outputs(model, inputs: dict, decoding: bool) -> dict:
     """Logits and greedy ids; with ``decoding`` also beam search (3 beams) and seeded sampling."""
     result = {"logits": model(**inputs).logits.asnumpy(),
-              "ids": np.asarray(model.generate(**inputs, max_new_tokens=NEW_TOKENS))}
+              "ids": ids(model.generate(**inputs, max_new_tokens=NEW_TOKENS))}
     if decoding:
-        result["beams"] = np.asarray(model.generate(**inputs, max_new_tokens=NEW_TOKENS, num_beams=3))
-        result["sampled"] = np.asarray(model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True,
-                                                      top_k=0, temperature=1.5, seed=7))
+        result["beams"] = ids(model.generate(**inputs, max_new_tokens=NEW_TOKENS, num_beams=3))
+        result["sampled"] = ids(model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True,
+                                               top_k=0, temperature=1.5, seed=7))
     return result
 
 

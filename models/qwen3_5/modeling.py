@@ -19,8 +19,12 @@ prompt (T > 1 positions, written at slot 0) runs the chunked delta rule from emp
 mask's slots for its positions, so left padding never enters the states; a one-token step runs the recurrent
 rule. Beam search reorders every one of them as rows.
 
+Tensor parallelism (``models.parallel``, ``tp_size`` > 1 under msrun): a DeltaNet layer splits by key heads with
+their value heads (``models.linear_attention.GatedDeltaNet``; linear_num_key_heads must divide by tp_size), the
+gated attention by heads as Llama's, the MLP by columns, the MoE layer by experts; each rank's states and KV cache
+hold only its heads.
+
 The vision-language models (``qwen3_5``, ``qwen3_5_moe``) wrap this stack: ``models.qwen3_5.vision_language``.
-Not here yet: tensor parallelism (a DeltaNet layer is not split: such a model refuses ``tp_size`` > 1).
 """
 from __future__ import annotations
 
@@ -33,7 +37,6 @@ from models.layers import RMSNorm
 from models.linear_attention import GatedDeltaNet
 from models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
 from models.moe import expert_checkpoint_hook, mlp_for, num_experts
-from models.parallel import require_unsplit
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
@@ -92,8 +95,7 @@ class Qwen3_5ForCausalLM(LlamaForCausalLM):
     decoder_class = Qwen3_5TextModel
 
     def __init__(self, config):
-        if LINEAR in check_layer_types(config):
-            require_unsplit("Qwen3.5's Gated DeltaNet layers")
+        check_layer_types(config)
         super().__init__(config)
         # an MoE prompt groups its tokens by expert on the host, so it runs op by op (see models.moe)
         self.compile_prompt = not num_experts(config)

@@ -22,16 +22,15 @@ nested layout (``model.language_model.*``, ``model.visual.*``, ``lm_head.weight`
 the published ones also hold a multi-token-prediction head (``mtp.*``), which decoding does not use and is dropped.
 Expert tensors load from every layout ``models.moe`` knows (per-expert matrices, fused, transposed).
 
-Not here: tensor parallelism (DeltaNet layers are not split; such a model refuses ``tp_size`` > 1), Ascend runs.
+Tensor parallelism: the decoder splits as ``models.qwen3_5.modeling`` describes (DeltaNet layers by key heads), the
+vision tower as Qwen3-VL's. Not here: Ascend runs.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from models.parallel import require_unsplit
 from models.qwen2_vl.modeling import Qwen2VLTextModel
-from models.qwen3_5.modeling import (LINEAR, Qwen3_5DecoderLayer, check_layer_types, drop_multi_token_prediction,
-                                     hybrid_cache)
+from models.qwen3_5.modeling import Qwen3_5DecoderLayer, check_layer_types, drop_multi_token_prediction, hybrid_cache
 from models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
 
 if TYPE_CHECKING:
@@ -56,8 +55,7 @@ class Qwen3_5ForConditionalGeneration(Qwen3VLForConditionalGeneration):
     text_model_class = Qwen3_5VLTextModel
 
     def __init__(self, config: "Qwen3_5Config"):
-        if LINEAR in check_layer_types(config.text_config):
-            require_unsplit("Qwen3.5's Gated DeltaNet layers")
+        check_layer_types(config.text_config)
         super().__init__(config)
 
     def checkpoint_hook(self, tensors: dict) -> None:
