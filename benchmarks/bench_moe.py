@@ -229,14 +229,15 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
 
 
-def child(side: str, spec: dict) -> None:
-    """Serve the parent's commands (JSON lines on stdin), one reply line each on stdout."""
+def child(side: str, spec: dict, builders: dict | None = None) -> None:
+    """Serve the parent's commands (JSON lines on stdin), one reply line each on stdout. ``builders``: each side's
+    ``(spec) -> (make(case, impl), to_numpy(out), info)`` (default :func:`ours_side` and :func:`torch_side`)."""
     def reply(obj: dict) -> None:
         sys.stdout.write(MARK + json.dumps(obj) + "\n")
         sys.stdout.flush()
 
     start = time.perf_counter()
-    make, to_numpy, info = (ours_side if side == "ours" else torch_side)(spec)
+    make, to_numpy, info = (builders or {"ours": ours_side, "torch": torch_side})[side](spec)
     loaded = _rss_mb()
     reply({"ready": True, "load_seconds": time.perf_counter() - start, "rss_after_load_mb": loaded,
            "peak_rss_load_mb": peak_rss_mb(), **info})
@@ -276,8 +277,9 @@ def child(side: str, spec: dict) -> None:
 class Side:
     """A child process serving one side's commands."""
 
-    def __init__(self, side: str, spec: dict, log: Path):
-        cmd = [sys.executable, "-m", "benchmarks.bench_moe", "--child", side, "--spec", json.dumps(spec)]
+    def __init__(self, side: str, spec: dict, log: Path, module: str = "benchmarks.bench_moe"):
+        """``module``: what ``python -m`` runs in the child (its ``--child SIDE --spec JSON`` calls :func:`child`)."""
+        cmd = [sys.executable, "-m", module, "--child", side, "--spec", json.dumps(spec)]
         env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -314,11 +316,13 @@ class Side:
 
 
 def measure_case(sides: dict[str, Side], spec: dict, case: dict, impls: list[tuple[str, str]], work: Path,
-                 repeats: int, min_seconds: float) -> dict:
-    """One row: warm-up and outputs of every implementation, rounds in rotating order, then memory."""
+                 repeats: int, min_seconds: float, head: dict | None = None, tolerance: float = TOLERANCE) -> dict:
+    """One row: warm-up and outputs of every implementation, rounds in rotating order, then memory. ``head``: the
+    row's first fields (default the MoE case's); ``tolerance``: the largest max abs diff for ``outputs_agree``."""
     tokens = case["size"]  # tokens per call: N for a prefill, B one-token rows for a decode step
-    row = {"experts": spec["experts"], "case": case["kind"], "size": case["size"], "tokens_per_call": tokens,
-           "ours_path": ours_path(spec, case), "load_average_before": os.getloadavg(), "impls": {}}
+    head = head if head is not None else {"experts": spec["experts"], "case": case["kind"], "size": case["size"],
+                                          "tokens_per_call": tokens, "ours_path": ours_path(spec, case)}
+    row = {**head, "load_average_before": os.getloadavg(), "impls": {}}
     live = []
     for side, impl in impls:
         entry = row["impls"].setdefault(impl, {"side": side})
@@ -366,11 +370,11 @@ def measure_case(sides: dict[str, Side], spec: dict, case: dict, impls: list[tup
             diffs.append(entry["max_abs_diff_vs_ours"])
     row["load_average_after"] = os.getloadavg()
     row["max_abs_diff"] = max(diffs) if diffs else None
-    row["outputs_agree"] = bool(diffs) and max(diffs) < TOLERANCE
+    row["outputs_agree"] = bool(diffs) and max(diffs) < tolerance
     return row
 
 
-def _fmt(value, digits: int = 0, suffix: str = "") -> str:
+def fmt(value, digits: int = 0, suffix: str = "") -> str:
     return "—" if value is None else f"{value:,.{digits}f}{suffix}"
 
 
@@ -391,7 +395,7 @@ def table(rows: list[dict], torch_impls: Sequence[str]) -> str:
                 return "error"
             return text(entry)
 
-        speed = lambda e: _fmt(e.get("tokens_per_second"))  # noqa: E731
+        speed = lambda e: fmt(e.get("tokens_per_second"))  # noqa: E731
         ratio = lambda e: ("—" if e.get("speed_ratio_ours_over_this") is None else  # noqa: E731
                            f"{e['speed_ratio_ours_over_this']:.2f}x ({e['speed_ratio_best_times']:.2f}x)")
         memory = lambda e: f"{e['peak_mb']:,.0f} ({e['work_mb']:+,.0f})" if "peak_mb" in e else "—"  # noqa: E731
@@ -399,7 +403,7 @@ def table(rows: list[dict], torch_impls: Sequence[str]) -> str:
         cells = [str(r["experts"]), label, r["ours_path"], cell("ours", speed),
                  *[cell(i, speed) for i in torch_impls], *[cell(i, ratio) for i in torch_impls],
                  "—" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}", cell("ours", memory),
-                 cell(torch_impls[0], memory), cell("ours", lambda e: _fmt(e.get("first_call_seconds"), 2))]
+                 cell(torch_impls[0], memory), cell("ours", lambda e: fmt(e.get("first_call_seconds"), 2))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -413,7 +417,7 @@ def meta(spec: dict, args, sides_info: dict) -> dict:
             "sides": sides_info}
 
 
-def _ints(text: str) -> list[int]:
+def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
@@ -442,15 +446,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.child:
         return child(args.child, json.loads(args.spec))
     torch_impls = [i for i in args.torch_impls.split(",") if i]
-    cases = [{"kind": "prefill", "size": n} for n in _ints(args.prefill)] + \
-            [{"kind": "decode", "size": b} for b in _ints(args.decode)]
+    cases = [{"kind": "prefill", "size": n} for n in ints(args.prefill)] + \
+            [{"kind": "decode", "size": b} for b in ints(args.decode)]
     impls = [("ours", "ours")] + [("torch", impl) for impl in torch_impls]
     started = time.perf_counter()
     rows, sides_info = [], {}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     spec = {}
-    for experts in _ints(args.experts):
+    for experts in ints(args.experts):
         spec = {"experts": experts, "hidden": args.hidden, "inter": args.inter, "top_k": args.top_k, "seed": SEED,
                 "batched_mm_max_gb": args.batched_mm_max_gb}
         for case in cases:

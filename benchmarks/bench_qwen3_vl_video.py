@@ -1,5 +1,5 @@
-"""A 60 s clip through Qwen3-VL (dense) at the captioner's Qwen3-VL defaults: ours (MindSpore) against
-transformers + PyTorch.
+"""A 60 s clip through Qwen3-VL (dense), or Qwen3.5 (``--model qwen3_5``), at the captioner's Qwen3-VL defaults:
+ours (MindSpore) against transformers + PyTorch.
 
 ``benchmarks.bench_long_video`` for Qwen3-VL: both sides caption through the same runner
 (``pipeline.captioning.runner.run``, batch 1) with the same video decoding, frame spec and preprocessing:
@@ -8,8 +8,9 @@ transformers + PyTorch.
 timestamp per temporal patch, and the visual-token budget. The torch side's ``prepare`` is our
 ``Qwen2VLCaptioner.prepare`` of a captioner built without its MindSpore model (see
 :func:`ours_without_model`), so only the model differs. Torch runs transformers'
-``Qwen3VLForConditionalGeneration`` with ``attn_implementation="sdpa"`` on the same saved weights,
-given the same prompt ids, pixel rows and grids. Greedy, 8 new tokens (random weights rarely stop early).
+``Qwen3VLForConditionalGeneration`` (``Qwen3_5ForConditionalGeneration`` for a Qwen3.5 checkpoint: the child
+reads config.json's ``model_type``) with ``attn_implementation="sdpa"`` on the same saved weights, given the same
+prompt ids, pixel rows and grids. Greedy, 8 new tokens (random weights rarely stop early).
 
 Per (config, clip) each side runs in its own subprocess (``bench_long_video``'s child: 20 min timeout): a
 first video (for ours this includes compiling), then a second, different video of the same length
@@ -23,12 +24,18 @@ template, 32,768 positions):
         (tests/test_qwen3_vl.tiny_config)
   mid:  LM 4 x 512, 8 heads, 2 KV heads, head_dim 64, MLP 1408; vision 2 x 256 (4 heads, MLP 1024),
         DeepStack after both blocks (into the first 2 decoder layers), 48 x 48 learned positions
+``--model qwen3_5`` (config tiny only; results default to benchmarks/results/qwen3_5_video.json):
+  tiny: tests/test_qwen3_5_vl's dense model (its weights, spread around each norm's centre): LM 4 x 64, three
+        Gated DeltaNet layers (2 key / 4 value heads of 16, conv 4) then one gated full-attention layer (4 heads,
+        2 KV heads, head_dim 32, half rotating); Qwen3-VL's tiny tower without DeepStack; the chat template with
+        Qwen3.5's thinking switch (the captioner turns thinking off). The processor configs are Qwen3-VL's
+        published ones, as for Qwen3-VL (Qwen3.5 uses Qwen3-VL's processor).
 Clips: ffmpeg testsrc, 640x360 at 25 fps (the second video flipped and hue-shifted). At the defaults a
 60 s clip is 120 frames, 60 temporal patches of 14 x 21 merged tokens: 17,640 visual tokens, within the
 budget, plus 60 timestamps and their vision start/end tokens.
 
-    python -m benchmarks.bench_qwen3_vl_video [--configs tiny,mid] [--clips 60] [--max_minutes 25]
-        [--output benchmarks/results/qwen3_vl_video.json]
+    python -m benchmarks.bench_qwen3_vl_video [--model qwen3_vl|qwen3_5] [--configs tiny,mid] [--clips 60]
+        [--max_minutes 25] [--output benchmarks/results/qwen3_vl_video.json]
 
 Rows run in order (every clip of a config, then the next config) and the results file is rewritten
 after each row. A row estimated (from the previous row of its config, else from the previous config's
@@ -66,17 +73,33 @@ IMAGE_SIZE = {"longest_edge": 16777216, "shortest_edge": 65536}
 VIDEO_SIZE = {"longest_edge": 25165824, "shortest_edge": 4096}
 # Relative cost of a row between configs, for the time estimate of a config's first row (measured here).
 COST = {"tiny": 1.0, "mid": 1.5}
+# Per model: transformers' class (the torch side) and the results file's default.
+MODELS = {"qwen3_vl": ("Qwen3VLForConditionalGeneration", "benchmarks/results/qwen3_vl_video.json"),
+          "qwen3_5": ("Qwen3_5ForConditionalGeneration", "benchmarks/results/qwen3_5_video.json")}
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def build_config(name: str):
+def qwen3_5_model(name: str):
+    """tests/test_qwen3_5_vl's tiny dense Qwen3.5 (seeded, its weights), with 32,768 positions."""
+    from tests.test_qwen3_5_vl import hf_model
+
+    if name != "tiny":
+        raise ValueError(f"unknown Qwen3.5 config {name!r}: tiny")
+    model = hf_model(seed=SEED)
+    model.config.text_config.max_position_embeddings = 32768
+    return model
+
+
+def build_config(name: str, model: str = "qwen3_vl"):
     import transformers
 
     from tests.test_qwen2vl import ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, VOCAB
     from tests.test_qwen3_vl import tiny_config
 
+    if model == "qwen3_5":
+        return qwen3_5_model(name).config
     if name == "tiny":
         config = tiny_config()
         config.text_config.max_position_embeddings = 32768
@@ -96,9 +119,9 @@ def build_config(name: str):
                                       vision_end_token_id=VISION_END, tie_word_embeddings=False)
 
 
-def save_checkpoint(name: str, folder: Path) -> Path:
-    """A random transformers checkpoint (save_pretrained), the tests' tokenizer with timestamp words, and
-    Qwen3-VL's published preprocessor configs."""
+def save_checkpoint(name: str, folder: Path, model: str = "qwen3_vl") -> Path:
+    """A random transformers checkpoint (save_pretrained), the tests' tokenizer with timestamp words (Qwen3.5: and
+    its chat template with the thinking switch), and Qwen3-VL's published preprocessor configs."""
     import torch
     import transformers
 
@@ -106,10 +129,19 @@ def save_checkpoint(name: str, folder: Path) -> Path:
     from tests.test_qwen3_vl import TIME_WORDS
 
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(SEED)
-    model = spread_weights(transformers.Qwen3VLForConditionalGeneration(build_config(name)).eval(), SEED)
-    model.save_pretrained(folder)
+    if model == "qwen3_5":
+        hf = qwen3_5_model(name)
+    else:
+        torch.manual_seed(SEED)
+        hf = spread_weights(transformers.Qwen3VLForConditionalGeneration(build_config(name)).eval(), SEED)
+    hf.save_pretrained(folder)
     save_tokenizer(folder, TIME_WORDS)
+    if model == "qwen3_5":
+        from tests.test_qwen3_5_vl import THINKING_TEMPLATE
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        tokenizer.chat_template = THINKING_TEMPLATE
+        tokenizer.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {**PIXELS, "size": IMAGE_SIZE, "image_processor_type": "Qwen2VLImageProcessor"}))
     (folder / "video_preprocessor_config.json").write_text(json.dumps({**PIXELS, "size": VIDEO_SIZE}))
@@ -155,8 +187,10 @@ _long_video_torch = long_video.torch_captioner  # kept: child() puts torch_capti
 
 
 def torch_captioner(folder: str):
-    """transformers' Qwen3-VL (sdpa) fed our Qwen3-VL inputs (bench_long_video's torch side)."""
-    return _long_video_torch(folder, "Qwen3VLForConditionalGeneration", ours_without_model)
+    """transformers' Qwen3-VL or Qwen3.5 (sdpa, as config.json's ``model_type`` says) fed our inputs
+    (bench_long_video's torch side)."""
+    model_type = json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    return _long_video_torch(folder, MODELS[model_type][0], ours_without_model)
 
 
 def ours_captioner(folder: str):
@@ -205,7 +239,7 @@ def estimate_seconds(rows: list[dict], config: str, seconds: int) -> float:
     return 0.0
 
 
-def meta(configs: Sequence[str]) -> dict:
+def meta(configs: Sequence[str], model: str = "qwen3_vl") -> dict:
     import mindspore as ms
     import torch
     import transformers
@@ -217,18 +251,22 @@ def meta(configs: Sequence[str]) -> dict:
             "settings": {**preset(), "config_file": "configs/captioning/qwen3_vl.yaml", "greedy": True,
                          "max_new_tokens": NEW_TOKENS, "batch_size": 1,
                          "clip": f"testsrc {CLIP_SIZE} @ {CLIP_RATE} fps",
-                         "subprocess_timeout_seconds": TIMEOUT, "torch_attn_implementation": "sdpa"},
-            "configs": {c: build_config(c).to_dict() for c in configs}}
+                         "subprocess_timeout_seconds": TIMEOUT, "torch_attn_implementation": "sdpa",
+                         "model": model, "torch_class": MODELS[model][0]},
+            "configs": {c: build_config(c, model).to_dict() for c in configs}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="tiny,mid", help="comma-separated, run in this order: tiny, mid")
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen3_vl",
+                        help="the family: qwen3_vl (configs tiny, mid) or qwen3_5 (config tiny)")
+    parser.add_argument("--configs", help="comma-separated, run in this order: tiny, mid (default: both for "
+                                          "qwen3_vl, tiny for qwen3_5)")
     parser.add_argument("--clips", default="60", help="clip lengths in seconds, comma-separated")
     parser.add_argument("--max_minutes", type=float, default=25,
                         help="leave out (record as skipped) a row estimated to end past this much wall time")
-    parser.add_argument("--output", default="benchmarks/results/qwen3_vl_video.json",
-                        help="results JSON, rewritten after every row")
+    parser.add_argument("--output", help="results JSON, rewritten after every row (default: "
+                                         "benchmarks/results/qwen3_vl_video.json, or qwen3_5_video.json)")
     parser.add_argument("--child", choices=("ours", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--videos", help=argparse.SUPPRESS)
@@ -239,12 +277,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         return child(args.child, args.folder, args.videos.split(","), Path(args.work), Path(args.result))
     if shutil.which("ffmpeg") is None:
         raise SystemExit("ffmpeg is needed to make the benchmark clips (apt-get install ffmpeg)")
-    configs = args.configs.split(",")
+    configs = (args.configs or ("tiny,mid" if args.model == "qwen3_vl" else "tiny")).split(",")
     clips = [int(c) for c in args.clips.split(",")]
     started = time.perf_counter()
-    output = Path(args.output)
+    output = Path(args.output or MODELS[args.model][1])
     output.parent.mkdir(parents=True, exist_ok=True)
-    info = {**meta(configs), "command": "python -m benchmarks.bench_qwen3_vl_video "
+    info = {**meta(configs, args.model), "command": "python -m benchmarks.bench_qwen3_vl_video "
                                        + " ".join(argv if argv is not None else sys.argv[1:])}
     rows: list[dict] = []
 
@@ -268,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(f"skipping {config} {seconds}s: {rows[-1]['skipped']}", flush=True)
                     write()
                     continue
-                folder = folder or save_checkpoint(config, tmp / config)
+                folder = folder or save_checkpoint(config, tmp / config, args.model)
                 work = tmp / f"{config}_{seconds}"
                 ours = run_side("ours", folder, videos[seconds], work / "ours")
                 ref = run_side("torch", folder, videos[seconds], work / "torch")
