@@ -27,7 +27,8 @@ from tests.test_qwen2vl import (  # noqa: E402
     CHAT_TEMPLATE, ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, VOCAB, hf_generate, hf_inputs,
     left_pad, per_frame_video_rows, read_rows)
 from tests.test_qwen3_vl import (  # noqa: E402
-    EOS, IMAGE_GRID, SMALL_GRID, VIDEO_GRID, image_prompt, pixels, save_checkpoint, video_prompt)
+    EOS, IMAGE_GRID, SMALL_GRID, VIDEO_GRID, assert_beams_equal_transformers_one_by_one, image_prompt, pixels,
+    save_checkpoint, video_prompt)
 
 LINEAR, FULL = "linear_attention", "full_attention"
 NEW_TOKENS = 8
@@ -79,16 +80,20 @@ THINKING_TEMPLATE = CHAT_TEMPLATE.replace(GENERATION_PROMPT, (
     "enable_thinking is false %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}"))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def save_qwen3_5(folder: Path) -> Path:
     """The dense model with Qwen3-VL's tokenizer, processor and generation configs (tests.test_qwen3_vl), the chat
     template with Qwen3.5's thinking switch."""
     assert THINKING_TEMPLATE != CHAT_TEMPLATE
-    folder = save_checkpoint(tmp_path_factory.mktemp("qwen3_5_vl"), model=hf_model())
+    save_checkpoint(folder, model=hf_model())
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = THINKING_TEMPLATE
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_qwen3_5(tmp_path_factory.mktemp("qwen3_5_vl"))
 
 
 @pytest.fixture(scope="module")
@@ -193,26 +198,9 @@ def test_greedy_left_padded_batch_equals_transformers_one_by_one(pair):
 
 
 def test_beam_search_equals_transformers_one_by_one(pair):
-    """3 beams over a left-padded batch of two videos: every returned beam equals transformers' beam search on
-    that prompt alone (the DeltaNet states and the attention cache are reordered with the beams)."""
-    hf, ours = pair
-    kw = dict(max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=ENDOFTEXT, num_beams=3,
-              num_return_sequences=3)
-    specs = [(2, VIDEO_GRID, [24, 25]), (1, SMALL_GRID, [26])]
-    prompts = [video_prompt(t, hw, words) for t, hw, words in specs]
-    grids = [np.array([[t, *hw]]) for t, hw, _ in specs]
-    rows = [pixels(30 + i, g[0]) for i, g in enumerate(grids)]
-    ids, mask = left_pad(prompts)
-    got = ours.generate(ids, mask, pixel_values_videos=np.concatenate(rows), video_grid_thw=np.concatenate(grids),
-                        **kw)
-    for row, prompt in enumerate(prompts):
-        single = np.array([prompt])
-        ref = hf_generate(hf, single, np.ones_like(single), pixel_values_videos=rows[row], video_grid_thw=grids[row],
-                          **kw)
-        mine = got[3 * row:3 * row + 3, ids.shape[1] - len(prompt):]
-        np.testing.assert_array_equal(mine[:, :ref.shape[1]], ref, err_msg=f"row {row}")
-        assert (mine[:, ref.shape[1]:] == ENDOFTEXT).all()
-    assert len({tuple(r) for r in got[:, ids.shape[1]:].tolist()}) > 3, "beams should differ"
+    """Every returned beam of a left-padded batch equals transformers' beam search on that prompt alone (the DeltaNet
+    states and the attention cache are reordered with the beams)."""
+    assert_beams_equal_transformers_one_by_one(*pair)
 
 
 def test_moe_logits_equal_transformers(moe_checkpoint):

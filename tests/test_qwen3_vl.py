@@ -199,11 +199,9 @@ def test_greedy_batch_equals_transformers_one_by_one(pair):
     assert len({tuple(r) for r in got[:, ids.shape[1]:].tolist()}) > 1, "outputs should depend on the input"
 
 
-def test_beam_search_equals_transformers_one_by_one(pair):
-    """3 beams over a left-padded batch of two videos: every returned beam equals transformers' beam search
-    on that prompt alone. The DeepStack features go to the prompt's step only (not into the beams' cache),
-    and they matter: without them the beams change."""
-    hf, ours = pair
+def assert_beams_equal_transformers_one_by_one(hf, ours):
+    """3 beams over a left-padded batch of two videos: every returned beam equals transformers' beam search on
+    that prompt alone. Returns the batch and our beams for further checks."""
     kw = dict(max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=ENDOFTEXT, num_beams=3,
               num_return_sequences=3)
     specs = [(2, VIDEO_GRID, [24, 25]), (1, SMALL_GRID, [26])]
@@ -219,9 +217,17 @@ def test_beam_search_equals_transformers_one_by_one(pair):
                           **kw)
         pad = ids.shape[1] - single.shape[1]
         mine = got[3 * row:3 * row + 3, pad:]
-        np.testing.assert_array_equal(mine[:, :ref.shape[1]], ref)
+        np.testing.assert_array_equal(mine[:, :ref.shape[1]], ref, err_msg=f"row {row}")
         assert (mine[:, ref.shape[1]:] == ENDOFTEXT).all()
     assert len({tuple(r) for r in got[:, ids.shape[1]:].tolist()}) > 3, "beams should differ"
+    return ids, mask, vision, kw, got
+
+
+def test_beam_search_equals_transformers_one_by_one(pair):
+    """The DeepStack features go to the prompt's step only (not into the beams' cache), and they matter: without
+    them the beams change."""
+    hf, ours = pair
+    ids, mask, vision, kw, got = assert_beams_equal_transformers_one_by_one(hf, ours)
     embeds, _ = ours.embed_inputs(ids, **vision)
     with mock.patch.object(ours, "embed_inputs", lambda *args: (embeds, ())):
         without = ours.generate(ids, mask, **vision, **kw)

@@ -64,6 +64,12 @@ def save_qwen3_vl_moe(folder: Path) -> Path:
     return save_checkpoint(folder, model=hf_moe())
 
 
+def save_qwen3_5(folder: Path) -> Path:
+    from tests.test_qwen3_5_vl import save_qwen3_5 as save
+
+    return save(folder)
+
+
 # family -> (entry script under pipeline.captioning, checkpoint writer, the family's flags)
 CAPTIONERS = {
     "blip2": ("caption_blip2", lambda folder: save_tiny_blip2(folder, OPT),
@@ -76,6 +82,8 @@ CAPTIONERS = {
     "video_llama": ("caption_videollama", save_video_llama, ["--num_frames", "3"]),
     "qwen3_vl_moe": ("caption_qwen2vl", save_qwen3_vl_moe, ["--max_frames", "4", "--height", "64", "--width", "96",
                                                              "--max_frame_tokens", "6"]),
+    "qwen3_5": ("caption_qwen2vl", save_qwen3_5, ["--max_frames", "4", "--height", "64", "--width", "96",
+                                                  "--max_frame_tokens", "6"]),
 }
 
 
