@@ -104,3 +104,67 @@ def test_frame_positions_save_and_load(tmp_path):
     with pytest.raises(CheckpointError, match="frame_position_embedding"):
         from_pretrained(tmp_path / "m")
 
+
+
+def test_frame_query_groups_equal_a_transformers_qformer_run_group_by_group():
+    """Query group t cross-attends to frame t's tokens only: the outputs equal a reference composed from
+    transformers' Q-Former layers (same weights) whose cross-attention runs once per (query group, frame) pair."""
+    torch = pytest.importorskip("torch")
+    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel as HfQFormer
+
+    model = _model(4)
+    model.config.frame_query_groups = True
+    grouped = Blip2ForConditionalGeneration(model.config)
+    grouped.set_train(False)
+    for (_, ours), (_, theirs) in zip(grouped.parameters_and_names(), model.parameters_and_names()):
+        ours.set_data(theirs.value())
+    hf = HfQFormer(model.config.qformer_config).eval()
+    missing = hf.load_state_dict({k: torch.tensor(v.asnumpy()) for k, v in model.qformer.parameters_and_names()},
+                                 strict=False).missing_keys
+    assert not [k for k in missing if "position_ids" not in k], missing
+    frames, n = 2, model.tokens_per_frame
+    tokens = np.random.default_rng(2).standard_normal((2, frames * n, 32)).astype(np.float32)
+    queries = torch.tensor(model.query_tokens.asnumpy()).expand(2, -1, -1)
+    encoder, per_group = torch.tensor(tokens), 4 // frames
+
+    def reference(groups: int) -> np.ndarray:
+        h = hf.layernorm(queries)
+        for layer in hf.encoder.layer:
+            h = layer.attention(hidden_states=h)
+            if layer.has_cross_attention:
+                q, k = 4 // groups, frames * n // groups
+                h = torch.cat([layer.crossattention(hidden_states=h[:, g * q:(g + 1) * q],
+                                                    encoder_hidden_states=encoder[:, g * k:(g + 1) * k])
+                               for g in range(groups)], dim=1)
+            h = layer.feed_forward_chunk_query(h)
+        return h.numpy()
+
+    with torch.no_grad():
+        whole = hf(query_embeds=queries, encoder_hidden_states=encoder).last_hidden_state.numpy()
+        np.testing.assert_allclose(reference(1), whole, atol=1e-6)  # the composition is transformers' forward
+        want = reference(frames)
+    assert per_group == 2
+    got = grouped.qformer(grouped.query_tokens.broadcast_to((2, -1, -1)), ms.Tensor(tokens), frames).asnumpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    ungrouped = model.qformer(model.query_tokens.broadcast_to((2, -1, -1)), ms.Tensor(tokens)).asnumpy()
+    np.testing.assert_allclose(ungrouped, whole, atol=1e-5)
+    assert np.abs(ungrouped - got).max() > 1e-3, "the grouping should change what the queries see"
+
+
+def test_frame_query_groups_run_compiled_and_refuse_a_frame_count_that_does_not_divide_the_queries():
+    model = _model(4)
+    model.config.frame_query_groups = True
+    grouped = Blip2ForConditionalGeneration(model.config)
+    init_weights(grouped, std=0.2, seed=1)
+    grouped.set_train(False)
+    clip = np.random.default_rng(3).standard_normal((2, 4, 3, 28, 28)).astype(np.float32)
+    grouped.use_jit = False
+    eager = grouped.get_image_features(clip).asnumpy()
+    grouped.use_jit = True
+    np.testing.assert_allclose(grouped.get_image_features(clip).asnumpy(), eager, atol=1e-5)
+    changed = clip.copy()
+    changed[:, 3] += 1.0  # the last frame only
+    before, after = eager, grouped.get_image_features(changed).asnumpy()
+    assert np.abs(after - before).max() > 1e-3
+    with pytest.raises(ValueError, match="4 queries are grouped per frame.*got 3 frames: sample 4"):
+        grouped.get_image_features(clip[:, :3])

@@ -12,6 +12,12 @@ embedding of each frame's relative time to its patch embeddings, before the visi
 encoder, so the encoder's layers can combine where with when: frame t of T gets row
 round(t * (M - 1) / (T - 1)) of an (M, D) table, so any frame count maps onto it.
 
+``config.frame_query_groups = true`` (also a project extension) splits the queries into
+T equal groups for a T-frame video: group t cross-attends to frame t's tokens only, and
+self-attention among all queries compares the frames. So the language model gets one
+group of outputs per frame, in frame order, where it can see how the frames differ.
+Q must be divisible by T (a 32-query model takes 1, 2, 4, 8, 16 or 32 frames).
+
 The query outputs reach the language model in one of two ways, as transformers does:
 
 * ``config.image_token_index`` set (transformers >= 4.47 checkpoints/processors): the
@@ -99,6 +105,8 @@ class Blip2ForConditionalGeneration(nn.Cell):
         positions = int(getattr(config, "num_frame_positions", 0) or 0)
         self.frame_position_embedding = (zeros_parameter((positions, config.vision_config.hidden_size))
                                          if positions else None)
+        self.frame_query_groups = bool(getattr(config, "frame_query_groups", False))
+        self.tokens_per_frame = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
         self.is_decoder_only = bool(config.use_decoder_only_language_model)
         self.use_jit = True  # compile the image/video encoder (several times faster); False to debug
         # Frames per compiled vision-encoder call: one static shape compiles once, and graph mode's
@@ -128,6 +136,11 @@ class Blip2ForConditionalGeneration(nn.Cell):
         size = self.config.vision_config.image_size
         if tuple(pixel_values.shape[-3:]) != (3, size, size):
             raise ValueError(f"frames must be 3 x {size} x {size}, got {tuple(pixel_values.shape[-3:])}")
+        if self.frame_query_groups and self.config.num_query_tokens % frames:
+            raise ValueError(f"this model's {self.config.num_query_tokens} queries are grouped per frame "
+                             f"(frame_query_groups), so the frame count must divide them; got {frames} frames: sample "
+                             f"{getattr(self.config, 'num_frame_positions', 0) or self.config.num_query_tokens} "
+                             "(--num_frames)")
         times = self.frame_times(batch, frames)
         if not self.use_jit:
             return self.encode_frames(pixel_values, batch, times)
@@ -165,10 +178,12 @@ class Blip2ForConditionalGeneration(nn.Cell):
         return ops.gather(self.frame_position_embedding, Tensor(np.tile(rows, batch)), 0)
 
     def query_features(self, tokens: Tensor) -> Tensor:
-        """(batch, T*N, D) vision tokens of all frames -> one set of queries -> LM-width features."""
+        """(batch, T*N, D) vision tokens of all frames -> one set of queries (grouped per frame with
+        ``frame_query_groups``) -> LM-width features."""
         batch = tokens.shape[0]
+        groups = tokens.shape[1] // self.tokens_per_frame if self.frame_query_groups else 1
         queries = ops.broadcast_to(self.query_tokens, (batch,) + tuple(self.query_tokens.shape[1:]))
-        query_output = self.qformer(queries, tokens)
+        query_output = self.qformer(queries, tokens, groups)
         return self.language_projection(query_output.astype(self.language_projection.weight.dtype))
 
     def _merge(self, image_embeds: Tensor, input_ids: np.ndarray, attention_mask: Optional[np.ndarray]):

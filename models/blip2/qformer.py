@@ -3,7 +3,10 @@
 A BERT-style encoder run on the learned query tokens only: self-attention among the
 queries, cross-attention to the image (or all frames') tokens every
 ``cross_attention_frequency`` layers, then the query feed-forward
-(``intermediate_query``/``output_query``). Inference only: dropout is the identity.
+(``intermediate_query``/``output_query``). With ``groups`` G the cross-attention is
+split: the queries and the encoder tokens each form G equal consecutive groups (a
+video's frames) and query group g attends to token group g only; self-attention still
+spans all queries. Inference only: dropout is the identity.
 The text feed-forward (``intermediate``/``output``) exists only when the config has
 ``use_qformer_text_input`` (retrieval checkpoints) so those weights load; captioning
 never runs text through the Q-Former.
@@ -52,11 +55,21 @@ class Blip2QFormerMultiHeadAttention(nn.Cell):
         b, n, _ = x.shape
         return x.reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-    def construct(self, hidden_states: Tensor, kv_states: Tensor) -> Tensor:
-        q = self._heads(self.query(hidden_states))
+    def construct(self, hidden_states: Tensor, kv_states: Tensor, groups: int = 1) -> Tensor:
+        q = self._heads(self.query(hidden_states)) * self.head_dim**-0.5
         k = self._heads(self.key(kv_states))
         v = self._heads(self.value(kv_states))
-        return attention(q * self.head_dim**-0.5, k, v)
+        if groups == 1:
+            return attention(q, k, v)
+        out = attention(_split_groups(q, groups), _split_groups(k, groups), _split_groups(v, groups))
+        return out.reshape(hidden_states.shape[0], -1, out.shape[-1])
+
+
+def _split_groups(x: Tensor, groups: int) -> Tensor:
+    """(B, H, G*n, d) -> (B*G, H, n, d): each consecutive group of n positions becomes its own batch row."""
+    b, h, length, d = x.shape
+    n = length // groups
+    return x.reshape(b, h, groups, n, d).transpose(0, 2, 1, 3, 4).reshape(b * groups, h, n, d)
 
 
 class Blip2QFormerSelfOutput(nn.Cell):
@@ -77,8 +90,8 @@ class Blip2QFormerAttention(nn.Cell):
         self.attention = Blip2QFormerMultiHeadAttention(config, is_cross_attention)
         self.output = Blip2QFormerSelfOutput(config)
 
-    def construct(self, hidden_states: Tensor, kv_states: Tensor) -> Tensor:
-        return self.output(self.attention(hidden_states, kv_states), hidden_states)
+    def construct(self, hidden_states: Tensor, kv_states: Tensor, groups: int = 1) -> Tensor:
+        return self.output(self.attention(hidden_states, kv_states, groups), hidden_states)
 
 
 class Blip2QFormerIntermediate(nn.Cell):
@@ -115,10 +128,10 @@ class Blip2QFormerLayer(nn.Cell):
         self.intermediate_query = Blip2QFormerIntermediate(config)
         self.output_query = Blip2QFormerOutput(config)
 
-    def construct(self, queries: Tensor, encoder_hidden_states: Tensor) -> Tensor:
+    def construct(self, queries: Tensor, encoder_hidden_states: Tensor, groups: int = 1) -> Tensor:
         x = self.attention(queries, queries)
         if self.has_cross_attention:
-            x = self.crossattention(x, encoder_hidden_states)
+            x = self.crossattention(x, encoder_hidden_states, groups)
         return self.output_query(self.intermediate_query(x), x)
 
 
@@ -127,16 +140,17 @@ class Blip2QFormerEncoder(nn.Cell):
         super().__init__()
         self.layer = nn.CellList([Blip2QFormerLayer(config, i) for i in range(config.num_hidden_layers)])
 
-    def construct(self, queries: Tensor, encoder_hidden_states: Tensor) -> Tensor:
+    def construct(self, queries: Tensor, encoder_hidden_states: Tensor, groups: int = 1) -> Tensor:
         for layer in self.layer:
-            queries = layer(queries, encoder_hidden_states)
+            queries = layer(queries, encoder_hidden_states, groups)
         return queries
 
 
 class Blip2QFormerModel(nn.Cell):
     """(B, Q, H) query embeddings + (B, S, D_vision) encoder states -> (B, Q, H) query outputs.
 
-    S may span several frames (B, T*N): every query attends over all of them.
+    S may span several frames (B, T*N): every query attends over all of them, or with ``groups`` G
+    query group g over token group g only (Q and S both divisible by G).
     """
 
     def __init__(self, config: "Blip2QFormerConfig"):
@@ -145,7 +159,7 @@ class Blip2QFormerModel(nn.Cell):
         self.layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = Blip2QFormerEncoder(config)
 
-    def construct(self, query_embeds: Tensor, encoder_hidden_states: Tensor) -> Tensor:
+    def construct(self, query_embeds: Tensor, encoder_hidden_states: Tensor, groups: int = 1) -> Tensor:
         dtype = self.layernorm.weight.dtype
         queries = self.layernorm(query_embeds.astype(dtype))
-        return self.encoder(queries, encoder_hidden_states.astype(dtype))
+        return self.encoder(queries, encoder_hidden_states.astype(dtype), groups)
