@@ -27,7 +27,7 @@ from tests import llava_fixtures
 from tests.test_enhance import save_chat_model
 from tests.test_qwen2vl import save_checkpoint as save_qwen2vl
 from tests.structured_fixtures import TEST_SCHEMA, save_qwen2vl_bpe
-from tests.test_serve import data_url, free_port, save_qwen2_5_vl, save_video_llama, video_message
+from tests.test_serve import data_url, free_port, save_qwen2_5_vl, save_qwen3_5, save_video_llama, video_message
 from tests.tiny_models import OPT, save_tiny_blip2
 from tests.video_factory import write_caption_clips
 
@@ -62,12 +62,6 @@ def save_qwen3_vl_moe(folder: Path) -> Path:
     from tests.test_qwen3_vl_moe import hf_moe
 
     return save_checkpoint(folder, model=hf_moe())
-
-
-def save_qwen3_5(folder: Path) -> Path:
-    from tests.test_qwen3_5_vl import save_qwen3_5 as save
-
-    return save(folder)
 
 
 # family -> (entry script under pipeline.captioning, checkpoint writer, the family's flags)

@@ -44,6 +44,8 @@ FAMILY_ARGV = {
     "qwen2_5_vl": ["--max_frames", "4", "--height", "56", "--width", "84", "--max_new_tokens", str(NEW_TOKENS)],
     "qwen3_vl": ["--max_frames", "4", "--height", "64", "--width", "96", "--max_frame_tokens", "6",
                  "--max_new_tokens", str(NEW_TOKENS)],
+    "qwen3_5": ["--max_frames", "4", "--height", "64", "--width", "96", "--max_frame_tokens", "6",
+                "--max_new_tokens", str(NEW_TOKENS)],
     "blip2": ["--num_frames", "2", "--max_new_tokens", str(NEW_TOKENS), "--min_new_tokens", "2", "--num_beams", "2"],
     "llava": ["--num_frames", "2", "--max_new_tokens", str(NEW_TOKENS)],
     "pllava": ["--num_frames", "3", "--max_new_tokens", str(NEW_TOKENS)],
@@ -77,6 +79,12 @@ def save_qwen3_vl(root: Path) -> Path:
     return save_checkpoint(root)
 
 
+def save_qwen3_5(root: Path) -> Path:
+    from tests.test_qwen3_5_vl import save_qwen3_5 as save
+
+    return save(root)
+
+
 def save_llava(kind: str):
     def save(root: Path) -> Path:
         llava_fixtures.save_checkpoint(root, kind)
@@ -84,7 +92,7 @@ def save_llava(kind: str):
     return save
 
 
-SAVERS = {"qwen2_vl": save_qwen2vl, "qwen2_5_vl": save_qwen2_5_vl, "qwen3_vl": save_qwen3_vl,
+SAVERS = {"qwen2_vl": save_qwen2vl, "qwen2_5_vl": save_qwen2_5_vl, "qwen3_vl": save_qwen3_vl, "qwen3_5": save_qwen3_5,
           "blip2": lambda root: save_tiny_blip2(root, OPT), "llava": save_llava("llava"),
           "pllava": save_llava("pllava"), "video_llama": save_video_llama}
 
