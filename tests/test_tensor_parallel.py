@@ -88,7 +88,19 @@ def _qwen2vl(folder: Path) -> tuple[dict, dict]:
 def _qwen3_vl_moe(folder: Path) -> tuple[dict, dict]:
     """Experts split over the ranks (4 of 8 each) beside tensor-parallel attention and a dense layer."""
     moe.hf_moe().save_pretrained(folder)
-    hf = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(folder).eval()
+    return _qwen3_videos(transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(folder).eval())
+
+
+def _qwen3_5_vl(folder: Path) -> tuple[dict, dict]:
+    """Qwen3.5's vision-language model: Qwen3-VL's tower (no DeepStack) before the 3:1 hybrid decoder."""
+    from tests.test_qwen3_5_vl import hf_model
+
+    hf_model().save_pretrained(folder)
+    return _qwen3_videos(transformers.Qwen3_5ForConditionalGeneration.from_pretrained(folder).eval())
+
+
+def _qwen3_videos(hf) -> tuple[dict, dict]:
+    """A left-padded batch of two videos in Qwen3-VL's prompt layout, and transformers' outputs row by row."""
     specs = [(2, moe.VIDEO_GRID, [24, 25]), (1, moe.SMALL_GRID, [26])]
     prompts = [moe.video_prompt(t, hw, words) for t, hw, words in specs]
     grids = [np.array([[t, *hw]]) for t, hw, _ in specs]
@@ -120,7 +132,7 @@ def _qwen3_5(name: str):
 
 
 FAMILIES = {"llava_next": _llava_next, "qwen2vl": _qwen2vl, "qwen3_vl_moe": _qwen3_vl_moe, "blip2_opt": _blip2_opt,
-            "qwen3_5_dense": _qwen3_5("dense"), "qwen3_5_moe": _qwen3_5("moe")}
+            "qwen3_5_dense": _qwen3_5("dense"), "qwen3_5_moe": _qwen3_5("moe"), "qwen3_5_vl": _qwen3_5_vl}
 
 
 @pytest.fixture(scope="module")
