@@ -1,0 +1,128 @@
+"""Can the demo model's vision encoder learn shape at all, given the shape as a direct label, and how soon?
+
+The demo captioner stays at a colour-only plateau (``benchmarks/demo_design.py``): shape at chance however the
+Q-Former is arranged. This probe takes the caption path away: the vision encoder of ``configs/demo/blip2_opt.json``
+(transformers' ``Blip2VisionModel``, the architecture our port matches) with a linear head on its mean-pooled
+tokens, trained from the same random start (normal(0, 0.02) matrices, as ``models.layers.init_weights``) with AdamW
+to name the shape of single frames of the synthetic clips (``pipeline.datasets.synthetic``, fresh frames every
+step). Each variant changes one thing; the table gives held-out accuracy (300 frames) along the way.
+
+    python -m benchmarks.demo_vision_probe [--variants base,lr1e-3,...] [--steps 800]
+        [--output benchmarks/results/demo_vision_probe.json]
+
+It runs on torch (a test-only dependency) because it studies the design, not our implementation, and runs
+about twice as fast there; chance is 33 %.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models.blip2.processing import CLIP_MEAN, CLIP_STD
+from pipeline.datasets.synthetic import SHAPES, random_clip, render
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "demo" / "blip2_opt.json"
+# name -> changes from the demo's vision config and recipe (lr 3e-4, batch 32, weight decay 0.05)
+VARIANTS = {
+    "base": {},
+    "lr1e-3": {"lr": 1e-3},
+    "lr1e-4": {"lr": 1e-4},
+    "batch16": {"batch": 16},
+    "patch8": {"patch_size": 8},
+    "patch32": {"patch_size": 32},
+    "layers2": {"num_hidden_layers": 2},
+    "positions_std1": {"position_std": 1.0},
+}
+
+
+def frames(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` normalised frames (N, 3, 96, 96), each a random frame of a new random clip, and their shapes."""
+    images, labels = [], []
+    for _ in range(count):
+        clip = random_clip(rng)
+        frame = render(clip, 8, 96, rng)[rng.integers(8)]
+        images.append(((frame / 255.0 - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
+        labels.append(SHAPES.index(clip.shape))
+    return np.stack(images).astype(np.float32), np.array(labels)
+
+
+def run_variant(changes: dict, steps: int, every: int, seed: int = 0) -> dict:
+    import torch
+    from transformers import Blip2Config
+    from transformers.models.blip_2.modeling_blip_2 import Blip2VisionModel
+
+    torch.manual_seed(seed)
+    config = Blip2Config.from_json_file(str(CONFIG)).vision_config
+    for key in ("patch_size", "num_hidden_layers"):
+        if key in changes:
+            setattr(config, key, changes[key])
+    encoder, head = Blip2VisionModel(config), torch.nn.Linear(config.hidden_size, len(SHAPES))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in [*encoder.parameters(), *head.parameters()]:
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        positions = encoder.embeddings.position_embedding
+        positions.copy_(torch.randn(positions.shape, generator=generator) * changes.get("position_std", 0.02))
+    params = [*encoder.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=changes.get("lr", 3e-4), weight_decay=0.05)
+    rng = np.random.default_rng(seed)
+    held_x, held_y = frames(rng, 300)
+
+    def logits(x: np.ndarray) -> "torch.Tensor":
+        return head(encoder(pixel_values=torch.from_numpy(x)).last_hidden_state.mean(1))
+
+    curve, started = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        x, y = frames(rng, changes.get("batch", 32))
+        loss = torch.nn.functional.cross_entropy(logits(x), torch.from_numpy(y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % every == 0:
+            with torch.no_grad():
+                accuracy = float((logits(held_x).argmax(-1).numpy() == held_y).mean())
+            curve.append({"step": step, "accuracy": round(accuracy, 3), "loss": round(loss.item(), 3)})
+            print(f"  step {step}: held-out shape accuracy {accuracy:.2f}", flush=True)
+    return {"changes": changes, "curve": curve, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def first_step_at(curve: list[dict], accuracy: float) -> int | None:
+    return next((p["step"] for p in curve if p["accuracy"] >= accuracy), None)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of " + ", ".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=800, help="updates per variant")
+    p.add_argument("--every", type=int, default=100, help="updates between held-out evaluations")
+    p.add_argument("--output", default="benchmarks/results/demo_vision_probe.json", help="results JSON (accumulates)")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.variants.split(",") if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    import torch
+
+    torch.set_num_threads(2)
+    output = ROOT / args.output
+    results = json.loads(output.read_text()) if output.is_file() else {}
+    for name in args.variants.split(","):
+        print(f"{name}: {VARIANTS[name] or 'the demo design'}", flush=True)
+        results[name] = {**run_variant(VARIANTS[name], args.steps, args.every), "date": time.strftime("%Y-%m-%d %H:%M")}
+        output.write_text(json.dumps(results, indent=1))
+    print("| variant | steps | final accuracy | first step at 60 % | first step at 90 % | seconds |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        curve = r["curve"]
+        print(f"| {name} | {curve[-1]['step']} | {100 * curve[-1]['accuracy']:.0f} % | "
+              f"{first_step_at(curve, 0.6) or '-'} | {first_step_at(curve, 0.9) or '-'} | {r['seconds']} |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
