@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from models.blip2.processing import CLIP_MEAN, CLIP_STD
-from pipeline.datasets.synthetic import SHAPES, random_clip, render
+from pipeline.datasets.synthetic import COLOURS, SHAPES, random_clip, render
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo" / "blip2_opt.json"
@@ -37,49 +37,77 @@ VARIANTS = {
     "patch32": {"patch_size": 32},
     "layers2": {"num_hidden_layers": 2},
     "positions_std1": {"position_std": 1.0},
+    "qformer": {"qformer": True},
+    "qformer_lm": {"qformer": True, "lm": True},
+    "qformer_lm_lr1e-3": {"qformer": True, "lm": True, "lr": 1e-3},
+    "qformer_lm_1layer": {"qformer": True, "lm": True, "lm_layers": 1},
+    "qformer_lm_colour": {"qformer": True, "lm": True, "target": "colour"},
 }
+# what a variant learns to name: the shape (ids 5-7 in the language model's variants) or, as a check that the
+# language model's path can learn at all, the colour (ids 12-18)
+TARGETS = {"shape": (SHAPES, 5), "colour": (tuple(COLOURS), 12)}
 
 
-def frames(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` normalised frames (N, 3, 96, 96), each a random frame of a new random clip, and their shapes."""
+def frames(rng: np.random.Generator, count: int, target: str = "shape") -> tuple[np.ndarray, np.ndarray]:
+    """``count`` normalised frames (N, 3, 96, 96), each a random frame of a new random clip, and their shapes (or
+    colours)."""
     images, labels = [], []
     for _ in range(count):
         clip = random_clip(rng)
         frame = render(clip, 8, 96, rng)[rng.integers(8)]
         images.append(((frame / 255.0 - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
-        labels.append(SHAPES.index(clip.shape))
+        labels.append(TARGETS[target][0].index(getattr(clip, target)))
     return np.stack(images).astype(np.float32), np.array(labels)
 
 
 def run_variant(changes: dict, steps: int, every: int, seed: int = 0) -> dict:
     import torch
-    from transformers import Blip2Config
-    from transformers.models.blip_2.modeling_blip_2 import Blip2VisionModel
+    from transformers import Blip2Config, OPTConfig, OPTForCausalLM
+    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
 
     torch.manual_seed(seed)
-    config = Blip2Config.from_json_file(str(CONFIG)).vision_config
+    full = Blip2Config.from_json_file(str(CONFIG))
+    config = full.vision_config
     for key in ("patch_size", "num_hidden_layers"):
         if key in changes:
             setattr(config, key, changes[key])
-    encoder, head = Blip2VisionModel(config), torch.nn.Linear(config.hidden_size, len(SHAPES))
+    target = changes.get("target", "shape")
+    classes, first_id = len(TARGETS[target][0]), TARGETS[target][1]
+    encoder, head = Blip2VisionModel(config), torch.nn.Linear(config.hidden_size, classes)
+    # eval(): no dropout, as in our Q-Former (models/blip2/qformer.py), which the captioner trains
+    qformer = Blip2QFormerModel(full.qformer_config).eval() if changes.get("qformer") else None
+    queries = torch.nn.Parameter(torch.zeros(1, full.num_query_tokens, full.qformer_config.hidden_size))
+    layers = changes.get("lm_layers", full.text_config.num_hidden_layers)
+    text = {**full.text_config.to_dict(), "num_hidden_layers": layers}
+    lm = OPTForCausalLM(OPTConfig(**text)).eval() if changes.get("lm") else None
+    projection = torch.nn.Linear(full.qformer_config.hidden_size, full.text_config.hidden_size)
+    parts = [encoder, head] + ([qformer] if qformer is not None else []) + ([projection, lm] if lm else [])
+    params = [p for part in parts for p in part.parameters()] + ([queries] if qformer is not None else [])
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in [*encoder.parameters(), *head.parameters()]:
+        for p in params:
             if p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
         positions = encoder.embeddings.position_embedding
         positions.copy_(torch.randn(positions.shape, generator=generator) * changes.get("position_std", 0.02))
-    params = [*encoder.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=changes.get("lr", 3e-4), weight_decay=0.05)
     rng = np.random.default_rng(seed)
-    held_x, held_y = frames(rng, 300)
+    held_x, held_y = frames(rng, 300, target)
 
     def logits(x: np.ndarray) -> "torch.Tensor":
-        return head(encoder(pixel_values=torch.from_numpy(x)).last_hidden_state.mean(1))
+        tokens = encoder(pixel_values=torch.from_numpy(x)).last_hidden_state
+        if qformer is not None:
+            tokens = qformer(query_embeds=queries.expand(len(x), -1, -1),
+                             encoder_hidden_states=tokens).last_hidden_state
+        if lm is not None:  # the prompt "<bos> a video of a" as ids 1, 8..11
+            prompt = lm.get_input_embeddings()(torch.tensor([1, 8, 9, 10, 11])).expand(len(x), -1, -1)
+            embeds = torch.cat([projection(tokens), prompt], dim=1)
+            return lm(inputs_embeds=embeds).logits[:, -1, first_id:first_id + classes]
+        return head(tokens.mean(1))
 
     curve, started = [], time.perf_counter()
     for step in range(1, steps + 1):
-        x, y = frames(rng, changes.get("batch", 32))
+        x, y = frames(rng, changes.get("batch", 32), target)
         loss = torch.nn.functional.cross_entropy(logits(x), torch.from_numpy(y))
         optimizer.zero_grad()
         loss.backward()
@@ -88,7 +116,7 @@ def run_variant(changes: dict, steps: int, every: int, seed: int = 0) -> dict:
             with torch.no_grad():
                 accuracy = float((logits(held_x).argmax(-1).numpy() == held_y).mean())
             curve.append({"step": step, "accuracy": round(accuracy, 3), "loss": round(loss.item(), 3)})
-            print(f"  step {step}: held-out shape accuracy {accuracy:.2f}", flush=True)
+            print(f"  step {step}: held-out {target} accuracy {accuracy:.2f}", flush=True)
     return {"changes": changes, "curve": curve, "seconds": round(time.perf_counter() - started, 1)}
 
 
