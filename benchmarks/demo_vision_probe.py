@@ -7,6 +7,12 @@ tokens, trained from the same random start (normal(0, 0.02) matrices, as ``model
 to name the shape of single frames of the synthetic clips (``pipeline.datasets.synthetic``, fresh frames every
 step). Each variant changes one thing; the table gives held-out accuracy (300 frames) along the way.
 
+``qformer`` puts the demo's Q-Former (8 queries) between the encoder and the head (the head reads the mean of the
+query outputs). ``qformer_lm*`` add the projection and the demo's OPT (from scratch), which reads the query
+outputs and four prompt tokens and names the shape as its next token; ``qformer_lm_colour`` names the colour
+that way (7 classes), a check of that path: it learns no colour in 400 updates, which the captioner names within
+200, so this path is not yet faithful to the captioner's.
+
     python -m benchmarks.demo_vision_probe [--variants base,lr1e-3,...] [--steps 800]
         [--output benchmarks/results/demo_vision_probe.json]
 
