@@ -11,7 +11,9 @@ step). Each variant changes one thing; the table gives held-out accuracy (300 fr
 query outputs). ``qformer_lm*`` add the projection and the demo's OPT (from scratch), which reads the query
 outputs and four prompt tokens and names the shape as its next token; ``qformer_lm_colour`` names the colour
 that way (7 classes), a check of that path: it learns no colour in 400 updates, which the captioner names within
-200, so this path is not yet faithful to the captioner's.
+200, so this path is not yet faithful to the captioner's. At the random start the Q-Former's outputs hardly
+depend on the frames (the learned queries, unit-scaled by its LayerNorms, dominate a cross-attention term of
+normal(0, 0.02) projections); ``*_cross5`` start those projections (value, output dense) at 5x the std.
 
     python -m benchmarks.demo_vision_probe [--variants base,lr1e-3,...] [--steps 800]
         [--output benchmarks/results/demo_vision_probe.json]
@@ -48,6 +50,8 @@ VARIANTS = {
     "qformer_lm_lr1e-3": {"qformer": True, "lm": True, "lr": 1e-3},
     "qformer_lm_1layer": {"qformer": True, "lm": True, "lm_layers": 1},
     "qformer_lm_colour": {"qformer": True, "lm": True, "target": "colour"},
+    "qformer_lm_colour_cross5": {"qformer": True, "lm": True, "target": "colour", "cross_scale": 5.0},
+    "qformer_lm_cross5": {"qformer": True, "lm": True, "cross_scale": 5.0},
 }
 # what a variant learns to name: the shape (ids 5-7 in the language model's variants) or, as a check that the
 # language model's path can learn at all, the colour (ids 12-18)
@@ -94,6 +98,11 @@ def run_variant(changes: dict, steps: int, every: int, seed: int = 0) -> dict:
         for p in params:
             if p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        if qformer is not None and changes.get("cross_scale"):  # the frames' term of the query outputs, larger
+            for layer in qformer.encoder.layer:
+                if layer.has_cross_attention:
+                    layer.crossattention.attention.value.weight.mul_(changes["cross_scale"])
+                    layer.crossattention.output.dense.weight.mul_(changes["cross_scale"])
         positions = encoder.embeddings.position_embedding
         positions.copy_(torch.randn(positions.shape, generator=generator) * changes.get("position_std", 0.02))
     optimizer = torch.optim.AdamW(params, lr=changes.get("lr", 3e-4), weight_decay=0.05)
