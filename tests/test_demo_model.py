@@ -1,6 +1,8 @@
 """What the bundled demo model is built from: the word tokenizer and the frame-time embedding."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -168,3 +170,22 @@ def test_frame_query_groups_run_compiled_and_refuse_a_frame_count_that_does_not_
     assert np.abs(after - before).max() > 1e-3
     with pytest.raises(ValueError, match="4 queries are grouped per frame.*got 3 frames: sample 4"):
         grouped.get_image_features(clip[:, :3])
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "blip2_opt.json"
+
+
+def test_cross_attention_init_scale_multiplies_only_the_cross_attention_value_and_output():
+    from pipeline.training import train as train_mod
+
+    def fresh(scale: str) -> dict[str, np.ndarray]:
+        args = train_mod.build_parser().parse_args(["--model_config", str(DEMO_CONFIG), "--seed", "1",
+                                                    "--cross_attention_init_scale", scale])
+        return {n: p.asnumpy() for n, p in train_mod.build_model(args, "float32").parameters_and_names()}
+
+    plain, scaled = fresh("1"), fresh("5")
+    grown = [n for n in plain if n.endswith(train_mod.CROSS_ATTENTION_PROJECTIONS)]
+    assert len(grown) == 2 * 2  # value and output matrices of the demo's two Q-Former layers
+    for name in plain:
+        np.testing.assert_allclose(scaled[name], plain[name] * (5 if name in grown else 1), rtol=1e-6, err_msg=name)
+    assert np.std(plain[grown[0]]) > 0.01

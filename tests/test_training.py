@@ -17,7 +17,8 @@ from models import from_pretrained
 from pipeline.training import train as train_mod
 from pipeline.training.checkpointing import export_model
 from pipeline.training.lora import apply_lora, merge_lora, reseed_lora_dropout
-from pipeline.training.objectives import CaptionEncoder
+from pipeline.config import ConfigError
+from pipeline.training.objectives import CaptionEncoder, contrastive_loss
 from pipeline.training.optim import AdamW, clip_scale
 from pipeline.training.scst import ScstConfig, make_candidates, normalised_logprobs
 from tests.msrun import run_msrun
@@ -129,6 +130,42 @@ def test_ce_per_video_targets_equal_the_same_pairs(opt_folder, dataset, tmp_path
     diff = changed(weights(opt_folder), a)
     assert any(k.startswith("language_model.") for k in diff)
     assert all(k.startswith(TRAINED + ("language_model.",)) for k in diff), sorted(diff)[:5]
+
+
+def test_contrastive_term_matches_a_reference_on_transformers_opt(opt_folder):
+    """The contrastive term equals InfoNCE computed by hand from our query outputs and transformers' OPT reading
+    the captions alone (final hidden state at each eos), and its gradient reaches the vision encoder."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    model = from_pretrained(opt_folder)
+    model.use_jit = False
+    pixels = np.random.default_rng(1).standard_normal((3, 2, 3, 28, 28)).astype(np.float32)
+    captions, rows = [[5, 6, 7, 2], [8, 9, 2], [10, 11, 12, 13, 2], [14, 2]], np.array([0, 0, 1, 2])
+    videos = model.get_image_features(pixels).asnumpy().mean(1)
+    hf = Blip2ForConditionalGeneration.from_pretrained(opt_folder).eval()
+    with torch.no_grad():
+        texts = np.stack([hf.language_model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+                          .hidden_states[-1][0, -1].numpy() for ids in captions])
+    videos /= np.linalg.norm(videos, axis=1, keepdims=True)
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    sims = videos @ texts.T / 0.1
+    own = np.zeros(sims.shape, bool)
+    own[rows, np.arange(4)] = True
+    col = sims - np.log(np.exp(sims).sum(0, keepdims=True))
+    row = sims - np.log(np.exp(sims).sum(1, keepdims=True))
+    expected = (-col[own].mean() - np.mean([np.log(np.exp(row[b][own[b]]).sum()) for b in range(3)])) / 2
+
+    vision = [p for n, p in model.parameters_and_names() if n.startswith("vision_model.")]
+    loss, grads = ms.value_and_grad(lambda: contrastive_loss(model, model.get_image_features(pixels), captions,
+                                                             rows, temperature=0.1), None, vision)()
+    np.testing.assert_allclose(float(loss.asnumpy()), expected, rtol=1e-5)
+    assert sum(float(np.abs(g.asnumpy()).sum()) for g in grads) > 0
+
+
+def test_contrastive_term_needs_an_opt_model(t5_folder, dataset, tmp_path):
+    with pytest.raises(ConfigError, match="contrastive_weight.*OPT"):
+        train_mod.main(flags(t5_folder, dataset, tmp_path, contrastive_weight=1.0))
 
 
 def test_lora_t5_keeps_base_weights(t5_folder, dataset, tmp_path, monkeypatch):

@@ -149,12 +149,15 @@ class CaptionEncoder:
         return CaptionTokens(ids, mask, labels, rows)
 
 
-def token_logprobs(model, pixel_values, tokens: CaptionTokens) -> tuple[Tensor, Tensor]:
+def token_logprobs(model, pixel_values, tokens: CaptionTokens,
+                   image_embeds: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(N, S) log-probabilities of the supervised tokens (0 elsewhere) and the (N, S) float mask.
 
-    Differentiable with respect to the model's parameters.
+    Differentiable with respect to the model's parameters. ``image_embeds``: the videos' query outputs
+    when the caller has them already.
     """
-    image_embeds = model.get_image_features(pixel_values)
+    if image_embeds is None:
+        image_embeds = model.get_image_features(pixel_values)
     if len(tokens.rows) != image_embeds.shape[0] or (tokens.rows != np.arange(len(tokens.rows))).any():
         image_embeds = ops.gather(image_embeds, Tensor(tokens.rows.astype(np.int32)), 0)
     embeds, mask = model._merge(image_embeds, tokens.input_ids, tokens.attention_mask)
@@ -174,7 +177,73 @@ def token_logprobs(model, pixel_values, tokens: CaptionTokens) -> tuple[Tensor, 
     return picked * weight, weight
 
 
-def caption_loss(model, pixel_values, tokens: CaptionTokens, total_tokens: float) -> Tensor:
-    """Cross-entropy summed over this batch's caption tokens, divided by ``total_tokens`` (the global count)."""
-    logp, _ = token_logprobs(model, pixel_values, tokens)
-    return -logp.sum() / total_tokens
+def caption_loss(model, pixel_values, tokens: CaptionTokens, total_tokens: float,
+                 contrast: Optional["Contrast"] = None) -> Tensor:
+    """Cross-entropy summed over this batch's caption tokens, divided by ``total_tokens`` (the global count),
+    plus ``contrast``'s video-caption contrastive term when given."""
+    image_embeds = model.get_image_features(pixel_values)
+    logp, _ = token_logprobs(model, pixel_values, tokens, image_embeds)
+    loss = -logp.sum() / total_tokens
+    if contrast is not None:
+        loss = loss + contrast.weight * contrastive_loss(model, image_embeds, contrast.caption_ids, tokens.rows,
+                                                         contrast.temperature) / contrast.world_size
+    return loss
+
+
+@dataclass
+class Contrast:
+    """A contrastive term beside the caption loss (CoCa's, BLIP-2 stage 1's ITC): each video's mean query output
+    against its captions as the language model reads them alone, with the batch's other videos and captions as
+    negatives. It gives the vision encoder and Q-Former a signal that does not pass through a language model
+    still learning to read them (the bundled demo trains all three from scratch)."""
+
+    caption_ids: list[list[int]]  # each pair's caption token ids, eos last (CaptionEncoder.caption_ids)
+    weight: float = 1.0
+    temperature: float = 0.07
+    world_size: int = 1  # each rank contrasts its own batch; the all-reduce-sum of gradients then averages
+
+
+def caption_features(model, caption_ids: Sequence[Sequence[int]]) -> Tensor:
+    """(N, D) the decoder-only language model's last hidden state at each caption's final token (its eos),
+    the caption read without the video or prompt."""
+    lm = model.language_model
+    decoder = getattr(getattr(lm, "model", None), "decoder", None)
+    if not model.is_decoder_only or decoder is None:
+        raise ValueError("the contrastive term reads captions with a BLIP-2 OPT language model; this model has "
+                         f"{type(lm).__name__}")
+    pad = int(model.config.text_config.pad_token_id or 0)
+    ids, mask = right_pad(caption_ids, pad)
+    hidden, _ = decoder(lm.get_input_embeddings()(Tensor(ids.astype(np.int32))), Tensor(mask.astype(np.int32)), 0)
+    last = Tensor((mask.sum(axis=1) - 1).astype(np.int32))
+    return ops.gather_elements(hidden, 1, ops.broadcast_to(last[:, None, None], (-1, 1, hidden.shape[2])))[:, 0]
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, L) ids right-padded with ``pad`` and their mask."""
+    length = max(len(r) for r in rows)
+    ids = np.full((len(rows), length), pad, np.int64)
+    mask = np.zeros((len(rows), length), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def contrastive_loss(model, image_embeds: Tensor, caption_ids: Sequence[Sequence[int]], rows: np.ndarray,
+                     temperature: float = 0.07) -> Tensor:
+    """Symmetric InfoNCE between B videos and N captions (caption n belongs to video ``rows[n]``).
+
+    Caption to video: cross-entropy over the B videos. Video to caption: minus the log of the softmax mass on
+    the video's own captions (several per video under ``ce_references: video``). The mean of the two directions.
+    """
+    videos = ops.L2Normalize(axis=-1, epsilon=1e-6)(image_embeds.mean(1).astype(ms.float32))
+    texts = ops.L2Normalize(axis=-1, epsilon=1e-6)(caption_features(model, caption_ids).astype(ms.float32))
+    sims = ops.matmul(videos, texts.T) / temperature  # (B, N)
+    own = np.zeros((videos.shape[0], len(rows)), np.float32)
+    own[np.asarray(rows), np.arange(len(rows))] = 1.0
+    own = Tensor(own)
+    text_to_video = -(ops.log_softmax(sims, axis=0) * own).sum() / len(rows)
+    video_logp = ops.log_softmax(sims, axis=1)
+    masked = ops.where(own > 0, video_logp, ops.fill(ms.float32, video_logp.shape, -1e9))
+    video_to_text = -ops.logsumexp(masked, 1).mean()
+    return (text_to_video + video_to_text) / 2

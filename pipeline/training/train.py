@@ -49,7 +49,7 @@ from pipeline import distributed, environment
 from pipeline.config import ConfigError, parse_with_config
 from pipeline.training import checkpointing
 from pipeline.training.lora import apply_lora, merge_lora, reseed_lora_dropout
-from pipeline.training.objectives import CaptionEncoder, caption_loss
+from pipeline.training.objectives import CaptionEncoder, Contrast, caption_loss
 from pipeline.training.optim import AdamW, clip_scale, lr_at
 from pipeline.training.scst import ScstConfig, make_candidates, scst_loss
 
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tokenizer", help="tokenizer folder (default: --pretrained, for Video-LLaMA its LLaMA folder)")
     a("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
       help="frozen weights' dtype (auto: bfloat16 on Ascend, float32 on CPU); trained weights are float32")
+    a("--cross_attention_init_scale", type=float, default=1.0,
+      help="with --model_config: start the Q-Former's cross-attention value and output projections at this "
+           "many times the normal(0, 0.02) std, so the query outputs depend on the frames from the first "
+           "update (at 1 the frames make about 5 %% of their spread)")
     a("--train_vision", action=argparse.BooleanOptionalAction, default=False, help="also train the vision encoder")
     a("--train_language_model", action=argparse.BooleanOptionalAction, default=False,
       help="also train every language-model weight (models trained from scratch, e.g. the demo)")
@@ -116,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight_decay", type=float, default=0.05)
     a("--max_grad_norm", type=float, default=1.0, help="global-norm gradient clipping (<= 0: off)")
     a("--seed", type=int, default=42)
+    a("--contrastive_weight", type=float, default=0.0,
+      help="CE: add a video-caption contrastive term (CoCa's, BLIP-2 stage 1's ITC) at this weight: each video's "
+           "mean query output against its captions read alone by the OPT language model, the batch's others "
+           "as negatives; a direct signal for a vision side trained from scratch (0: off)")
+    a("--contrastive_temperature", type=float, default=0.07, help="softmax temperature of the contrastive term")
     # SCST
     a("--scst_candidates", choices=["beam", "sample"], default="beam")
     a("--scst_num_candidates", type=int, default=5, help="beams (all returned) or samples per video")
@@ -172,7 +181,24 @@ def build_model(args: argparse.Namespace, dtype: str):
 
     model = Blip2ForConditionalGeneration(Blip2Config.from_json_file(args.model_config))
     init_weights(model, seed=args.seed)
+    scale_cross_attention(model, args.cross_attention_init_scale)
     return model
+
+
+CROSS_ATTENTION_PROJECTIONS = (".crossattention.attention.value.weight", ".crossattention.output.dense.weight")
+
+
+def scale_cross_attention(model, scale: float) -> None:
+    """Multiply the Q-Former's cross-attention value and output matrices by ``scale`` (a fresh model's start).
+
+    At the plain start the learned queries, unit-scaled by the LayerNorms, outweigh the frames' term, so
+    the caption loss reaches the vision encoder weakly (benchmarks/demo_vision_probe.py measures it).
+    """
+    if scale == 1.0:
+        return
+    for name, param in model.parameters_and_names():
+        if name.endswith(CROSS_ATTENTION_PROJECTIONS):
+            param.set_data(param * scale)
 
 
 def configure_trainable(model, args: argparse.Namespace) -> list[tuple[str, Parameter]]:
@@ -257,9 +283,12 @@ class Trainer:
             rows = [row for row, caps in enumerate(batch.captions) for _ in caps]
             texts = [text for caps in batch.captions for text in caps]
             questions = None if asked is None else [asked[row] for row in rows]
-            tokens = self.encoder.encode(self.encoder.caption_ids(texts), rows, questions)
+            caption_ids = self.encoder.caption_ids(texts)
+            tokens = self.encoder.encode(caption_ids, rows, questions)
             total = self.total_over_ranks(float(tokens.token_counts.sum()))
-            return (lambda: caption_loss(self.model, pixels, tokens, total)), None
+            contrast = Contrast(caption_ids, self.args.contrastive_weight, self.args.contrastive_temperature,
+                                self.world_size) if self.args.contrastive_weight > 0 else None
+            return (lambda: caption_loss(self.model, pixels, tokens, total, contrast)), None
         cands = make_candidates(self.model, self.encoder, pixels, batch.captions, self.reward_fn, self.scst, rng,
                                 asked)
         total = self.total_over_ranks(float(len(cands.rewards)))
@@ -419,6 +448,10 @@ def train(args: argparse.Namespace, loader=None, val_records=None) -> list[StepR
     tokenizer_dir = args.tokenizer or (sources.llama_model if sources is not None else args.pretrained)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     encoder = CaptionEncoder(model, tokenizer, prompt=args.prompt, max_txt_len=args.max_txt_len)
+    if args.contrastive_weight > 0 and (args.mode != "ce" or not encoder.is_decoder_only
+                                        or hasattr(model, "prompt_ids")):
+        raise ConfigError("--contrastive_weight is for CE training of a BLIP-2 OPT model (it reads captions with the "
+                          f"OPT language model); got mode {args.mode} and {type(model.language_model).__name__}")
     processor = Blip2FrameProcessor.from_pretrained(tokenizer_dir, image_size=model.config.vision_config.image_size)
     train_records = None
     if loader is None:
