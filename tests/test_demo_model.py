@@ -189,3 +189,21 @@ def test_cross_attention_init_scale_multiplies_only_the_cross_attention_value_an
     for name in plain:
         np.testing.assert_allclose(scaled[name], plain[name] * (5 if name in grown else 1), rtol=1e-6, err_msg=name)
     assert np.std(plain[grown[0]]) > 0.01
+
+
+def test_fan_in_init_scales_projections_by_their_fan_in_and_keeps_tables_at_the_std():
+    config = Blip2Config.from_json_file(str(DEMO_CONFIG))
+    normal, scaled = Blip2ForConditionalGeneration(config), Blip2ForConditionalGeneration(config)
+    init_weights(normal, seed=2)
+    init_weights(scaled, seed=2, fan_in=True)
+    a = {n: p.asnumpy() for n, p in normal.parameters_and_names()}
+    b = {n: p.asnumpy() for n, p in scaled.parameters_and_names()}
+    fans = {"vision_model.embeddings.patch_embedding.weight": 3 * 16 * 16,
+            "qformer.encoder.layer.0.crossattention.attention.value.weight": 128,
+            "language_model.model.decoder.layers.2.fc2.weight": 512, "language_projection.weight": 128}
+    for name, fan in fans.items():
+        np.testing.assert_allclose(b[name], a[name] / 0.02 * fan ** -0.5, rtol=1e-5, err_msg=name)
+        assert abs(b[name].std() * fan ** 0.5 - 1) < 0.1, name
+    for name in ("language_model.model.decoder.embed_tokens.weight", "query_tokens",
+                 "vision_model.embeddings.position_embedding", "qformer.layernorm.weight"):
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)

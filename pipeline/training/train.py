@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tokenizer", help="tokenizer folder (default: --pretrained, for Video-LLaMA its LLaMA folder)")
     a("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
       help="frozen weights' dtype (auto: bfloat16 on Ascend, float32 on CPU); trained weights are float32")
+    a("--init", choices=["normal", "fan_in"], default="normal",
+      help="with --model_config: matrices start at normal(0, 0.02) (transformers' start for these models), or "
+           "projections at std 1/sqrt(fan in) (fan_in: a narrow model's layers then pass their inputs on at "
+           "full scale; the demo learns shape only so)")
     a("--cross_attention_init_scale", type=float, default=1.0,
       help="with --model_config: start the Q-Former's cross-attention value and output projections at this "
            "many times the normal(0, 0.02) std, so the query outputs depend on the frames from the first "
@@ -180,7 +184,7 @@ def build_model(args: argparse.Namespace, dtype: str):
     from models.blip2.modeling import Blip2ForConditionalGeneration
 
     model = Blip2ForConditionalGeneration(Blip2Config.from_json_file(args.model_config))
-    init_weights(model, seed=args.seed)
+    init_weights(model, seed=args.seed, fan_in=args.init == "fan_in")
     scale_cross_attention(model, args.cross_attention_init_scale)
     return model
 
