@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
            "full scale; the demo learns shape only so)")
     a("--cross_attention_init_scale", type=float, default=1.0,
       help="with --model_config: start the Q-Former's cross-attention value and output projections at this "
-           "many times the normal(0, 0.02) std, so the query outputs depend on the frames from the first "
+           "many times their starting std (--init), so the query outputs depend on the frames from the first "
            "update (at 1 the frames make about 5 %% of their spread)")
     a("--train_vision", action=argparse.BooleanOptionalAction, default=False, help="also train the vision encoder")
     a("--train_language_model", action=argparse.BooleanOptionalAction, default=False,
