@@ -2,7 +2,7 @@
 
 Each candidate of ``configs/demo/design_candidates.yaml`` trains from scratch on the demo's synthetic
 data (``python -m pipeline.datasets.synthetic --num_videos 3000 --seed 0``, made once) with the demo's CE
-recipe (``configs/demo/ce.yaml``) and the candidate's changes, for its ``updates``. Every ``--eval_every``
+recipe (``configs/demo/ce.yaml``), the file's ``base`` changes and the candidate's own, for its ``updates``. Every ``--eval_every``
 updates the training captions ``--val_videos`` validation clips (greedy) and writes them
 (``<run>/eval/update-*.json``); each is read by keyword for how often it names the clip's colour, shape
 and motion (``pipeline.training.synthetic_accuracy``). The loss comes from the training log.
@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     specs = load_yaml(CANDIDATES)
+    base = specs.pop("base", {})
+    specs = {name: merged(base, spec) for name, spec in specs.items()}
     unknown = [n for n in args.candidates.split(",") if n not in specs]
     if unknown:
         raise SystemExit(f"unknown candidate(s) {unknown}; {CANDIDATES} has {sorted(specs)}")

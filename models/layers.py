@@ -52,6 +52,23 @@ def init_weights(model: nn.Cell, std: float = 0.02, seed: int = 0, fan_in: bool 
             param.set_data(Tensor(rng.normal(0.0, scale, param.shape).astype(np.float32), param.dtype))
 
 
+def sincos_grid_positions(grid: int, dim: int, base: float = 10000.0) -> np.ndarray:
+    """(grid * grid, dim) fixed 2-D sine-cosine positions of a square patch grid, row by row (as MAE starts
+    its ViT): the first half of the channels encodes the patch's column, the second half its row, each as
+    sin and cos of the coordinate at dim / 4 frequencies from 1 down to 1 / base. Unit-scale values, so
+    where a patch lies weighs as much as what it shows, and neighbouring patches get similar vectors."""
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine positions need a width divisible by 4, got {dim}")
+    frequencies = base ** -(np.arange(dim // 4) / (dim // 4))
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+
+    def encode(coordinate: np.ndarray) -> np.ndarray:
+        angles = np.outer(coordinate, frequencies)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
+
+
 class Linear(nn.Cell):
     """y = x @ W.T + b with W of shape (out, in), as in torch.nn.Linear."""
 

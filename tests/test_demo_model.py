@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, Blip2Config
 from models import from_pretrained
 from models.blip2.modeling import Blip2ForConditionalGeneration
 from models.checkpoint import CheckpointError
-from models.layers import init_weights
+from models.layers import init_weights, sincos_grid_positions
 from pipeline.training import word_tokenizer
 from pipeline.training.checkpointing import export_model
 from tests.tiny_models import OPT, QFORMER, VISION
@@ -207,3 +207,32 @@ def test_fan_in_init_scales_projections_by_their_fan_in_and_keeps_tables_at_the_
     for name in ("language_model.model.decoder.embed_tokens.weight", "query_tokens",
                  "vision_model.embeddings.position_embedding", "qformer.layernorm.weight"):
         np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+
+
+def test_sincos_vision_positions_encode_each_patch_column_and_row():
+    from pipeline.training import train as train_mod
+
+    def fresh(position_init: str) -> dict[str, np.ndarray]:
+        args = train_mod.build_parser().parse_args(["--model_config", str(DEMO_CONFIG), "--seed", "1", "--init",
+                                                    "fan_in", "--vision_position_init", position_init])
+        return {n: p.asnumpy() for n, p in train_mod.build_model(args, "float32").parameters_and_names()}
+
+    plain, sincos = fresh("normal"), fresh("sincos")
+    name = "vision_model.embeddings.position_embedding"
+    for other in plain:
+        if other != name:
+            np.testing.assert_array_equal(sincos[other], plain[other], err_msg=other)
+    table = sincos[name][0]
+    assert table.shape == (1 + 6 * 6, 128) and not table[0].any()  # 96 px at 16 px patches; the class token
+    patches = table[1:].reshape(6, 6, 128)  # (row, column, channel)
+    for row in range(6):
+        for col in range(6):
+            assert np.allclose(patches[row, col, :64], patches[0, col, :64]), (row, col)  # columns only
+            assert np.allclose(patches[row, col, 64:], patches[row, 0, 64:]), (row, col)  # rows only
+            # the fastest frequency (1 per patch): sin and cos of the column, then of the row
+            np.testing.assert_allclose(patches[row, col, [0, 32, 64, 96]],
+                                       [np.sin(col), np.cos(col), np.sin(row), np.cos(row)], atol=1e-6)
+    step = [np.linalg.norm(patches[0, 0] - patches[0, c]) for c in range(1, 6)]
+    assert step[0] < step[-1] and 0.3 < patches.std() < 1  # nearer columns alike; unit scale, not 0.02
+    with pytest.raises(ValueError, match="divisible by 4, got 126"):
+        sincos_grid_positions(6, 126)
