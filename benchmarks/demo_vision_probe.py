@@ -95,7 +95,8 @@ def run_variant(changes: dict, steps: int, every: int, seed: int = 0) -> dict:
     encoder, head = Blip2VisionModel(config), torch.nn.Linear(config.hidden_size, classes)
     # eval(): no dropout, as in our Q-Former (models/blip2/qformer.py), which the captioner trains
     qformer = Blip2QFormerModel(full.qformer_config).eval() if changes.get("qformer") else None
-    queries = torch.nn.Parameter(torch.zeros(1, full.num_query_tokens, full.qformer_config.hidden_size))
+    # the demo's query count when these variants ran (the bundled model has 32 since, grouped per frame)
+    queries = torch.nn.Parameter(torch.zeros(1, changes.get("queries", 8), full.qformer_config.hidden_size))
     layers = changes.get("lm_layers", full.text_config.num_hidden_layers)
     text = {**full.text_config.to_dict(), "num_hidden_layers": layers}
     lm = OPTForCausalLM(OPTConfig(**text)).eval() if changes.get("lm") else None
