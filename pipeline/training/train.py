@@ -199,7 +199,8 @@ def set_sincos_vision_positions(model) -> None:
     """Start the vision encoder's patch positions at 2-D sine-cosine values (the class token's row at zero).
 
     A trained demo at ``--init fan_in`` kept them near their 0.02 start (norm 0.26 per patch against its
-    patches' 20 after 1200 updates), so it could name a shape's size and colour but not where it moved.
+    patches' 20 after 1200 updates), and its query outputs said nothing of where the shape was
+    (benchmarks/demo_position_probe.py). This start puts position into them; it alone did not teach motion.
     """
     table = model.vision_model.embeddings.position_embedding
     vision = model.config.vision_config
