@@ -1,10 +1,12 @@
 """The server under failures and departures: one failing request fails only itself, and work for clients
 that have gone is dropped (issue 28, items 5 and 6).
 
-The bundled demo model (examples/demo_model, a small BLIP-2 OPT with 64 positions) answers greedily. A
-prompt of 30 tokens (8 query tokens and 22 words) asked for 40 new tokens runs past the model's positions
-in its one-token steps, whose compiled graph then raises; a 12-token prompt with the same 40 tokens uses
-the very same graphs (the same prompt bucket and cache length) and fits.
+The bundled demo model (examples/demo_model, a small BLIP-2 OPT with 64 positions and 32 query tokens)
+answers greedily. Its language model alone, given 8 stand-in query tokens: a prompt of 30 tokens (22 words)
+asked for 40 new tokens runs past the model's positions in its one-token steps, whose compiled graph then
+raises; a 12-token prompt with the same 40 tokens uses the very same graphs (the same prompt bucket and
+cache length) and fits. Through the engine (the 32 queries in front), 20 new tokens fit after the short
+prompt (36 tokens) and not after the long one (54).
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ from pipeline.serve.media import MediaPolicy
 from tests.test_serve import ThreadServer
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo_model"
-NEW_TOKENS = 40
-GOOD, TOO_LONG = "a video of", "a video of " * 7  # 12 and 30 prompt tokens with the 8 query tokens
+NEW_TOKENS, ANSWER_TOKENS = 40, 20  # for the language model alone, and through the engine
+GOOD, TOO_LONG = "a video of", "a video of " * 7
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def chat(text: str, seed: int = 0, **extra) -> dict:
 
 
 def server(engine: Engine, **overrides) -> ThreadServer:
-    values = dict(max_tokens=NEW_TOKENS, batch_wait_s=0.05, decode_timeout=0, media=MediaPolicy(max_bytes=2 ** 20))
+    values = dict(max_tokens=ANSWER_TOKENS, batch_wait_s=0.05, decode_timeout=0, media=MediaPolicy(max_bytes=2 ** 20))
     return ThreadServer(engine, **{**values, **overrides})
 
 
@@ -99,7 +101,7 @@ def test_a_failed_compiled_step_leaves_its_graph_usable(engine):
 def test_one_failing_request_in_a_batch_fails_only_itself(engine, frames):
     """Without any check ahead of the model, a batch holding a request that fails is retried without
     sharing the failure: the others get the answers they get alone, the failing one its error."""
-    options = engine.options(NEW_TOKENS, min_tokens=NEW_TOKENS)
+    options = engine.options(ANSWER_TOKENS, min_tokens=ANSWER_TOKENS)
     good, bad = (engine.prepare(Clip(frames), [Turn("user", text, media=True)]) for text in (GOOD, TOO_LONG))
     alone = engine.generate([good], options)[0]
     calls = engine.generate_calls
@@ -191,7 +193,7 @@ def test_a_streamed_reply_stops_when_its_client_leaves(engine, monkeypatch, capl
     monkeypatch.setattr(captioner, "generate", slow)
     caplog.set_level(logging.INFO)
     with server(engine) as url:
-        sock = send(url, chat(GOOD, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, stream=True))
+        sock = send(url, chat(GOOD, max_tokens=ANSWER_TOKENS, min_tokens=ANSWER_TOKENS, stream=True))
         received = b""
         while b'"content": "' not in received.replace(b'"content": ""', b""):
             received += sock.recv(65536)
@@ -199,7 +201,7 @@ def test_a_streamed_reply_stops_when_its_client_leaves(engine, monkeypatch, capl
         assert wait_for(lambda: outcome)
         logged = wait_for(lambda: departures(caplog) == 1, 10)
         assert requests.get(f"{url}/health", timeout=10).json()["status"] == "ok"
-    assert len(steps) < NEW_TOKENS // 2, f"{len(steps)} of {NEW_TOKENS} steps ran after the client left"
+    assert len(steps) < ANSWER_TOKENS // 2, f"{len(steps)} of {ANSWER_TOKENS} steps ran after the client left"
     assert isinstance(outcome[0], ConnectionError), outcome[0]
     assert logged and not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
     assert departures(caplog) == 1, caplog.text  # one line
