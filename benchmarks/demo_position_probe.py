@@ -1,4 +1,4 @@
-"""Do a demo model's query outputs say where the shape is? A ridge probe of the shape's position.
+"""Do a demo model's query outputs say where the shape is, and which way it moves? Two ridge probes.
 
 The demo captioner learns colour, shape, growing, shrinking and appearing, but answers "moving left" for clips
 that move left, right, up or down, bounce or stay still (``benchmarks/demo_design.py``). Those actions differ
@@ -13,12 +13,20 @@ frames, as the captioner does. Then it fits a ridge regression from features to 
 * ``all queries``: every query output, which is all the language model sees of the video;
 * ``vision tokens``: the first frame's vision-encoder tokens, flattened.
 
+The second probe renders moving clips, one of the six actions that differ only in where the shape is (left,
+right, up, down, bouncing, still), and fits a ridge classifier (one-hot targets, the largest output wins) from
+all query outputs to the action: held-out accuracy, chance 1 in 6. If it is high while the captions miss the
+motion, the language model is what fails to read it; if it is low, the Q-Former drops it.
+
     python -m benchmarks.demo_position_probe --models random:fan_in,random:fan_in+sincos,PATH[,PATH]
         [--output benchmarks/results/demo_position_probe.json]
 
+Results accumulate in the output: each run adds or replaces its models' rows.
+
 ``random:<init>`` is a fresh ``configs/demo/blip2_opt.json`` model (``fan_in`` and ``+sincos`` as
 ``pipeline.training.train --init fan_in --vision_position_init sincos``); a PATH is a checkpoint folder. The
-ridge penalty is the best of 1, 10, 100 and 1000 on the 200 clips, so R^2 is slightly optimistic for all alike.
+ridge penalty is the best of 1, 10, 100 and 1000 on the 200 clips, so both scores are slightly optimistic for all
+alike.
 """
 from __future__ import annotations
 
@@ -39,20 +47,24 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo" / "blip2_opt.json"
 SIZE, FIT, HELD_OUT, FRAMES = 96, 400, 200, 8
 PENALTIES = (1.0, 10.0, 100.0, 1000.0)
+POSITIONAL = ("left", "right", "up", "down", "bounces", "still")
 
 
-def still_clips(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(count, 8, 3, 96, 96) processed frames of still clips and (count, 2) the shape's centre in pixels."""
+def clips(count: int, seed: int, actions: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count, 8, 3, 96, 96) processed frames of clips doing ``actions`` in turn, (count,) the action's index,
+    and (count, 2) where render() started the shape (its centre throughout for a still clip)."""
     rng, processor = np.random.default_rng(seed), Blip2FrameProcessor(SIZE, SIZE)
-    pixels, centres = [], []
+    pixels, labels, starts = [], [], []
     margin = SIZE * 0.22  # where render() places a shape
     for i in range(count):
         drawn = random_clip(rng)
-        clip = Clip(drawn.colour, drawn.shape, "still", drawn.second_colour, drawn.background)
+        label = i % len(actions)
+        clip = Clip(drawn.colour, drawn.shape, actions[label], drawn.second_colour, drawn.background)
         frames = render(clip, size=SIZE, rng=np.random.default_rng(seed + 1 + i))
-        centres.append(np.random.default_rng(seed + 1 + i).uniform(margin, SIZE - margin, 2))
+        starts.append(np.random.default_rng(seed + 1 + i).uniform(margin, SIZE - margin, 2))
         pixels.append(processor(frames[::16 // FRAMES]))
-    return np.stack(pixels), np.array(centres)
+        labels.append(label)
+    return np.stack(pixels), np.array(labels), np.array(starts)
 
 
 def load(spec: str):
@@ -86,40 +98,61 @@ def features(model, pixels: np.ndarray, batch: int = 10) -> dict[str, np.ndarray
     return out
 
 
-def ridge_r2(x: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarray:
-    """Held-out R^2 of each column of ``y`` (fit on the first FIT rows, scored on the rest)."""
+def ridge_predict(x: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarray:
+    """Ridge regression fit on the first FIT rows, predictions for the rest (features standardised)."""
     mean, std = x[:FIT].mean(0), x[:FIT].std(0) + 1e-6
     x = (x - mean) / std
     fit, test = x[:FIT], x[FIT:]
     target = y[:FIT] - y[:FIT].mean(0)
     weights = np.linalg.solve(fit.T @ fit + penalty * np.eye(fit.shape[1]), fit.T @ target)
-    predicted = test @ weights + y[:FIT].mean(0)
+    return test @ weights + y[:FIT].mean(0)
+
+
+def ridge_r2(x: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarray:
+    """Held-out R^2 of each column of ``y``."""
+    predicted = ridge_predict(x, y, penalty)
     return 1 - ((predicted - y[FIT:]) ** 2).sum(0) / ((y[FIT:] - y[FIT:].mean(0)) ** 2).sum(0)
+
+
+def ridge_accuracy(x: np.ndarray, labels: np.ndarray, penalty: float) -> float:
+    """Held-out accuracy of a ridge classifier on one-hot targets."""
+    predicted = ridge_predict(x, np.eye(labels.max() + 1)[labels], penalty)
+    return float((predicted.argmax(1) == labels[FIT:]).mean())
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", required=True, help="comma-separated checkpoint folders or random:<init>")
-    p.add_argument("--seed", type=int, default=123, help="seed of the still clips")
+    p.add_argument("--seed", type=int, default=123, help="seed of the still clips (the moving clips use seed + 1)")
     p.add_argument("--output", default="benchmarks/results/demo_position_probe.json", help="results JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ms.set_device("CPU")
-    pixels, centres = still_clips(FIT + HELD_OUT, args.seed)
-    results = {"clips": {"fit": FIT, "held_out": HELD_OUT, "frames": FRAMES, "seed": args.seed},
+    pixels, _, centres = clips(FIT + HELD_OUT, args.seed, ("still",))
+    moving, labels, _ = clips(FIT + HELD_OUT, args.seed + 1, POSITIONAL)
+    results = {"clips": {"fit": FIT, "held_out": HELD_OUT, "frames": FRAMES, "seed": args.seed,
+                         "motion_actions": list(POSITIONAL)},
                "date": time.strftime("%Y-%m-%d %H:%M"), "models": {}}
     lines = ["| model | features | R^2 of x | R^2 of y |", "|---|---|---|---|"]
+    motion_lines = ["| model | motion from all queries (chance 17 %) |", "|---|---|"]
     for spec in args.models.split(","):
-        rows = {}
-        for name, x in features(load(spec), pixels).items():
+        model, rows = load(spec), {}
+        for name, x in features(model, pixels).items():
             scores = {penalty: ridge_r2(x, centres, penalty) for penalty in PENALTIES}
             penalty = max(scores, key=lambda k: scores[k].mean())
             rows[name] = {"x": round(float(scores[penalty][0]), 3), "y": round(float(scores[penalty][1]), 3),
                           "penalty": penalty}
             lines.append(f"| {spec} | {name} | {rows[name]['x']:.2f} | {rows[name]['y']:.2f} |")
+        x = features(model, moving)["all queries"]
+        motion = max(ridge_accuracy(x, labels, penalty) for penalty in PENALTIES)
+        rows["motion from all queries"] = round(motion, 3)
+        motion_lines.append(f"| {spec} | {100 * motion:.0f} % |")
         results["models"][spec] = rows
-    print("\n".join(lines))
+    print("\n".join(lines + [""] + motion_lines))
     output = ROOT / args.output
+    if output.exists():  # keep the other models' rows; a rerun model's replace its old ones
+        kept = json.loads(output.read_text())["models"]
+        results["models"] = {**{k: v for k, v in kept.items() if k not in results["models"]}, **results["models"]}
     output.write_text(json.dumps(results, indent=1))
     return results
 
