@@ -52,21 +52,25 @@ def init_weights(model: nn.Cell, std: float = 0.02, seed: int = 0, fan_in: bool 
             param.set_data(Tensor(rng.normal(0.0, scale, param.shape).astype(np.float32), param.dtype))
 
 
+def sincos_positions(coordinates: np.ndarray, dim: int, base: float = 10000.0) -> np.ndarray:
+    """(len(coordinates), dim) fixed sine-cosine values of 1-D positions, as the original Transformer's: sin
+    and cos of each coordinate at dim / 2 frequencies from 1 down to 1 / base. Unit scale, and nearby
+    positions get similar vectors."""
+    if dim % 2:
+        raise ValueError(f"sine-cosine positions need an even width, got {dim}")
+    frequencies = base ** -(np.arange(dim // 2) / (dim // 2))
+    angles = np.outer(np.asarray(coordinates, np.float64), frequencies)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
 def sincos_grid_positions(grid: int, dim: int, base: float = 10000.0) -> np.ndarray:
     """(grid * grid, dim) fixed 2-D sine-cosine positions of a square patch grid, row by row (as MAE starts
-    its ViT): the first half of the channels encodes the patch's column, the second half its row, each as
-    sin and cos of the coordinate at dim / 4 frequencies from 1 down to 1 / base. Unit-scale values, so
-    where a patch lies weighs as much as what it shows, and neighbouring patches get similar vectors."""
+    its ViT): the first half of the channels encodes the patch's column, the second half its row (each as
+    ``sincos_positions`` of half the width), so where a patch lies weighs as much as what it shows."""
     if dim % 4:
         raise ValueError(f"2-D sine-cosine positions need a width divisible by 4, got {dim}")
-    frequencies = base ** -(np.arange(dim // 4) / (dim // 4))
     rows, cols = np.divmod(np.arange(grid * grid), grid)
-
-    def encode(coordinate: np.ndarray) -> np.ndarray:
-        angles = np.outer(coordinate, frequencies)
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-    return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
+    return np.concatenate([sincos_positions(cols, dim // 2, base), sincos_positions(rows, dim // 2, base)], axis=1)
 
 
 class Linear(nn.Cell):

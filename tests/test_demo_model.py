@@ -209,15 +209,17 @@ def test_fan_in_init_scales_projections_by_their_fan_in_and_keeps_tables_at_the_
         np.testing.assert_array_equal(b[name], a[name], err_msg=name)
 
 
-def test_sincos_vision_positions_encode_each_patch_column_and_row():
+def fresh_demo_weights(*flags: str) -> dict[str, np.ndarray]:
+    """A fresh demo model's weights as the training script starts them (fan_in, seed 1, extra flags)."""
     from pipeline.training import train as train_mod
 
-    def fresh(position_init: str) -> dict[str, np.ndarray]:
-        args = train_mod.build_parser().parse_args(["--model_config", str(DEMO_CONFIG), "--seed", "1", "--init",
-                                                    "fan_in", "--vision_position_init", position_init])
-        return {n: p.asnumpy() for n, p in train_mod.build_model(args, "float32").parameters_and_names()}
+    args = train_mod.build_parser().parse_args(["--model_config", str(DEMO_CONFIG), "--seed", "1", "--init",
+                                                "fan_in", *flags])
+    return {n: p.asnumpy() for n, p in train_mod.build_model(args, "float32").parameters_and_names()}
 
-    plain, sincos = fresh("normal"), fresh("sincos")
+
+def test_sincos_vision_positions_encode_each_patch_column_and_row():
+    plain, sincos = fresh_demo_weights(), fresh_demo_weights("--vision_position_init", "sincos")
     name = "vision_model.embeddings.position_embedding"
     for other in plain:
         if other != name:
@@ -236,3 +238,26 @@ def test_sincos_vision_positions_encode_each_patch_column_and_row():
     assert step[0] < step[-1] and 0.3 < patches.std() < 1  # nearer columns alike; unit scale, not 0.02
     with pytest.raises(ValueError, match="divisible by 4, got 126"):
         sincos_grid_positions(6, 126)
+
+
+def test_sincos_language_positions_fill_only_the_opt_position_table(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.training import train as train_mod
+    from tests.tiny_models import T5, save_tiny_blip2
+
+    plain, sincos = fresh_demo_weights(), fresh_demo_weights("--language_position_init", "sincos")
+    name = "language_model.model.decoder.embed_positions.weight"
+    for other in plain:
+        if other != name:
+            np.testing.assert_array_equal(sincos[other], plain[other], err_msg=other)
+    table = sincos[name]
+    assert table.shape == (64 + 2, 128)  # the demo's 64 positions and OPT's offset of 2
+    rows = np.arange(66)
+    # channel 0: sin of the row at frequency 1, channel 64: its cos; channel 1: the next frequency, 1e4^(-1/64)
+    np.testing.assert_allclose(table[:, 0], np.sin(rows), atol=1e-6)
+    np.testing.assert_allclose(table[:, 64], np.cos(rows), atol=1e-6)
+    np.testing.assert_allclose(table[:, 1], np.sin(rows * 1e4 ** (-1 / 64)), atol=1e-6)
+    assert 0.5 < table.std() < 1 and plain[name].std() < 0.03  # unit scale, not 0.02
+    t5 = from_pretrained(str(save_tiny_blip2(tmp_path / "t5", T5)), dtype="float32")
+    with pytest.raises(ConfigError, match="--language_position_init sincos needs an OPT language model"):
+        train_mod.set_sincos_language_positions(t5)

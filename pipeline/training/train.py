@@ -44,7 +44,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, ops
 from tqdm import tqdm
 
-from models.layers import init_weights, sincos_grid_positions
+from models.layers import init_weights, sincos_grid_positions, sincos_positions
 from pipeline import distributed, environment
 from pipeline.config import ConfigError, parse_with_config
 from pipeline.training import checkpointing
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="with --model_config: the vision encoder's patch positions start as the other tables (normal), or "
            "as fixed-scale 2-D sine-cosine values (sincos: at std 0.02 a patch's position is about 1 %% of "
            "its embedding, too little to tell where a shape is)")
+    a("--language_position_init", choices=["normal", "sincos"], default="normal",
+      help="with --model_config: the OPT's learned token positions start as the other tables (normal), or as "
+           "fixed-scale sine-cosine values (sincos: at std 0.02 they are about 2 %% of a query output, too little "
+           "to tell which frame it comes from)")
     a("--train_vision", action=argparse.BooleanOptionalAction, default=False, help="also train the vision encoder")
     a("--train_language_model", action=argparse.BooleanOptionalAction, default=False,
       help="also train every language-model weight (models trained from scratch, e.g. the demo)")
@@ -192,6 +196,8 @@ def build_model(args: argparse.Namespace, dtype: str):
     scale_cross_attention(model, args.cross_attention_init_scale)
     if args.vision_position_init == "sincos":
         set_sincos_vision_positions(model)
+    if args.language_position_init == "sincos":
+        set_sincos_language_positions(model)
     return model
 
 
@@ -208,6 +214,22 @@ def set_sincos_vision_positions(model) -> None:
     values = np.zeros(table.shape, np.float32)
     values[0, 1:] = sincos_grid_positions(grid, vision.hidden_size)
     table.set_data(Tensor(values, table.dtype))
+
+
+def set_sincos_language_positions(model) -> None:
+    """Start the OPT's learned token positions at 1-D sine-cosine values of their row.
+
+    The query outputs reach the OPT at unit scale, so positions at 0.02 hardly say which frame's group a
+    query output belongs to, and motion needs the frames in order. The queries of a model with sine-cosine
+    patch positions tell the six position-only actions apart (84 % by a linear probe after 400 updates)
+    while its captions do not (benchmarks/demo_position_probe.py).
+    """
+    decoder = getattr(getattr(model.language_model, "model", None), "decoder", None)
+    if decoder is None or not hasattr(decoder, "embed_positions"):
+        raise ConfigError("--language_position_init sincos needs an OPT language model (learned token positions); "
+                          f"this model has {type(model.language_model).__name__}")
+    table = decoder.embed_positions.weight
+    table.set_data(Tensor(sincos_positions(np.arange(table.shape[0]), table.shape[1]), table.dtype))
 
 
 CROSS_ATTENTION_PROJECTIONS = (".crossattention.attention.value.weight", ".crossattention.output.dense.weight")
