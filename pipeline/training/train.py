@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--language_position_init", choices=["normal", "sincos"], default="normal",
       help="with --model_config: the OPT's learned token positions start as the other tables (normal), or as "
            "fixed-scale sine-cosine values (sincos: at std 0.02 they are about 2 %% of a query output, too little "
-           "to tell which frame it comes from)")
+           "to tell which frame it comes from; on the demo they drowned the word embeddings and slowed training)")
     a("--train_vision", action=argparse.BooleanOptionalAction, default=False, help="also train the vision encoder")
     a("--train_language_model", action=argparse.BooleanOptionalAction, default=False,
       help="also train every language-model weight (models trained from scratch, e.g. the demo)")
@@ -222,7 +222,8 @@ def set_sincos_language_positions(model) -> None:
     The query outputs reach the OPT at unit scale, so positions at 0.02 hardly say which frame's group a
     query output belongs to, and motion needs the frames in order. The queries of a model with sine-cosine
     patch positions tell the six position-only actions apart (84 % by a linear probe after 400 updates)
-    while its captions do not (benchmarks/demo_position_probe.py).
+    while its captions do not (benchmarks/demo_position_probe.py). Measured, this start did not help: the
+    unit-scale positions drown the word embeddings (at 0.02), and the demo's loss fell far more slowly.
     """
     decoder = getattr(getattr(model.language_model, "model", None), "decoder", None)
     if decoder is None or not hasattr(decoder, "embed_positions"):
