@@ -151,8 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n".join(lines + [""] + motion_lines))
     output = ROOT / args.output
     if output.exists():  # keep the other models' rows; a rerun model's replace its old ones
-        kept = json.loads(output.read_text())["models"]
-        results["models"] = {**{k: v for k, v in kept.items() if k not in results["models"]}, **results["models"]}
+        results["models"] = {**json.loads(output.read_text())["models"], **results["models"]}
     output.write_text(json.dumps(results, indent=1))
     return results
 
