@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, Blip2Config
 
 from models import from_pretrained
 from models.blip2.modeling import Blip2ForConditionalGeneration
-from models.checkpoint import CheckpointError
+from models.blip2.vision import Blip2VisionModel
+from models.checkpoint import CheckpointError, load_checkpoint
 from models.layers import init_weights, sincos_grid_positions
 from pipeline.training import word_tokenizer
 from pipeline.training.checkpointing import export_model
@@ -170,6 +171,61 @@ def test_frame_query_groups_run_compiled_and_refuse_a_frame_count_that_does_not_
     assert np.abs(after - before).max() > 1e-3
     with pytest.raises(ValueError, match="4 queries are grouped per frame.*got 3 frames: sample 4"):
         grouped.get_image_features(clip[:, :3])
+
+
+def _tubelet_model(tmp_path: Path) -> Blip2ForConditionalGeneration:
+    """4 queries grouped per 2-frame tubelet, saved and loaded again through the published-folder loader."""
+    config = Blip2Config(vision_config={**VISION, "temporal_patch_size": 2}, qformer_config=QFORMER,
+                         text_config=OPT, num_query_tokens=4, image_token_index=60, num_frame_positions=2,
+                         frame_query_groups=True)
+    model = Blip2ForConditionalGeneration(config)
+    init_weights(model, std=0.2, seed=4)
+    export_model(model, tmp_path / "tubelets")
+    loaded = from_pretrained(tmp_path / "tubelets")
+    loaded.set_train(False)
+    for (name, ours), (_, theirs) in zip(loaded.parameters_and_names(), model.parameters_and_names()):
+        np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy(), err_msg=name)
+    return loaded
+
+
+def test_tubelets_equal_a_transformers_vision_model_with_a_six_channel_patch(tmp_path):
+    """With temporal_patch_size 2 a patch sees two consecutive frames: the tokens equal transformers' vision
+    model whose patch convolution takes 6 channels (frame 2t's RGB, then frame 2t + 1's), same weights."""
+    torch = pytest.importorskip("torch")
+    from transformers.models.blip_2.modeling_blip_2 import Blip2VisionModel as HfVision
+
+    model = _tubelet_model(tmp_path)
+    assert model.vision_model.embeddings.patch_embedding.weight.shape == (32, 6, 14, 14)
+    torch.manual_seed(0)
+    hf = HfVision(model.config.vision_config).eval()
+    hf.embeddings.patch_embedding = torch.nn.Conv2d(6, 32, 14, 14)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_checkpoint(Blip2VisionModel(model.config.vision_config), tmp_path / "hf")
+    clip = np.random.default_rng(5).standard_normal((2, 4, 3, 28, 28)).astype(np.float32)
+    pairs = torch.cat([torch.tensor(clip[:, 0::2]), torch.tensor(clip[:, 1::2])], dim=2).reshape(4, 6, 28, 28)
+    with torch.no_grad():
+        want = hf(pairs).last_hidden_state.numpy()
+    got = ours(model.tubelets(ms.Tensor(clip)).reshape(4, 6, 28, 28)).asnumpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_tubelets_see_order_within_a_pair_and_refuse_frame_counts_they_cannot_split(tmp_path):
+    model = _tubelet_model(tmp_path)
+    clip = np.random.default_rng(6).standard_normal((2, 4, 3, 28, 28)).astype(np.float32)
+    model.use_jit = False
+    eager = model.get_image_features(clip).asnumpy()
+    model.use_jit = True
+    np.testing.assert_allclose(model.get_image_features(clip).asnumpy(), eager, atol=1e-5)
+    assert eager.shape == (2, 4, 32)
+    swapped = clip[:, [1, 0, 2, 3]]
+    assert np.abs(model.get_image_features(swapped).asnumpy() - eager).max() > 1e-2
+    image = clip[:, 0]  # an image is a tubelet of one frame repeated
+    np.testing.assert_allclose(model.get_image_features(image).asnumpy(),
+                               model.get_image_features(clip[:, [0, 0]]).asnumpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="takes 2 frames per patch.*got 3 frames: sample 4"):
+        model.get_image_features(clip[:, :3])
+    with pytest.raises(ValueError, match="grouped per 2-frame tubelet.*got 6 frames: sample 4"):
+        model.get_image_features(np.concatenate([clip, clip[:, :2]], axis=1))
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "blip2_opt.json"

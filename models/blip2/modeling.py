@@ -18,6 +18,11 @@ self-attention among all queries compares the frames. So the language model gets
 group of outputs per frame, in frame order, where it can see how the frames differ.
 Q must be divisible by T (a 32-query model takes 1, 2, 4, 8, 16 or 32 frames).
 
+``vision_config.temporal_patch_size = k`` (also a project extension) makes each patch span
+k consecutive frames (tubelets, as in Qwen2-VL and ViViT), so a T-frame clip is T / k
+steps for everything after the patch embedding (frame times, query groups): where the
+shape moved between two frames is then something a patch shows, like its colour.
+
 The query outputs reach the language model in one of two ways, as transformers does:
 
 * ``config.image_token_index`` set (transformers >= 4.47 checkpoints/processors): the
@@ -46,7 +51,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from models.blip2.qformer import Blip2QFormerModel, lavis_qformer_rules
-from models.blip2.vision import Blip2VisionModel, merge_q_v_bias
+from models.blip2.vision import Blip2VisionModel, merge_q_v_bias, temporal_patch_size
 from models.checkpoint import TensorRef
 from models import build_language_model
 from models.generation import GenerateOutput, causal_lm_loss, generate, to_numpy, to_tensor
@@ -106,6 +111,7 @@ class Blip2ForConditionalGeneration(nn.Cell):
         self.frame_position_embedding = (zeros_parameter((positions, config.vision_config.hidden_size))
                                          if positions else None)
         self.frame_query_groups = bool(getattr(config, "frame_query_groups", False))
+        self.temporal_patch_size = temporal_patch_size(config.vision_config)
         self.tokens_per_frame = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
         self.is_decoder_only = bool(config.use_decoder_only_language_model)
         self.use_jit = True  # compile the image/video encoder (several times faster); False to debug
@@ -126,21 +132,23 @@ class Blip2ForConditionalGeneration(nn.Cell):
     def get_image_features(self, pixel_values) -> Tensor:
         """(B, 3, H, W) images or (B, T, 3, H, W) videos -> (B, num_query_tokens, text hidden) LM inputs."""
         pixel_values = to_tensor(pixel_values, ms.float32)
-        if pixel_values.ndim == 5:
-            batch, frames = pixel_values.shape[:2]
-            pixel_values = pixel_values.reshape((batch * frames,) + tuple(pixel_values.shape[2:]))
-        elif pixel_values.ndim == 4:
-            batch, frames = pixel_values.shape[0], 1
-        else:
+        if pixel_values.ndim == 4:
+            pixel_values = pixel_values[:, None]
+        elif pixel_values.ndim != 5:
             raise ValueError(f"pixel_values must be (B, 3, H, W) or (B, T, 3, H, W), got {pixel_values.shape}")
         size = self.config.vision_config.image_size
         if tuple(pixel_values.shape[-3:]) != (3, size, size):
             raise ValueError(f"frames must be 3 x {size} x {size}, got {tuple(pixel_values.shape[-3:])}")
+        pixel_values = self.tubelets(pixel_values)
+        batch, frames = pixel_values.shape[:2]
+        pixel_values = pixel_values.reshape((batch * frames,) + tuple(pixel_values.shape[2:]))
         if self.frame_query_groups and self.config.num_query_tokens % frames:
-            raise ValueError(f"this model's {self.config.num_query_tokens} queries are grouped per frame "
-                             f"(frame_query_groups), so the frame count must divide them; got {frames} frames: sample "
-                             f"{getattr(self.config, 'num_frame_positions', 0) or self.config.num_query_tokens} "
-                             "(--num_frames)")
+            k = self.temporal_patch_size
+            unit = f"{k}-frame tubelet" if k > 1 else "frame"
+            suggest = k * (getattr(self.config, "num_frame_positions", 0) or self.config.num_query_tokens)
+            raise ValueError(f"this model's {self.config.num_query_tokens} queries are grouped per {unit} "
+                             f"(frame_query_groups), so the {unit} count must divide them; got {frames * k} "
+                             f"frames: sample {suggest} (--num_frames)")
         times = self.frame_times(batch, frames)
         if not self.use_jit:
             return self.encode_frames(pixel_values, batch, times)
@@ -149,6 +157,22 @@ class Blip2ForConditionalGeneration(nn.Cell):
             self._query_jit = ms.jit(self.query_features)
         tokens = self._chunked_vision(pixel_values, times)
         return self._query_jit(tokens.reshape(batch, -1, tokens.shape[2]))
+
+    def tubelets(self, clips: Tensor) -> Tensor:
+        """(B, T, 3, H, W) -> (B, T / k, 3k, H, W): each k consecutive frames stacked on the channels
+        (``temporal_patch_size`` k; unchanged for k = 1). A single image is repeated k times, as Qwen2-VL does."""
+        k = self.temporal_patch_size
+        if k == 1:
+            return clips
+        batch, frames = clips.shape[:2]
+        if frames == 1:
+            clips = ops.tile(clips, (1, k, 1, 1, 1))
+            frames = k
+        if frames % k:
+            raise ValueError(f"this model's vision encoder takes {k} frames per patch (vision_config."
+                             f"temporal_patch_size), so the frame count must be a multiple of {k}; got {frames} "
+                             f"frames: sample {frames + k - frames % k} (--num_frames)")
+        return clips.reshape((batch, frames // k, 3 * k) + tuple(clips.shape[3:]))
 
     def _chunked_vision(self, frames: Tensor, times: Optional[Tensor]) -> Tensor:
         """Vision tokens of (N, 3, H, W) frames, ``frame_chunk`` frames per compiled call (last one zero-padded)."""

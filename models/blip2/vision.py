@@ -48,14 +48,21 @@ class Blip2PatchEmbedding(nn.Cell):
 
 
 class Blip2VisionEmbeddings(nn.Cell):
-    """Patch tokens with a class token in front, plus learned absolute positions."""
+    """Patch tokens with a class token in front, plus learned absolute positions.
+
+    ``config.temporal_patch_size = k`` (a project extension, not in published checkpoints; the
+    bundled demo model uses it) makes each patch span k consecutive frames, as Qwen2-VL's and
+    ViViT's tubelets do: the input has 3k channels (the k frames' RGB in time order) and the
+    patch weight is (D, 3k, p, p), so one patch sees what moved where between its frames.
+    """
 
     def __init__(self, config: "Blip2VisionConfig"):
         super().__init__()
         dim = config.hidden_size
         num_positions = (config.image_size // config.patch_size) ** 2 + 1
         self.class_embedding = zeros_parameter((1, 1, dim))
-        self.patch_embedding = Blip2PatchEmbedding(3, dim, config.patch_size)
+        channels = 3 * temporal_patch_size(config)
+        self.patch_embedding = Blip2PatchEmbedding(channels, dim, config.patch_size)
         self.position_embedding = zeros_parameter((1, num_positions, dim))
 
     def construct(self, pixel_values: Tensor) -> Tensor:
@@ -63,6 +70,14 @@ class Blip2VisionEmbeddings(nn.Cell):
         patches = self.patch_embedding(pixel_values.astype(dtype))
         cls = ops.broadcast_to(self.class_embedding.astype(dtype), (patches.shape[0], 1, patches.shape[2]))
         return ops.concat((cls, patches), axis=1) + self.position_embedding.astype(dtype)
+
+
+def temporal_patch_size(config: "Blip2VisionConfig") -> int:
+    """Frames per patch: 1 for published checkpoints, k with the ``temporal_patch_size`` extension."""
+    size = int(getattr(config, "temporal_patch_size", 1) or 1)
+    if size < 1:
+        raise ValueError(f"vision_config.temporal_patch_size must be 1 or more, got {size}")
+    return size
 
 
 class Blip2Attention(nn.Cell):
@@ -123,6 +138,8 @@ class Blip2Encoder(nn.Cell):
 
 class Blip2VisionModel(nn.Cell):
     """Images (N, C, H, W) -> post-layer-normed tokens (N, 1 + patches, D), class token first.
+
+    C is 3, or 3k for k-frame tubelets (``temporal_patch_size``).
 
     Only the configured ``image_size`` is supported (no position interpolation).
     """
