@@ -88,10 +88,11 @@ def features(model, pixels: np.ndarray, batch: int = 10) -> dict[str, np.ndarray
     for i in tqdm(range(0, len(pixels), batch), desc="clips", unit="batch"):
         chunk = ms.Tensor(pixels[i:i + batch])
         queries.append(model.get_image_features(chunk).asnumpy())
-        first = chunk[:, 0]
+        first = model.tubelets(chunk)[:, 0]  # the first frame, or the first tubelet (temporal_patch_size)
         tokens.append(model.vision_model(first).asnumpy())
     queries, tokens = np.concatenate(queries), np.concatenate(tokens)
-    group = queries.shape[1] // FRAMES if getattr(model, "frame_query_groups", False) else None
+    steps = FRAMES // getattr(model, "temporal_patch_size", 1)
+    group = queries.shape[1] // steps if getattr(model, "frame_query_groups", False) else None
     out = {"all queries": queries.reshape(len(queries), -1), "vision tokens": tokens.reshape(len(tokens), -1)}
     if group:
         out["first frame's queries"] = queries[:, :group].reshape(len(queries), -1)
