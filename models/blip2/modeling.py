@@ -175,7 +175,7 @@ class Blip2ForConditionalGeneration(nn.Cell):
         return clips.reshape((batch, frames // k, 3 * k) + tuple(clips.shape[3:]))
 
     def _chunked_vision(self, frames: Tensor, times: Optional[Tensor]) -> Tensor:
-        """Vision tokens of (N, 3, H, W) frames, ``frame_chunk`` frames per compiled call (last one zero-padded)."""
+        """Vision tokens of (N, C, H, W) frames or tubelets, ``frame_chunk`` per compiled call (the last padded)."""
         n, chunk = frames.shape[0], self.frame_chunk
         pad = (-n) % chunk
         if pad:

@@ -50,10 +50,10 @@ class Blip2PatchEmbedding(nn.Cell):
 class Blip2VisionEmbeddings(nn.Cell):
     """Patch tokens with a class token in front, plus learned absolute positions.
 
-    ``config.temporal_patch_size = k`` (a project extension, not in published checkpoints; the
-    bundled demo model uses it) makes each patch span k consecutive frames, as Qwen2-VL's and
-    ViViT's tubelets do: the input has 3k channels (the k frames' RGB in time order) and the
-    patch weight is (D, 3k, p, p), so one patch sees what moved where between its frames.
+    ``config.temporal_patch_size = k`` (a project extension, not in published checkpoints)
+    makes each patch span k consecutive frames, as Qwen2-VL's and ViViT's tubelets do: the
+    input has 3k channels (the k frames' RGB in time order) and the patch weight is
+    (D, 3k, p, p), so one patch sees what moved where between its frames.
     """
 
     def __init__(self, config: "Blip2VisionConfig"):
