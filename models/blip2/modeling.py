@@ -18,10 +18,11 @@ self-attention among all queries compares the frames. So the language model gets
 group of outputs per frame, in frame order, where it can see how the frames differ.
 Q must be divisible by T (a 32-query model takes 1, 2, 4, 8, 16 or 32 frames).
 
-``vision_config.temporal_patch_size = k`` (also a project extension) makes each patch span
-k consecutive frames (tubelets, as in Qwen2-VL and ViViT), so a T-frame clip is T / k
-steps for everything after the patch embedding (frame times, query groups): where the
-shape moved between two frames is then something a patch shows, like its colour.
+``vision_config.temporal_patch_size = k`` (also a project extension; the bundled demo
+model uses all three, with k = 2) makes each patch span k consecutive frames (tubelets, as
+in Qwen2-VL and ViViT), so a T-frame clip is T / k steps for everything after the patch
+embedding (frame times, query groups): where the shape moved between two frames is then
+something a patch shows, like its colour.
 
 The query outputs reach the language model in one of two ways, as transformers does:
 
