@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, Blip2Config
 
 from models import from_pretrained
 from models.blip2.modeling import Blip2ForConditionalGeneration
-from models.blip2.vision import Blip2VisionModel
+from models.blip2.vision import Blip2VisionModel, temporal_patch_size
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.layers import init_weights, sincos_grid_positions
 from pipeline.training import word_tokenizer
@@ -254,7 +254,8 @@ def test_fan_in_init_scales_projections_by_their_fan_in_and_keeps_tables_at_the_
     init_weights(scaled, seed=2, fan_in=True)
     a = {n: p.asnumpy() for n, p in normal.parameters_and_names()}
     b = {n: p.asnumpy() for n, p in scaled.parameters_and_names()}
-    fans = {"vision_model.embeddings.patch_embedding.weight": 3 * 16 * 16,
+    patch_fan = 3 * temporal_patch_size(config.vision_config) * 16 * 16  # the demo's 2-frame tubelets: 6 channels
+    fans = {"vision_model.embeddings.patch_embedding.weight": patch_fan,
             "qformer.encoder.layer.0.crossattention.attention.value.weight": 128,
             "language_model.model.decoder.layers.2.fc2.weight": 512, "language_projection.weight": 128}
     for name, fan in fans.items():
